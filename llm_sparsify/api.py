@@ -1,0 +1,149 @@
+"""The public entry points: prune a loaded model in memory, or a checkpoint from disk to disk."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import Tensor
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from llm_sparsify import __version__
+from llm_sparsify.data import calibration_ids
+from llm_sparsify.engine import LayerReport, prune_model
+from llm_sparsify.export.hf import save_checkpoint
+from llm_sparsify.files import check_output
+from llm_sparsify.models import DEFAULT_MODEL, load_model
+from llm_sparsify.prune import STATISTIC
+from llm_sparsify.recipe import Recipe, load_recipe
+
+log = logging.getLogger(__name__)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_calibration_size(device: str | torch.device) -> tuple[int, int]:
+    """(nsamples, seqlen): the papers' 128 x 2048 on an accelerator, 64 x 512 on a CPU."""
+    return (64, 512) if torch.device(device).type == "cpu" else (128, 2048)
+
+
+def compress(
+    model: PreTrainedModel,
+    recipe: str | Path | dict | Recipe,
+    calibration: Tensor | str | Path | None = None,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    device: str | None = None,
+    nsamples: int | None = None,
+    seqlen: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> PreTrainedModel:
+    """Prune a loaded transformers model in place, layer by layer on `device`, and return it.
+
+    `recipe` is a Recipe, a dict, a YAML path or a built-in name ("wanda-50"). `calibration` is a
+    LongTensor of token ids [nsamples, seqlen], or a data source name/file (then `tokenizer` is
+    used, or loaded from the model's path); it defaults to "c4" for methods that need data.
+    """
+    compress_with_report(model, recipe, calibration, tokenizer=tokenizer, device=device, nsamples=nsamples,
+                         seqlen=seqlen, seed=seed, batch_size=batch_size)
+    return model
+
+
+def compress_with_report(
+    model: PreTrainedModel,
+    recipe: str | Path | dict | Recipe,
+    calibration: Tensor | str | Path | None = None,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    device: str | None = None,
+    nsamples: int | None = None,
+    seqlen: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> tuple[list[LayerReport], dict[str, Any]]:
+    """As compress(), returning the per-layer reports and a description of the calibration data."""
+    recipe = load_recipe(recipe)
+    device = device or default_device()
+    default_n, default_len = default_calibration_size(device)
+    nsamples, seqlen = nsamples or default_n, seqlen or default_len
+    ids, calibration_info = None, {}
+    if STATISTIC[recipe.method] is not None:
+        source = "c4" if calibration is None else calibration
+        if not isinstance(source, Tensor) and not str(source).endswith(".pt"):
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model.name_or_path)
+        ids = calibration_ids(source, tokenizer, nsamples, seqlen, seed)
+        name = "tensor" if isinstance(source, Tensor) else str(source)
+        calibration_info = {"source": name, "nsamples": ids.shape[0], "seqlen": ids.shape[1], "seed": seed}
+    start = time.perf_counter()
+    reports = prune_model(model, recipe, ids, device=device, batch_size=batch_size)
+    log.info("pruned %d layers in %.1f s", len(reports), time.perf_counter() - start)
+    return reports, calibration_info
+
+
+def measured_sparsity(reports: list[LayerReport], model: PreTrainedModel) -> dict[str, Any]:
+    """Share of zeros per pruned module, per module type (q_proj, ...) and over all pruned weights."""
+    modules = {name: share for report in reports for name, share in report.sparsity.items()}
+    sizes = {name: model.get_submodule(name).weight.numel() for name in modules}
+    by_type: dict[str, list[str]] = {}
+    for name in modules:
+        by_type.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+
+    def weighted(names: list[str]) -> float:
+        return sum(modules[n] * sizes[n] for n in names) / max(sum(sizes[n] for n in names), 1)
+
+    return {
+        "overall": weighted(list(modules)),
+        "by_type": {kind: weighted(names) for kind, names in by_type.items()},
+        "modules": modules,
+    }
+
+
+def prune_checkpoint(
+    model_name: str | None,
+    recipe: str | Path | Recipe,
+    output: str | Path,
+    calibration: str | Path | Tensor | None = None,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    nsamples: int | None = None,
+    seqlen: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Load a model, prune it, and save it to `output` with its record; return the record."""
+    recipe = load_recipe(recipe)
+    output = Path(output)
+    check_output(output, overwrite)  # before the work, not after
+    device = device or default_device()
+    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
+    start = time.perf_counter()
+    reports, calibration_info = compress_with_report(
+        model, recipe, calibration, tokenizer=tokenizer, device=device, nsamples=nsamples, seqlen=seqlen,
+        seed=seed, batch_size=batch_size,
+    )
+    record = {
+        "llm_sparsify_version": __version__,
+        "base_model": model_name or DEFAULT_MODEL,
+        "recipe": recipe.to_dict(),
+        "calibration": calibration_info,
+        "device": str(device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "seconds": round(time.perf_counter() - start, 2),
+        "sparsity": measured_sparsity(reports, model),
+        "layers": [asdict(r) for r in reports],
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+    }
+    save_checkpoint(model, tokenizer, output, record, overwrite=overwrite)
+    return record

@@ -1,0 +1,132 @@
+"""Text sources -> token ids: calibration samples [nsamples, seqlen] and evaluation streams [1, N].
+
+A source is one of
+  - "c4": the first 1,000 documents of C4 en shard 0 (the shard the papers calibrate on), bundled;
+  - "wikitext2": WikiText-2 raw; its test split is bundled (evaluation); calibration on its train
+    split needs the Hugging Face Hub;
+  - a local file: .txt (one text), .jsonl / .jsonl.gz / .json (a "text" field per record), or .pt
+    (a saved LongTensor of token ids [nsamples, seqlen], used as it is);
+  - any other name: a Hugging Face dataset with a "text" column, loaded when the Hub is reachable.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import random
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+_C4 = "c4-en-train.00000-of-01024.first1000.jsonl.gz"
+_WIKITEXT2_TEST = "wikitext-2-raw-v1.test.raw.gz"
+
+
+class DataError(ValueError):
+    """A data source that cannot be read or is too small for the request."""
+
+
+def _bundled(name: str) -> Path:
+    return Path(str(resources.files("llm_sparsify") / "corpora" / name))
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    if path.name.endswith(".json") and text.lstrip().startswith("["):
+        records = json.loads(text)
+    else:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    try:
+        return [r["text"] for r in records]
+    except (KeyError, TypeError):
+        raise DataError(f"{path}: every record needs a \"text\" field") from None
+
+
+def wikitext2_rows(gz_path: Path) -> list[str]:
+    """Rows as the Hugging Face dataset has them: each line with its newline, blank lines as ""."""
+    with gzip.open(gz_path, "rt", encoding="utf-8", newline="\n") as f:
+        return [line if line.strip() else "" for line in f]
+
+
+def _hub_texts(name: str, split: str, config: str | None = None, **kwargs) -> list[str]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, config, split=split, **kwargs)
+    except Exception as error:  # offline, unknown name, ...: datasets raises many kinds
+        raise DataError(
+            f"could not load dataset {name!r} ({split}) from the Hugging Face Hub: {error}. "
+            "Offline, use 'c4', 'wikitext2' (evaluation) or a local .txt/.jsonl/.pt file."
+        ) from None
+    if "text" not in dataset.column_names:
+        raise DataError(f"dataset {name!r} has no 'text' column (columns: {dataset.column_names})")
+    return list(dataset["text"])
+
+
+def load_documents(source: str | Path, split: str = "train") -> list[str]:
+    """The documents of `source` for `split` ("train" for calibration, "test" for evaluation)."""
+    path = Path(source)
+    if path.is_file():
+        if path.name.endswith((".jsonl", ".jsonl.gz", ".json")):
+            return _read_jsonl(path)
+        return [path.read_text(encoding="utf-8")]
+    if str(source) == "c4":
+        if split == "train":
+            return _read_jsonl(_bundled(_C4))
+        files = {"validation": "en/c4-validation.00000-of-00008.json.gz"}
+        return _hub_texts("allenai/c4", "validation[:1100]", data_files=files)
+    if str(source) == "wikitext2":
+        if split == "test":
+            return wikitext2_rows(_bundled(_WIKITEXT2_TEST))
+        return _hub_texts("Salesforce/wikitext", split, "wikitext-2-raw-v1")
+    if path.suffix or "/" in str(source) and path.parent.exists():
+        raise DataError(f"{source}: no such file")
+    return _hub_texts(str(source), split)
+
+
+def calibration_ids(
+    source: str | Path | Tensor, tokenizer: PreTrainedTokenizerBase, nsamples: int, seqlen: int, seed: int = 0
+) -> Tensor:
+    """Random windows of `seqlen` tokens, as the Wanda/SparseGPT references sample them.
+
+    Each sample picks a random document longer than `seqlen` and a random window inside it; if no
+    document is that long, windows are cut from all documents joined by blank lines.
+    """
+    if isinstance(source, Tensor) or str(source).endswith(".pt"):
+        ids = source if isinstance(source, Tensor) else torch.load(source, weights_only=True)
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
+            raise DataError("calibration ids must be a LongTensor [nsamples, seqlen]")
+        return ids
+    if nsamples < 1 or seqlen < 2:
+        raise DataError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
+    documents = [d for d in load_documents(source, "train") if d.strip()]
+    encoded = [ids for ids in tokenizer(documents)["input_ids"]]
+    long_enough = [ids for ids in encoded if len(ids) > seqlen]
+    rng = random.Random(seed)
+    if long_enough:
+        picks = [long_enough[rng.randint(0, len(long_enough) - 1)] for _ in range(nsamples)]
+    else:
+        stream = tokenizer("\n\n".join(documents))["input_ids"]
+        if len(stream) <= seqlen:
+            raise DataError(f"{source} has {len(stream)} tokens, fewer than one window of {seqlen}")
+        picks = [stream] * nsamples
+    samples = []
+    for ids in picks:
+        start = rng.randint(0, len(ids) - seqlen - 1)
+        samples.append(ids[start : start + seqlen])
+    return torch.tensor(samples, dtype=torch.long)
+
+
+def evaluation_ids(source: str | Path, tokenizer: PreTrainedTokenizerBase) -> Tensor:
+    """The test text as one token stream [1, N]: documents joined with blank lines, as the references do."""
+    documents = load_documents(source, "test")
+    separator = " " if str(source) == "c4" else "\n\n"
+    return tokenizer(separator.join(documents), return_tensors="pt").input_ids

@@ -1,0 +1,41 @@
+"""Writing outputs so that an interrupted run never leaves something that looks finished."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class OutputExistsError(FileExistsError):
+    """The output directory already holds something and overwriting was not asked for."""
+
+
+def check_output(path: Path, overwrite: bool) -> None:
+    """Fail early, before hours of work, if `path` would be overwritten without permission."""
+    if path.exists() and (path.is_file() or any(path.iterdir())) and not overwrite:
+        raise OutputExistsError(f"{path} already exists; choose another output or pass --overwrite")
+
+
+@contextmanager
+def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; rename it to `path` only when the block succeeds."""
+    path = Path(path)
+    check_output(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():  # overwrite: move the old one aside first so a crash here loses nothing
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(path)

@@ -1,0 +1,44 @@
+"""Mask selection shared by every method: which weights to remove, given a score per weight.
+
+A mask is a bool tensor shaped like the weight, True where the weight is removed.
+A pattern is either a fraction in (0, 1) (unstructured) or a pair (n, m): N:M sparsity, keep the n
+highest-scoring weights in every group of m consecutive inputs of a row (2:4 keeps 2 of every 4).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+Pattern = float | tuple[int, int]
+
+
+def unstructured_mask(scores: Tensor, sparsity: float, per_row: bool = True) -> Tensor:
+    """Remove the int(sparsity·count) lowest scores of each row (per_row) or of the whole matrix.
+
+    Ties break by position (stable sort), so the result is deterministic.
+    """
+    flat = scores if per_row else scores.reshape(1, -1)
+    k = int(flat.shape[1] * sparsity)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    lowest = torch.sort(flat, dim=1, stable=True).indices[:, :k]
+    mask.scatter_(1, lowest, True)
+    return mask.reshape(scores.shape)
+
+
+def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """Keep the n highest scores in every group of m consecutive inputs of each row; remove the rest."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"N:M sparsity needs the input dimension ({cols}) to be a multiple of M={m}")
+    groups = scores.reshape(rows, cols // m, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(2, torch.topk(groups, n, dim=2).indices, True)
+    return ~keep.reshape(rows, cols)
+
+
+def select_mask(scores: Tensor, pattern: Pattern, per_row: bool = True) -> Tensor:
+    """The mask for `pattern`: N:M groups for a pair, else unstructured."""
+    if isinstance(pattern, tuple):
+        return nm_mask(scores, *pattern)
+    return unstructured_mask(scores, pattern, per_row)

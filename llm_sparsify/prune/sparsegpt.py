@@ -1,0 +1,74 @@
+"""SparseGPT (Frantar & Alistarh, 2023): prune with second-order (OBS) updates of the remaining weights.
+
+With H = 2XXᵀ/n the layer-wise Hessian of ‖WX − ŴX‖², columns are swept left to right in blocks.
+Removing w_q (or keeping it) costs w_q² / [H⁻¹]_qq; the error it leaves is spread over the columns not yet
+visited through the row q of the upper Cholesky factor of H⁻¹, so only one factorization is needed.
+The mask is chosen adaptively inside each block (unstructured) or every M columns (N:M).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from llm_sparsify.prune.masks import Pattern, nm_mask, unstructured_mask
+
+log = logging.getLogger(__name__)
+
+
+def inverse_hessian_factor(hessian: Tensor, dampening: float) -> Tensor:
+    """Upper Cholesky factor U of (H + λI)⁻¹ with λ = dampening · mean(diag H), so that H⁻¹ = UᵀU.
+
+    If H is not positive definite at that λ (e.g. too few tokens), λ is raised tenfold until it is.
+    """
+    eye = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
+    mean_diag = hessian.diagonal().mean()
+    for attempt in range(6):
+        damped = hessian + (dampening * 10**attempt) * mean_diag * eye
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            if attempt:
+                log.warning("Hessian not positive definite; dampening raised to %g", dampening * 10**attempt)
+            return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+    raise ValueError("the Hessian stays singular after dampening; use more calibration tokens")
+
+
+def prune_sparsegpt(
+    weight: Tensor, hessian: Tensor, pattern: Pattern, blocksize: int = 128, dampening: float = 0.01
+) -> Tensor:
+    """The pruned and OBS-updated weight (same shape and dtype), computed in float32 on weight.device."""
+    W = weight.detach().float().clone()
+    H = hessian.detach().float().to(W.device).clone()
+    rows, columns = W.shape
+
+    dead = H.diagonal() == 0  # inputs that were always zero: prune them, keep H invertible
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    Hinv = inverse_hessian_factor(H, dampening)
+
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        W1 = W[:, i1:i2].clone()
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = Hinv1.diagonal()
+        Err1 = torch.zeros_like(W1)
+        if isinstance(pattern, tuple):
+            n, m = pattern
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        else:  # saliency w²/[H⁻¹]²_qq, lowest `sparsity` share of the whole block
+            mask1 = unstructured_mask(W1**2 / d**2, pattern, per_row=False)
+
+        for i in range(i2 - i1):
+            if isinstance(pattern, tuple) and i % m == 0:
+                mask1[:, i : i + m] = nm_mask(W1[:, i : i + m] ** 2 / d[i : i + m] ** 2, n, m)
+            w = W1[:, i]
+            err = w.masked_fill(~mask1[:, i], 0) / d[i]  # (w − q) / [H⁻¹]_qq
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+
+        W[:, i1:i2] = W1.masked_fill(mask1, 0)
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the columns after this block
+
+    return W.to(weight.dtype)

@@ -1,0 +1,159 @@
+"""Recipes: what to prune, how, and how much, read from YAML and validated with clear errors.
+
+    pruning:
+      method: sparsegpt        # magnitude | wanda | sparsegpt
+      sparsity: "2:4"          # a fraction in (0, 1) such as 0.5 or "50%", or N:M (keep N of every M)
+      targets: ["*"]           # fnmatch globs on module names, e.g. "*.self_attn.*" (default: every
+      ignore: ["*.down_proj"]  #   Linear inside the decoder layers; never embeddings or lm_head)
+      blocksize: 128           # sparsegpt: columns per block
+      dampening: 0.01          # sparsegpt: λ as a share of mean(diag H)
+      scope: layer             # magnitude: rank per matrix (layer) or across the model (global)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llm_sparsify.prune import STATISTIC
+from llm_sparsify.prune.masks import Pattern
+
+OPTIONS: dict[str, dict[str, Any]] = {  # method -> its options and their defaults
+    "magnitude": {"scope": "layer"},
+    "wanda": {},
+    "sparsegpt": {"blocksize": 128, "dampening": 0.01},
+}
+_COMMON = {"method", "sparsity", "targets", "ignore"}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run, with the reason in words."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    method: str
+    pattern: Pattern
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+    name: str = "custom"
+
+    @property
+    def sparsity(self) -> float:
+        """The share of weights removed: the fraction itself, or 1 − N/M."""
+        return 1 - self.pattern[0] / self.pattern[1] if isinstance(self.pattern, tuple) else self.pattern
+
+    @property
+    def pattern_text(self) -> str:
+        return f"{self.pattern[0]}:{self.pattern[1]}" if isinstance(self.pattern, tuple) else f"{self.pattern:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["pattern"] = self.pattern_text
+        return data
+
+
+def parse_pattern(value: Any) -> Pattern:
+    """0.5, "50%" or "2:4" -> 0.5 or (2, 4), or a RecipeError saying what is allowed."""
+    if isinstance(value, str) and ":" in value:
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", value)
+        if not match:
+            raise RecipeError(f"sparsity {value!r} is not of the form N:M, e.g. 2:4")
+        n, m = int(match[1]), int(match[2])
+        if not 0 < n < m:
+            raise RecipeError(f"sparsity {value!r}: N:M keeps N of every M weights, so 0 < N < M is required")
+        return (n, m)
+    try:
+        sparsity = float(value.strip().rstrip("%")) / 100 if isinstance(value, str) and "%" in value else float(value)
+    except (TypeError, ValueError):
+        raise RecipeError(f"sparsity {value!r} is neither a fraction like 0.5 nor an N:M pattern like 2:4") from None
+    if not 0 < sparsity < 1:
+        raise RecipeError(f"sparsity {value!r} must lie strictly between 0 and 1")
+    return sparsity
+
+
+def _globs(value: Any, key: str) -> tuple[str, ...]:
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list | tuple) or not all(isinstance(v, str) and v for v in values):
+        raise RecipeError(f"{key} must be a module-name glob or a list of them, got {value!r}")
+    return tuple(values)
+
+
+def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
+    """Validate a parsed recipe (the whole document, with its `pruning:` section)."""
+    if not isinstance(data, dict) or not isinstance(data.get("pruning"), dict):
+        raise RecipeError("a recipe needs a `pruning:` section with at least `method` and `sparsity`")
+    if unknown := set(data) - {"pruning"}:
+        raise RecipeError(f"unknown recipe section(s): {', '.join(sorted(unknown))}; known: pruning")
+    section = data["pruning"]
+    method = section.get("method")
+    if method not in STATISTIC:
+        raise RecipeError(f"unknown method {method!r}; choose one of: {', '.join(STATISTIC)}")
+    if "sparsity" not in section:
+        raise RecipeError("pruning.sparsity is required, e.g. 0.5 or \"2:4\"")
+    allowed = _COMMON | set(OPTIONS[method])
+    if unknown := set(section) - allowed:
+        known = ", ".join(sorted(allowed))
+        raise RecipeError(f"unknown key(s) for {method}: {', '.join(sorted(unknown))}; allowed: {known}")
+
+    pattern = parse_pattern(section["sparsity"])
+    options = {**OPTIONS[method], **{k: section[k] for k in OPTIONS[method] if k in section}}
+    if method == "sparsegpt":
+        blocksize, dampening = options["blocksize"], options["dampening"]
+        if not isinstance(blocksize, int) or blocksize < 1:
+            raise RecipeError(f"blocksize must be a positive integer, got {blocksize!r}")
+        if isinstance(pattern, tuple) and blocksize % pattern[1]:
+            raise RecipeError(f"blocksize {blocksize} must be a multiple of M={pattern[1]}")
+        if not isinstance(dampening, int | float) or dampening <= 0:
+            raise RecipeError(f"dampening must be a positive number, got {dampening!r}")
+    if method == "magnitude":
+        if options["scope"] not in ("layer", "global"):
+            raise RecipeError(f"magnitude scope must be 'layer' or 'global', got {options['scope']!r}")
+        if options["scope"] == "global" and isinstance(pattern, tuple):
+            raise RecipeError("global magnitude ranking takes a fraction; N:M is always per group")
+    return Recipe(
+        method=method,
+        pattern=pattern,
+        targets=_globs(section.get("targets", "*"), "targets"),
+        ignore=_globs(section.get("ignore", []), "ignore"),
+        options=options,
+        name=name,
+    )
+
+
+def _recipe_dir():
+    return resources.files("llm_sparsify") / "recipes"
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped with the package (the files in recipes/)."""
+    return sorted(p.name.removesuffix(".yaml") for p in _recipe_dir().iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
+    """A Recipe from a YAML path, a built-in recipe name (e.g. "wanda-50"), a dict, or a Recipe."""
+    if isinstance(source, Recipe):
+        return source
+    if isinstance(source, dict):
+        return recipe_from_dict(source)
+    path = Path(source)
+    if not path.exists() and str(source) in builtin_recipes():
+        path = Path(str(_recipe_dir() / f"{source}.yaml"))
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(source)!r} is neither a file nor a built-in recipe "
+                          f"({', '.join(builtin_recipes())})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML: {error}") from None
+    try:
+        return recipe_from_dict(data, name=path.name.removesuffix(".yaml"))
+    except RecipeError as error:
+        raise RecipeError(f"{path}: {error}") from None
