@@ -1,0 +1,29 @@
+"""Tiny random Llama and Mistral models built from a config: architecture variety in milliseconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+
+def tiny_model(kind: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**TINY))
+    else:
+        model = MistralForCausalLM(MistralConfig(**TINY, sliding_window=16))
+    return model.eval()
+
+
+@pytest.fixture(params=["llama", "mistral"])
+def model(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture
+def calibration():
+    return torch.randint(0, TINY["vocab_size"], (6, 32), generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,138 @@
+import pytest
+import torch
+
+from llm_sparsify import compress
+from llm_sparsify.engine import capture_layer_inputs, collect_statistics, prune_model, target_modules
+from llm_sparsify.models import ModelError, decoder_layers
+from llm_sparsify.prune.wanda import prune_wanda
+from llm_sparsify.recipe import Recipe, RecipeError, load_recipe
+from llm_sparsify.stats import InputStatistics
+from tests.conftest import tiny_model
+
+
+@torch.no_grad()
+def test_layerwise_pass_reproduces_full_model_logits(model, calibration):
+    """Captured layer-0 inputs streamed through every layer give the full model's logits."""
+    hidden, kwargs = capture_layer_inputs(model, calibration, torch.device("cpu"), batch_size=4)
+    for layer in decoder_layers(model):
+        hidden = [layer(h, **kw) for h, kw in zip(hidden, kwargs, strict=True)]
+    logits = model.lm_head(model.model.norm(torch.cat(hidden)))
+    assert torch.allclose(logits, model(calibration).logits, atol=1e-5)
+
+
+@torch.no_grad()
+def test_zero_sparsity_leaves_the_model_unchanged(model, calibration):
+    before = model(calibration).logits
+    prune_model(model, Recipe("sparsegpt", 0.0, options={"blocksize": 128, "dampening": 0.01}), calibration)
+    assert torch.allclose(model(calibration).logits, before, atol=1e-4)
+
+
+@torch.no_grad()
+def sequential_wanda_reference(model, ids, sparsity):
+    """Slow obvious reference: for each layer, run the whole (partly pruned) model to get its input norms."""
+    for layer in decoder_layers(model):
+        linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+        inputs = {}
+
+        def keep(module, args, inputs=inputs):
+            inputs[module] = args[0].reshape(-1, args[0].shape[-1])
+
+        hooks = [m.register_forward_pre_hook(keep) for m in linears]
+        model(ids)
+        for h in hooks:
+            h.remove()
+        for module in linears:
+            module.weight.data = prune_wanda(module.weight.data, inputs[module].norm(dim=0), sparsity)
+
+
+@pytest.mark.parametrize("pattern", [0.5, (2, 4)])
+def test_wanda_engine_matches_sequential_full_model_reference(model, calibration, pattern):
+    reference = tiny_model(type(model).__name__.removesuffix("ForCausalLM").lower())
+    sequential_wanda_reference(reference, calibration, pattern)
+    prune_model(model, Recipe("wanda", pattern), calibration, batch_size=4)
+    for (name, ours), theirs in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(ours == 0, theirs == 0), name
+
+
+def test_batch_size_does_not_change_the_result(calibration):
+    one, six = tiny_model(), tiny_model()
+    prune_model(one, load_recipe("sparsegpt-2of4"), calibration, batch_size=1)
+    prune_model(six, load_recipe("sparsegpt-2of4"), calibration, batch_size=6)
+    for a, b in zip(one.parameters(), six.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_modules_reading_the_same_input_share_statistics(calibration):
+    model = tiny_model()
+    hidden, kwargs = capture_layer_inputs(model, calibration, torch.device("cpu"), 3)
+    layer = decoder_layers(model)[0]
+    modules = dict(layer.named_modules())
+    linears = {n: m for n, m in modules.items() if isinstance(m, torch.nn.Linear)}
+    stats = collect_statistics(layer, linears, hidden, kwargs, hessian=True)
+    q, k, v, o = (stats[f"self_attn.{p}_proj"] for p in "qkvo")
+    gate, up, down = (stats[f"mlp.{p}_proj"] for p in ("gate", "up", "down"))
+    assert q is k is v and gate is up
+    assert len({id(q), id(o), id(gate), id(down)}) == 4
+    assert q.tokens == calibration.numel()
+    assert isinstance(down, InputStatistics) and down.sum.shape == (128, 128)
+
+
+@pytest.mark.parametrize("recipe", ["magnitude-50", "wanda-50", "sparsegpt-50", "wanda-2of4", "sparsegpt-2of4"])
+def test_every_target_is_pruned_and_nothing_else(model, calibration, recipe):
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    reports = prune_model(model, load_recipe(recipe), calibration, batch_size=4)
+    assert len(reports) == 3 and all(len(r.sparsity) == 7 for r in reports)
+    for name, param in model.named_parameters():
+        if ".layers." in name and name.endswith("proj.weight"):
+            assert (param == 0).float().mean() >= 0.5, name
+        else:  # embeddings, norms, lm_head
+            assert torch.equal(param, before[name]), name
+    assert all(share >= 0.5 for r in reports for share in r.sparsity.values())
+
+
+def test_targets_and_ignore_select_modules(calibration):
+    model = tiny_model()
+    recipe = Recipe("wanda", 0.5, targets=("*.self_attn.*",), ignore=("model.layers.0.*",))
+    prune_model(model, recipe, calibration)
+    for name, param in model.named_parameters():
+        pruned = ".self_attn." in name and not name.startswith("model.layers.0.") and "proj" in name
+        assert ((param == 0).float().mean() >= 0.5) == pruned, name
+
+
+def test_recipe_errors_found_before_work(calibration):
+    model = tiny_model()
+    with pytest.raises(RecipeError, match="matches no Linear"):
+        target_modules(model, Recipe("wanda", 0.5, targets=("*.attention.*",)))
+    with pytest.raises(RecipeError, match="divisible by 24"):
+        prune_model(model, Recipe("wanda", (1, 24)), calibration)  # in_features 64 and 128: not multiples of 24
+    with pytest.raises(ValueError, match="LongTensor"):
+        prune_model(model, load_recipe("wanda-50"), calibration.float())
+
+
+def test_global_magnitude_spreads_sparsity_unevenly():
+    model = tiny_model()
+    with torch.no_grad():
+        decoder_layers(model)[0].mlp.down_proj.weight.mul_(0.01)  # a layer of tiny weights
+    reports = prune_model(model, Recipe("magnitude", 0.5, options={"scope": "global"}), None)
+    shares = {n: s for r in reports for n, s in r.sparsity.items()}
+    sizes = {n: model.get_submodule(n).weight.numel() for n in shares}
+    overall = sum(shares[n] * sizes[n] for n in shares) / sum(sizes.values())
+    assert abs(overall - 0.5) < 1e-3
+    assert shares["model.layers.0.mlp.down_proj"] > 0.99
+
+
+def test_compress_api_takes_recipe_files_and_returns_the_model(tmp_path, calibration):
+    path = tmp_path / "r.yaml"
+    path.write_text("pruning:\n  method: wanda\n  sparsity: 0.6\n")
+    model = tiny_model()
+    assert compress(model, path, calibration, device="cpu") is model
+    weight = model.model.layers[1].mlp.up_proj.weight
+    assert ((weight == 0).sum(1) == int(64 * 0.6)).all()
+
+
+def test_unsupported_layout_is_a_clear_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ModelError, match="GPT2LMHeadModel is not supported.*Llama, Mistral"):
+        prune_model(gpt2, load_recipe("wanda-50"), torch.zeros(1, 4, dtype=torch.long))

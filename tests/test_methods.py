@@ -1,0 +1,82 @@
+"""SparseGPT against the other methods on the layer-wise reconstruction problem ‖WX − ŴX‖."""
+
+import pytest
+import torch
+
+from llm_sparsify.prune.magnitude import prune_magnitude
+from llm_sparsify.prune.sparsegpt import prune_sparsegpt
+from llm_sparsify.prune.wanda import prune_wanda
+from llm_sparsify.stats import InputStatistics
+
+
+def correlated_inputs(tokens=2048, features=64, seed=0):
+    """Inputs with strongly correlated features, as activations in LLMs are: X = Z·A, Z low-dimensional."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(tokens, 16, generator=g)
+    mix = torch.randn(16, features, generator=g)
+    return z @ mix + 0.1 * torch.randn(tokens, features, generator=g)
+
+
+def error(weight, pruned, x):
+    return ((x @ weight.T - x @ pruned.T).norm() / (x @ weight.T).norm()).item()
+
+
+@pytest.mark.parametrize("pattern,margin", [(0.5, 0.7), ((2, 4), 0.7), (0.7, 0.98)])
+def test_sparsegpt_beats_magnitude_and_wanda_on_correlated_inputs(pattern, margin):
+    torch.manual_seed(0)
+    weight, x = torch.randn(48, 64), correlated_inputs()
+    stats = InputStatistics(64, hessian=True, device="cpu")
+    stats.add(x)
+    sparsegpt = prune_sparsegpt(weight, stats.hessian(), pattern, blocksize=32)
+    wanda = prune_wanda(weight, stats.column_norms(), pattern)
+    magnitude = prune_magnitude(weight, pattern)
+    assert error(weight, sparsegpt, x) < margin * error(weight, wanda, x)
+    assert error(weight, sparsegpt, x) < margin * error(weight, magnitude, x)
+
+
+def test_sparsegpt_patterns_are_exact():
+    torch.manual_seed(0)
+    weight, x = torch.randn(32, 64), correlated_inputs()
+    hessian = 2 * x.T @ x / x.shape[0]
+    pruned = prune_sparsegpt(weight, hessian, (2, 4), blocksize=16)
+    assert ((pruned != 0).reshape(32, 16, 4).sum(2) == 2).all()
+    pruned = prune_sparsegpt(weight, hessian, 0.5, blocksize=16)
+    # the adaptive mask is exact per block of columns (all rows together), so exact overall
+    assert (pruned == 0).sum() == 32 * 64 // 2
+    assert pruned.dtype == weight.dtype and pruned.shape == weight.shape
+
+
+def test_sparsegpt_at_zero_sparsity_changes_nothing():
+    weight, x = torch.randn(16, 32), correlated_inputs(features=32)
+    hessian = 2 * x.T @ x / x.shape[0]
+    assert torch.allclose(prune_sparsegpt(weight, hessian, 0.0), weight, atol=1e-5)
+
+
+def test_sparsegpt_handles_dead_inputs_and_low_precision():
+    x = correlated_inputs(features=32)
+    x[:, 5] = 0  # a feature that is never active
+    hessian = 2 * x.T @ x / x.shape[0]
+    weight = torch.randn(16, 32, dtype=torch.bfloat16)
+    pruned = prune_sparsegpt(weight, hessian, 0.5)
+    assert pruned.dtype == torch.bfloat16 and torch.isfinite(pruned.float()).all()
+    assert (pruned[:, 5] == 0).all()
+
+
+def test_sparsegpt_survives_a_singular_hessian():
+    x = torch.randn(4, 32)  # 4 tokens: rank-4 Hessian, singular without dampening
+    pruned = prune_sparsegpt(torch.randn(8, 32), 2 * x.T @ x / 4, 0.5)
+    assert torch.isfinite(pruned).all() and (pruned == 0).sum() >= 8 * 16
+
+
+def test_statistics_hessian_and_column_norms_agree():
+    x = torch.randn(3, 10, 8)
+    full, norms_only = InputStatistics(8, True, "cpu"), InputStatistics(8, False, "cpu")
+    for chunk in x:
+        full.add(chunk)
+        norms_only.add(chunk)
+    flat = x.reshape(-1, 8)
+    assert torch.allclose(full.hessian(), 2 * flat.T @ flat / 30, atol=1e-5)
+    assert torch.allclose(full.column_norms(), flat.norm(dim=0), atol=1e-5)
+    assert torch.allclose(norms_only.column_norms(), flat.norm(dim=0), atol=1e-5)
+    with pytest.raises(ValueError, match="column norms only"):
+        norms_only.hessian()
