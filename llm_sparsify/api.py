@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import platform
 import time
 from dataclasses import asdict
@@ -22,8 +21,6 @@ from llm_sparsify.files import check_output
 from llm_sparsify.models import DEFAULT_MODEL, load_model
 from llm_sparsify.prune import STATISTIC
 from llm_sparsify.recipe import Recipe, load_recipe
-
-log = logging.getLogger(__name__)
 
 
 def default_device() -> str:
@@ -53,40 +50,33 @@ def compress(
     LongTensor of token ids [nsamples, seqlen], or a data source name/file (then `tokenizer` is
     used, or loaded from the model's path); it defaults to "c4" for methods that need data.
     """
-    compress_with_report(model, recipe, calibration, tokenizer=tokenizer, device=device, nsamples=nsamples,
-                         seqlen=seqlen, seed=seed, batch_size=batch_size)
+    recipe = load_recipe(recipe)
+    device = device or default_device()
+    ids, _ = prepare_calibration(model, recipe, calibration, tokenizer, device, nsamples, seqlen, seed)
+    prune_model(model, recipe, ids, device=device, batch_size=batch_size)
     return model
 
 
-def compress_with_report(
+def prepare_calibration(
     model: PreTrainedModel,
-    recipe: str | Path | dict | Recipe,
-    calibration: Tensor | str | Path | None = None,
-    *,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    device: str | None = None,
-    nsamples: int | None = None,
-    seqlen: int | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
-) -> tuple[list[LayerReport], dict[str, Any]]:
-    """As compress(), returning the per-layer reports and a description of the calibration data."""
-    recipe = load_recipe(recipe)
-    device = device or default_device()
+    recipe: Recipe,
+    calibration: Tensor | str | Path | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    device: str,
+    nsamples: int | None,
+    seqlen: int | None,
+    seed: int,
+) -> tuple[Tensor | None, dict[str, Any]]:
+    """Calibration token ids for `recipe` (None if its method needs no data) and a description of them."""
+    if STATISTIC[recipe.method] is None:
+        return None, {}
     default_n, default_len = default_calibration_size(device)
-    nsamples, seqlen = nsamples or default_n, seqlen or default_len
-    ids, calibration_info = None, {}
-    if STATISTIC[recipe.method] is not None:
-        source = "c4" if calibration is None else calibration
-        if not isinstance(source, Tensor) and not str(source).endswith(".pt"):
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model.name_or_path)
-        ids = calibration_ids(source, tokenizer, nsamples, seqlen, seed)
-        name = "tensor" if isinstance(source, Tensor) else str(source)
-        calibration_info = {"source": name, "nsamples": ids.shape[0], "seqlen": ids.shape[1], "seed": seed}
-    start = time.perf_counter()
-    reports = prune_model(model, recipe, ids, device=device, batch_size=batch_size)
-    log.info("pruned %d layers in %.1f s", len(reports), time.perf_counter() - start)
-    return reports, calibration_info
+    source = "c4" if calibration is None else calibration
+    if not isinstance(source, Tensor) and not str(source).endswith(".pt"):
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(model.name_or_path)
+    ids = calibration_ids(source, tokenizer, nsamples or default_n, seqlen or default_len, seed)
+    name = "tensor" if isinstance(source, Tensor) else str(source)
+    return ids, {"source": name, "nsamples": ids.shape[0], "seqlen": ids.shape[1], "seed": seed}
 
 
 def measured_sparsity(reports: list[LayerReport], model: PreTrainedModel) -> dict[str, Any]:
@@ -128,13 +118,12 @@ def prune_checkpoint(
     device = device or default_device()
     model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     start = time.perf_counter()
-    reports, calibration_info = compress_with_report(
-        model, recipe, calibration, tokenizer=tokenizer, device=device, nsamples=nsamples, seqlen=seqlen,
-        seed=seed, batch_size=batch_size,
-    )
+    ids, calibration_info = prepare_calibration(model, recipe, calibration, tokenizer, device, nsamples, seqlen, seed)
+    reports = prune_model(model, recipe, ids, device=device, batch_size=batch_size)
     record = {
         "llm_sparsify_version": __version__,
         "base_model": model_name or DEFAULT_MODEL,
+        "recipe_name": recipe.name,
         "recipe": recipe.to_dict(),
         "calibration": calibration_info,
         "device": str(device),

@@ -61,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default: 0)")
     prune.add_argument("--batch-size", type=int, default=8, help="calibration samples per layer forward (default: 8)")
     prune.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    prune.add_argument("--ppl", action="store_true", help="also print WikiText-2 perplexity of the result")
+    prune.add_argument("--ppl", action="store_true",
+                       help="also print WikiText-2 perplexity of the base and the pruned model")
+    prune.add_argument("--ppl-windows", type=int, default=64,
+                       help="with --ppl: score the first N windows of the test text, 0 for all (default: 64)")
     _common(prune)
 
     evaluate = commands.add_parser(
@@ -103,12 +106,15 @@ def run_prune(args: argparse.Namespace) -> None:
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
         overwrite=args.overwrite,
     )
-    print(f"pruned {record['base_model']} with {record['recipe']['name']} in {record['seconds']:.1f} s: "
+    print(f"pruned {record['base_model']} with {record['recipe_name']} in {record['seconds']:.1f} s: "
           f"{record['sparsity']['overall']:.2%} of the targeted weights are zero")
     print(f"saved to {output}")
     if args.ppl:
-        result = _perplexity(str(output), "wikitext2", None, None, args.dtype, device)
-        print(f"{result['dataset']} perplexity (seqlen {result['seqlen']}): {result['perplexity']:.3f}")
+        windows = args.ppl_windows or None
+        base = _perplexity(args.model, "wikitext2", None, windows, args.dtype, device)
+        pruned = _perplexity(str(output), "wikitext2", None, windows, args.dtype, device)
+        print(f"WikiText-2 perplexity (seqlen {base['seqlen']}, {base['windows']} windows): "
+              f"base {base['perplexity']:.3f} -> pruned {pruned['perplexity']:.3f}")
 
 
 def run_eval(args: argparse.Namespace) -> None:

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 _C4 = "c4-en-train.00000-of-01024.first1000.jsonl.gz"
 _WIKITEXT2_TEST = "wikitext-2-raw-v1.test.raw.gz"
+_FILE_SUFFIXES = {".txt", ".jsonl", ".json", ".gz", ".pt", ".raw", ".md"}
 
 
 class DataError(ValueError):
@@ -40,10 +41,13 @@ def _read_jsonl(path: Path) -> list[str]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         text = f.read()
-    if path.name.endswith(".json") and text.lstrip().startswith("["):
-        records = json.loads(text)
-    else:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    try:
+        if path.name.endswith(".json") and text.lstrip().startswith("["):
+            records = json.loads(text)
+        else:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON lines: {error}") from None
     try:
         return [r["text"] for r in records]
     except (KeyError, TypeError):
@@ -87,9 +91,18 @@ def load_documents(source: str | Path, split: str = "train") -> list[str]:
         if split == "test":
             return wikitext2_rows(_bundled(_WIKITEXT2_TEST))
         return _hub_texts("Salesforce/wikitext", split, "wikitext-2-raw-v1")
-    if path.suffix or "/" in str(source) and path.parent.exists():
+    if path.suffix in _FILE_SUFFIXES or path.parent.exists() and path.parent != Path("."):
         raise DataError(f"{source}: no such file")
     return _hub_texts(str(source), split)
+
+
+def _load_tensor(path: Path) -> Tensor:
+    try:
+        return torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except Exception as error:  # torch.load raises pickle, zip and runtime errors alike
+        raise DataError(f"{path}: not a saved tensor of token ids ({error})") from None
 
 
 def calibration_ids(
@@ -101,13 +114,15 @@ def calibration_ids(
     document is that long, windows are cut from all documents joined by blank lines.
     """
     if isinstance(source, Tensor) or str(source).endswith(".pt"):
-        ids = source if isinstance(source, Tensor) else torch.load(source, weights_only=True)
+        ids = source if isinstance(source, Tensor) else _load_tensor(Path(source))
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
             raise DataError("calibration ids must be a LongTensor [nsamples, seqlen]")
         return ids
     if nsamples < 1 or seqlen < 2:
         raise DataError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
     documents = [d for d in load_documents(source, "train") if d.strip()]
+    if not documents:
+        raise DataError(f"{source} holds no text")
     encoded = [ids for ids in tokenizer(documents)["input_ids"]]
     long_enough = [ids for ids in encoded if len(ids) > seqlen]
     rng = random.Random(seed)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from llm_sparsify.data import DataError
 from llm_sparsify.models import decoder_layers
 from llm_sparsify.prune import STATISTIC, prune_weight
 from llm_sparsify.prune.magnitude import global_magnitude_threshold, prune_below
@@ -180,7 +181,10 @@ def prune_model(
     statistic = STATISTIC[recipe.method]
     if statistic is not None:
         if calibration is None or calibration.dim() != 2 or calibration.dtype != torch.long:
-            raise ValueError(f"{recipe.method} needs calibration token ids as a LongTensor [nsamples, seqlen]")
+            raise DataError(f"{recipe.method} needs calibration token ids as a LongTensor [nsamples, seqlen]")
+        vocab = model.get_input_embeddings().num_embeddings
+        if calibration.min() < 0 or calibration.max() >= vocab:
+            raise DataError(f"calibration token ids must lie in [0, {vocab}) for this model's vocabulary")
         hidden, kwargs = capture_layer_inputs(model, calibration, device, batch_size)
 
     threshold = None

@@ -10,6 +10,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from llm_sparsify.data import DataError
+
 
 @torch.no_grad()
 def perplexity(
@@ -28,7 +30,7 @@ def perplexity(
     if max_windows:
         windows = min(windows, max_windows)
     if windows == 0:
-        raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+        raise DataError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     model.to(device)
     total_nll, total_tokens = 0.0, 0
     for i in tqdm(range(windows), desc="perplexity", unit="window"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,6 +20,13 @@ def check_output(path: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"{path} already exists; choose another output or pass --overwrite")
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 @contextmanager
 def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; rename it to `path` only when the block succeeds."""
@@ -26,6 +34,9 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; outputs are ordinary directories
     try:
         yield tmp
     except BaseException:
@@ -33,9 +44,9 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
         raise
     if path.exists():  # overwrite: move the old one aside first so a crash here loses nothing
         old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
         path.rename(old)
         tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     else:
         tmp.rename(path)

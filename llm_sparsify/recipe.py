@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,17 @@ OPTIONS: dict[str, dict[str, Any]] = {  # method -> its options and their defaul
     "sparsegpt": {"blocksize": 128, "dampening": 0.01},
 }
 _COMMON = {"method", "sparsity", "targets", "ignore"}
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124; in a recipe it means N:M."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _digit in "0123456789":
+    _RecipeLoader.yaml_implicit_resolvers.setdefault(_digit, []).insert(
+        0, ("tag:yaml.org,2002:str", re.compile(r"^\d+:\d+$"))
+    )
 
 
 class RecipeError(ValueError):
@@ -54,9 +65,11 @@ class Recipe:
         return f"{self.pattern[0]}:{self.pattern[1]}" if isinstance(self.pattern, tuple) else f"{self.pattern:g}"
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["pattern"] = self.pattern_text
-        return data
+        """The recipe in the YAML file format, so a saved record can be run again with load_recipe."""
+        sparsity = self.pattern_text if isinstance(self.pattern, tuple) else self.pattern
+        section = {"method": self.method, "sparsity": sparsity, "targets": list(self.targets),
+                   "ignore": list(self.ignore), **self.options}
+        return {"pruning": section}
 
 
 def parse_pattern(value: Any) -> Pattern:
@@ -78,10 +91,12 @@ def parse_pattern(value: Any) -> Pattern:
     return sparsity
 
 
-def _globs(value: Any, key: str) -> tuple[str, ...]:
+def _globs(value: Any, key: str, allow_empty: bool) -> tuple[str, ...]:
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, list | tuple) or not all(isinstance(v, str) and v for v in values):
         raise RecipeError(f"{key} must be a module-name glob or a list of them, got {value!r}")
+    if not values and not allow_empty:
+        raise RecipeError(f"{key} is empty, so nothing would be pruned; leave it out to target every Linear")
     return tuple(values)
 
 
@@ -93,7 +108,7 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
         raise RecipeError(f"unknown recipe section(s): {', '.join(sorted(unknown))}; known: pruning")
     section = data["pruning"]
     method = section.get("method")
-    if method not in STATISTIC:
+    if not isinstance(method, str) or method not in STATISTIC:
         raise RecipeError(f"unknown method {method!r}; choose one of: {', '.join(STATISTIC)}")
     if "sparsity" not in section:
         raise RecipeError("pruning.sparsity is required, e.g. 0.5 or \"2:4\"")
@@ -106,11 +121,11 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
     options = {**OPTIONS[method], **{k: section[k] for k in OPTIONS[method] if k in section}}
     if method == "sparsegpt":
         blocksize, dampening = options["blocksize"], options["dampening"]
-        if not isinstance(blocksize, int) or blocksize < 1:
+        if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
             raise RecipeError(f"blocksize must be a positive integer, got {blocksize!r}")
         if isinstance(pattern, tuple) and blocksize % pattern[1]:
             raise RecipeError(f"blocksize {blocksize} must be a multiple of M={pattern[1]}")
-        if not isinstance(dampening, int | float) or dampening <= 0:
+        if isinstance(dampening, bool) or not isinstance(dampening, int | float) or dampening <= 0:
             raise RecipeError(f"dampening must be a positive number, got {dampening!r}")
     if method == "magnitude":
         if options["scope"] not in ("layer", "global"):
@@ -120,8 +135,8 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
     return Recipe(
         method=method,
         pattern=pattern,
-        targets=_globs(section.get("targets", "*"), "targets"),
-        ignore=_globs(section.get("ignore", []), "ignore"),
+        targets=_globs(section.get("targets", "*"), "targets", allow_empty=False),
+        ignore=_globs(section.get("ignore", []), "ignore", allow_empty=True),
         options=options,
         name=name,
     )
@@ -150,7 +165,7 @@ def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
         raise RecipeError(f"recipe {str(source)!r} is neither a file nor a built-in recipe "
                           f"({', '.join(builtin_recipes())})")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_RecipeLoader)
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML: {error}") from None
     try:

@@ -1,0 +1,277 @@
+"""The llm-sparsify command line end to end, on a tiny random Llama that uses the default model's tokenizer."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import llm_sparsify.models
+from llm_sparsify.cli import main
+from llm_sparsify.export.hf import RECORD, read_record
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def model_dir(workdir):
+    """A tiny random Llama saved with save_pretrained, with the real default tokenizer beside it."""
+    tokenizer = AutoTokenizer.from_pretrained(llm_sparsify.models.default_model_path())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    assert len(tokenizer) <= config.vocab_size
+    path = workdir / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib(workdir):
+    path = workdir / "calib.pt"
+    torch.save(torch.randint(0, 49152, (4, 16), generator=torch.Generator().manual_seed(0)), path)
+    return path
+
+
+def prune_args(model_dir, calib, output, *extra):
+    return ["prune", str(model_dir), "--recipe", "wanda-2of4", "--calibration", str(calib), "--output", str(output),
+            "--device", "cpu", "-q", *extra]
+
+
+@pytest.fixture(scope="module")
+def pruned(workdir, model_dir, calib):
+    out = workdir / "out"
+    assert main(prune_args(model_dir, calib, out)) == 0
+    return out
+
+
+def decoder_linears(model) -> dict[str, torch.Tensor]:
+    return {f"{i}.{name}": module.weight.detach()
+            for i, layer in enumerate(model.model.layers)
+            for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+
+
+def assert_2of4(path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    weights = decoder_linears(model)
+    assert len(weights) == 14
+    for name, weight in weights.items():
+        zeros = (weight.reshape(weight.shape[0], -1, 4) == 0).sum(-1)
+        assert (zeros == 2).all(), name  # exactly two of every four consecutive inputs removed
+
+
+def no_leftovers(directory) -> bool:
+    return not any(".partial" in p.name or p.name.endswith(".old") for p in directory.iterdir())
+
+
+# --- prune ------------------------------------------------------------------------------------------------------
+
+
+def test_prune_writes_a_2of4_checkpoint(pruned, model_dir):
+    assert_2of4(pruned)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", RECORD):
+        assert (pruned / name).exists(), name
+    record = read_record(pruned)
+    assert record["recipe_name"] == "wanda-2of4"
+    assert record["recipe"]["pruning"]["sparsity"] == "2:4"
+    assert record["base_model"] == str(model_dir)
+    assert record["calibration"]["nsamples"] == 4 and record["calibration"]["seqlen"] == 16
+    assert record["sparsity"]["overall"] == pytest.approx(0.5)
+    assert set(record["sparsity"]["by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"}
+    assert no_leftovers(pruned.parent)
+
+
+def test_prune_leaves_the_input_model_alone(pruned, model_dir):
+    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert all((w != 0).all() for w in decoder_linears(original).values())
+
+
+def test_prune_prints_a_summary(tmp_path, model_dir, calib, capsys):
+    out = tmp_path / "out"
+    assert main(prune_args(model_dir, calib, out)) == 0
+    stdout = capsys.readouterr().out
+    assert "with wanda-2of4" in stdout
+    assert "50.00% of the targeted weights are zero" in stdout
+    assert f"saved to {out}" in stdout
+
+
+def test_prune_again_without_overwrite_is_refused(pruned, model_dir, calib, capsys):
+    before = (pruned / "model.safetensors").read_bytes()
+    record = (pruned / RECORD).read_text()
+    capsys.readouterr()
+    assert main(prune_args(model_dir, calib, pruned)) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err
+    assert "already exists" in err
+    assert "--overwrite" in err
+    assert (pruned / "model.safetensors").read_bytes() == before
+    assert (pruned / RECORD).read_text() == record
+
+
+def test_prune_with_overwrite_replaces_the_output(tmp_path, pruned, model_dir, calib):
+    out = tmp_path / "out"
+    shutil.copytree(pruned, out)
+    (out / "stale.txt").write_text("from an earlier run")
+    assert main(prune_args(model_dir, calib, out, "--overwrite")) == 0
+    assert not (out / "stale.txt").exists()
+    assert_2of4(out)
+    assert no_leftovers(tmp_path)
+
+
+def test_prune_with_text_calibration(tmp_path, model_dir):
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i % 37} and more text" for i in range(60)))
+    out = tmp_path / "out"
+    args = ["prune", str(model_dir), "--recipe", "magnitude-50", "--calibration", str(text), "--output", str(out),
+            "--device", "cpu", "-q"]
+    assert main(args) == 0
+    record = read_record(out)
+    assert record["recipe"]["pruning"]["method"] == "magnitude"
+    assert record["calibration"] == {}  # magnitude pruning reads no data
+    assert record["sparsity"]["overall"] == pytest.approx(0.5)
+
+
+def test_bad_recipe_file_fails_before_any_work(tmp_path, model_dir, calib, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("pruning:\n  method: wanda\n  sparsity: 1.5\n")
+    out = tmp_path / "out"
+    args = ["prune", str(model_dir), "--recipe", str(recipe), "--calibration", str(calib), "--output", str(out),
+            "--device", "cpu", "-q"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err
+    assert "bad.yaml" in err and "strictly between 0 and 1" in err
+    assert not out.exists()
+    assert no_leftovers(tmp_path)
+
+
+def test_unknown_recipe_name(tmp_path, model_dir, calib, capsys):
+    out = tmp_path / "out"
+    args = prune_args(model_dir, calib, out)
+    args[args.index("wanda-2of4")] = "wanda-99"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "neither a file nor a built-in recipe" in err and "wanda-50" in err
+    assert not out.exists()
+
+
+def test_model_path_that_is_not_a_checkpoint(tmp_path, calib, capsys):
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    (not_a_model / "notes.txt").write_text("hello")
+    out = tmp_path / "out"
+    assert main(["prune", str(not_a_model), "--recipe", "wanda-50", "--calibration", str(calib), "--output", str(out),
+                 "--device", "cpu", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "error: could not load model" in err
+    assert not out.exists()
+
+
+def test_bad_calibration_file(tmp_path, model_dir, capsys):
+    bad = tmp_path / "calib.jsonl"
+    bad.write_text(json.dumps({"content": "no text field"}) + "\n")
+    out = tmp_path / "out"
+    assert main(prune_args(model_dir, bad, out)) == 2
+    assert '"text" field' in capsys.readouterr().err
+    assert not out.exists()
+    assert no_leftovers(tmp_path)
+
+
+def test_nm_pattern_that_does_not_divide_in_features(tmp_path, model_dir, calib, capsys):
+    recipe = tmp_path / "odd.yaml"
+    recipe.write_text('pruning:\n  method: wanda\n  sparsity: "3:7"\n')
+    out = tmp_path / "out"
+    args = ["prune", str(model_dir), "--recipe", str(recipe), "--calibration", str(calib), "--output", str(out),
+            "--device", "cpu", "-q"]
+    assert main(args) == 2
+    assert "needs in_features divisible by 7" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# --- eval -------------------------------------------------------------------------------------------------------
+
+
+def test_eval_prints_json_with_a_finite_perplexity(pruned, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(pruned), "--seqlen", "16", "--max-windows", "2", "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == str(pruned)
+    assert result["dataset"] == "wikitext2"
+    assert result["seqlen"] == 16
+    assert result["windows"] == 2
+    assert math.isfinite(result["perplexity"])
+    assert result["perplexity"] > 1
+
+
+def test_eval_of_a_text_file_prints_a_line(tmp_path, model_dir, capsys):
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(f"word{i % 23}" for i in range(200)))
+    assert main(["eval", str(model_dir), "--dataset", str(text), "--seqlen", "16", "--max-windows", "3",
+                 "--device", "cpu", "-q"]) == 0
+    stdout = capsys.readouterr().out
+    assert f"{model_dir}: {text} perplexity" in stdout
+    assert "(seqlen 16, 3 windows)" in stdout
+
+
+def test_eval_of_a_missing_model(tmp_path, capsys):
+    assert main(["eval", str(tmp_path), "--seqlen", "16", "--max-windows", "1", "--device", "cpu", "-q"]) == 2
+    assert "error: could not load model" in capsys.readouterr().err
+
+
+# --- argument parsing -------------------------------------------------------------------------------------------
+
+
+def test_help_exits_0(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    stdout = capsys.readouterr().out
+    assert "prune" in stdout and "eval" in stdout
+
+
+def test_prune_help_lists_the_builtin_recipes(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", "--help"])
+    assert exit_info.value.code == 0
+    stdout = capsys.readouterr().out
+    assert "--overwrite" in stdout and "wanda-2of4" in stdout
+
+
+def test_missing_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_unknown_dtype_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", "--dtype", "int8"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+# --- bad input found in review: each ends in a clear error ---------------------------------------------------
+
+
+def test_missing_pt_calibration_file(tmp_path, model_dir, capsys):
+    out = tmp_path / "out"
+    assert main(prune_args(model_dir, tmp_path / "nope.pt", out)) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_eval_text_shorter_than_a_window(tmp_path, model_dir, capsys):
+    text = tmp_path / "short.txt"
+    text.write_text("only a few words")
+    assert main(["eval", str(model_dir), "--dataset", str(text), "--seqlen", "64", "--device", "cpu", "-q"]) == 2
+    assert "error:" in capsys.readouterr().err

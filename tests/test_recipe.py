@@ -1,0 +1,290 @@
+"""Recipes: the built-in ones load, patterns parse, and every kind of bad recipe fails with a clear RecipeError."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from llm_sparsify.recipe import (
+    OPTIONS,
+    Recipe,
+    RecipeError,
+    builtin_recipes,
+    load_recipe,
+    parse_pattern,
+    recipe_from_dict,
+)
+
+BUILTINS = ["magnitude-2of4", "magnitude-50", "sparsegpt-2of4", "sparsegpt-50", "wanda-2of4", "wanda-50"]
+
+
+def write(tmp_path, text: str, name: str = "recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# --- built-in recipes -------------------------------------------------------------------------------------------
+
+
+def test_builtin_recipes_are_listed():
+    assert builtin_recipes() == BUILTINS
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_every_builtin_recipe_loads(name):
+    recipe = load_recipe(name)
+    assert isinstance(recipe, Recipe)
+    assert recipe.name == name
+    method, amount = name.split("-")
+    assert recipe.method == method
+    if amount == "2of4":
+        assert recipe.pattern == (2, 4)
+        assert recipe.pattern_text == "2:4"
+    else:
+        assert recipe.pattern == 0.5
+        assert recipe.pattern_text == "0.5"
+    assert recipe.sparsity == pytest.approx(0.5)
+    assert recipe.targets == ("*",)
+    assert recipe.ignore == ()
+    assert set(recipe.options) == set(OPTIONS[method])
+
+
+def test_builtin_options_have_their_defaults():
+    assert load_recipe("sparsegpt-50").options == {"blocksize": 128, "dampening": 0.01}
+    assert load_recipe("magnitude-50").options == {"scope": "layer"}
+    assert load_recipe("magnitude-2of4").options == {"scope": "layer"}
+    assert load_recipe("wanda-50").options == {}
+
+
+@pytest.mark.parametrize("name", ["sparsegpt-2of4", "wanda-50", "magnitude-50"])
+def test_to_dict_is_a_recipe_that_loads_back(name):
+    recipe = load_recipe(name)
+    data = recipe.to_dict()
+    assert data["pruning"]["method"] == recipe.method
+    assert yaml.safe_load(yaml.safe_dump(data)) == data  # plain YAML/JSON types only
+    assert load_recipe(data) == dataclasses.replace(recipe, name="custom")
+
+
+def test_load_recipe_accepts_a_recipe_a_dict_and_a_path(tmp_path):
+    recipe = load_recipe("wanda-50")
+    assert load_recipe(recipe) is recipe
+    from_dict = load_recipe({"pruning": {"method": "wanda", "sparsity": "2:4"}})
+    assert (from_dict.method, from_dict.pattern, from_dict.name) == ("wanda", (2, 4), "custom")
+    path = write(tmp_path, "pruning:\n  method: magnitude\n  sparsity: 30%\n  scope: global\n", "mine.yaml")
+    from_file = load_recipe(path)
+    assert from_file.name == "mine"
+    assert from_file.pattern == pytest.approx(0.3)
+    assert from_file.options == {"scope": "global"}
+    assert load_recipe(str(path)) == from_file
+
+
+def test_targets_and_ignore_accept_a_string_or_a_list():
+    recipe = recipe_from_dict(
+        {"pruning": {"method": "wanda", "sparsity": 0.5, "targets": "*.mlp.*", "ignore": ["*.down_proj", "*.up_proj"]}}
+    )
+    assert recipe.targets == ("*.mlp.*",)
+    assert recipe.ignore == ("*.down_proj", "*.up_proj")
+
+
+def test_explicit_options_override_defaults():
+    recipe = recipe_from_dict({"pruning": {"method": "sparsegpt", "sparsity": "4:8", "blocksize": 64,
+                                           "dampening": 0.1}})
+    assert recipe.options == {"blocksize": 64, "dampening": 0.1}
+    assert recipe.pattern == (4, 8)
+
+
+# --- patterns ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(0.5, 0.5), ("0.5", 0.5), ("50%", 0.5), ("12.5%", 0.125), (0.7, 0.7), ("2:4", (2, 4)), ("4:8", (4, 8)),
+     (" 1 : 4 ", (1, 4))],
+)
+def test_parse_pattern(value, expected):
+    result = parse_pattern(value)
+    assert result == pytest.approx(expected) if isinstance(expected, float) else result == expected
+    assert type(result) is type(expected)
+
+
+def test_nm_sparsity_is_the_removed_share():
+    assert recipe_from_dict({"pruning": {"method": "wanda", "sparsity": "1:4"}}).sparsity == pytest.approx(0.75)
+    assert recipe_from_dict({"pruning": {"method": "wanda", "sparsity": "4:8"}}).pattern_text == "4:8"
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (0, "strictly between 0 and 1"),
+        (1, "strictly between 0 and 1"),
+        (1.5, "strictly between 0 and 1"),
+        (-0.1, "strictly between 0 and 1"),
+        ("0%", "strictly between 0 and 1"),
+        ("100%", "strictly between 0 and 1"),
+        ("4:2", "0 < N < M"),
+        ("2:2", "0 < N < M"),
+        ("0:4", "0 < N < M"),
+        ("a:b", "not of the form N:M"),
+        ("2:4:8", "not of the form N:M"),
+        ("half", "neither a fraction"),
+        (None, "neither a fraction"),
+    ],
+)
+def test_bad_patterns(value, match):
+    with pytest.raises(RecipeError, match=match):
+        parse_pattern(value)
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5, -0.1, "4:2", "2:2", "0:4", "a:b"])
+def test_bad_sparsity_in_a_recipe_file_names_the_file_and_the_value(tmp_path, value):
+    path = write(tmp_path, f"pruning:\n  method: wanda\n  sparsity: {value!r}\n")
+    with pytest.raises(RecipeError, match=r"recipe\.yaml: sparsity") as error:
+        load_recipe(path)
+    assert repr(value) in str(error.value)
+
+
+# --- bad recipes ------------------------------------------------------------------------------------------------
+
+
+def test_unknown_method():
+    with pytest.raises(RecipeError, match=r"unknown method 'obc'; choose one of: magnitude, wanda, sparsegpt"):
+        recipe_from_dict({"pruning": {"method": "obc", "sparsity": 0.5}})
+
+
+def test_missing_method():
+    with pytest.raises(RecipeError, match="unknown method None"):
+        recipe_from_dict({"pruning": {"sparsity": 0.5}})
+
+
+def test_missing_sparsity():
+    with pytest.raises(RecipeError, match=r"pruning\.sparsity is required"):
+        recipe_from_dict({"pruning": {"method": "wanda"}})
+
+
+@pytest.mark.parametrize("data", [{}, {"pruning": None}, {"pruning": "wanda"}, None, ["pruning"],
+                                  {"prune": {"method": "wanda", "sparsity": 0.5}}])
+def test_missing_pruning_section(data):
+    with pytest.raises(RecipeError, match="needs a `pruning:` section"):
+        recipe_from_dict(data)
+
+
+def test_unknown_key_lists_the_allowed_keys():
+    with pytest.raises(RecipeError, match="unknown key") as error:
+        recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5, "blocksize": 128}})
+    message = str(error.value)
+    assert "blocksize" in message
+    assert "allowed: ignore, method, sparsity, targets" in message
+
+
+def test_unknown_key_for_sparsegpt_lists_its_options():
+    with pytest.raises(RecipeError, match="allowed: blocksize, dampening, ignore, method, sparsity, targets"):
+        recipe_from_dict({"pruning": {"method": "sparsegpt", "sparsity": 0.5, "scope": "layer"}})
+
+
+def test_unknown_top_level_section():
+    with pytest.raises(RecipeError, match=r"unknown recipe section\(s\): quantization; known: pruning"):
+        recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5}, "quantization": {"bits": 4}})
+
+
+def test_sparsegpt_blocksize_must_be_a_multiple_of_m():
+    with pytest.raises(RecipeError, match="blocksize 126 must be a multiple of M=4"):
+        recipe_from_dict({"pruning": {"method": "sparsegpt", "sparsity": "2:4", "blocksize": 126}})
+    with pytest.raises(RecipeError, match="multiple of M=8"):
+        recipe_from_dict({"pruning": {"method": "sparsegpt", "sparsity": "4:8", "blocksize": 12}})
+    # a fraction has no M: any positive blocksize is fine
+    assert recipe_from_dict({"pruning": {"method": "sparsegpt", "sparsity": 0.5, "blocksize": 126}}).options[
+        "blocksize"] == 126
+
+
+@pytest.mark.parametrize("blocksize", [0, -4, 1.5, "128"])
+def test_sparsegpt_blocksize_must_be_a_positive_integer(blocksize):
+    with pytest.raises(RecipeError, match="blocksize must be a positive integer"):
+        recipe_from_dict({"pruning": {"method": "sparsegpt", "sparsity": 0.5, "blocksize": blocksize}})
+
+
+@pytest.mark.parametrize("dampening", [0, -0.01, "0.01", None])
+def test_sparsegpt_dampening_must_be_positive(dampening):
+    with pytest.raises(RecipeError, match="dampening must be a positive number"):
+        recipe_from_dict({"pruning": {"method": "sparsegpt", "sparsity": 0.5, "dampening": dampening}})
+
+
+def test_global_magnitude_rejects_nm():
+    with pytest.raises(RecipeError, match="global magnitude ranking takes a fraction"):
+        recipe_from_dict({"pruning": {"method": "magnitude", "sparsity": "2:4", "scope": "global"}})
+    assert recipe_from_dict({"pruning": {"method": "magnitude", "sparsity": "2:4", "scope": "layer"}}).pattern == (2, 4)
+
+
+def test_magnitude_scope_must_be_known():
+    with pytest.raises(RecipeError, match="scope must be 'layer' or 'global', got 'row'"):
+        recipe_from_dict({"pruning": {"method": "magnitude", "sparsity": 0.5, "scope": "row"}})
+
+
+@pytest.mark.parametrize("value", [[""], [1], ["*", None], 3, {"a": 1}])
+def test_bad_targets(value):
+    with pytest.raises(RecipeError, match="targets must be a module-name glob"):
+        recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5, "targets": value}})
+
+
+def test_bad_ignore():
+    with pytest.raises(RecipeError, match="ignore must be a module-name glob"):
+        recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5, "ignore": [None]}})
+
+
+# --- files ------------------------------------------------------------------------------------------------------
+
+
+def test_invalid_yaml_file(tmp_path):
+    path = write(tmp_path, "pruning:\n  method: wanda\n   sparsity: [0.5\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(path)
+
+
+def test_empty_yaml_file(tmp_path):
+    with pytest.raises(RecipeError, match="needs a `pruning:` section"):
+        load_recipe(write(tmp_path, ""))
+
+
+def test_errors_from_a_file_name_the_file(tmp_path):
+    path = write(tmp_path, "pruning:\n  method: wanda\n  sparsity: 0.5\n  dampening: 0.1\n", "typo.yaml")
+    with pytest.raises(RecipeError, match=r"typo\.yaml: unknown key\(s\) for wanda: dampening"):
+        load_recipe(path)
+
+
+def test_missing_path_lists_builtin_recipes(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(RecipeError, match="is neither a file nor a built-in recipe") as error:
+        load_recipe(missing)
+    message = str(error.value)
+    assert "nope.yaml" in message
+    for name in BUILTINS:
+        assert name in message
+
+
+def test_unknown_builtin_name_lists_builtin_recipes():
+    with pytest.raises(RecipeError, match=r"'wanda-60' is neither a file nor a built-in recipe \(magnitude-2of4, "):
+        load_recipe("wanda-60")
+
+
+def test_a_directory_is_not_a_recipe(tmp_path):
+    with pytest.raises(RecipeError, match="neither a file nor a built-in recipe"):
+        load_recipe(tmp_path)
+
+
+# --- bad input found in review: each ends in a clear error ---------------------------------------------------
+
+
+def test_unhashable_method_is_a_recipe_error():
+    with pytest.raises(RecipeError, match="unknown method"):
+        recipe_from_dict({"pruning": {"method": ["wanda"], "sparsity": 0.5}})
+
+
+def test_empty_targets_list_is_rejected():
+    with pytest.raises(RecipeError, match="targets"):
+        recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5, "targets": []}})
+
+
+def test_unquoted_nm_pattern_in_yaml(tmp_path):
+    assert load_recipe(write(tmp_path, "pruning:\n  method: wanda\n  sparsity: 2:4\n")).pattern == (2, 4)
