@@ -42,8 +42,8 @@ def calib(workdir):
     return path
 
 
-def prune_args(model_dir, calib, output, *extra):
-    return ["prune", str(model_dir), "--recipe", "wanda-2of4", "--calibration", str(calib), "--output", str(output),
+def prune_args(model_dir, calib, output, *extra, recipe="wanda-2of4"):
+    return ["prune", str(model_dir), "--recipe", str(recipe), "--calibration", str(calib), "--output", str(output),
             "--device", "cpu", "-q", *extra]
 
 
@@ -132,8 +132,7 @@ def test_prune_with_text_calibration(tmp_path, model_dir):
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"word{i % 37} and more text" for i in range(60)))
     out = tmp_path / "out"
-    args = ["prune", str(model_dir), "--recipe", "magnitude-50", "--calibration", str(text), "--output", str(out),
-            "--device", "cpu", "-q"]
+    args = prune_args(model_dir, text, out, recipe="magnitude-50")
     assert main(args) == 0
     record = read_record(out)
     assert record["recipe"]["pruning"]["method"] == "magnitude"
@@ -145,8 +144,7 @@ def test_bad_recipe_file_fails_before_any_work(tmp_path, model_dir, calib, capsy
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("pruning:\n  method: wanda\n  sparsity: 1.5\n")
     out = tmp_path / "out"
-    args = ["prune", str(model_dir), "--recipe", str(recipe), "--calibration", str(calib), "--output", str(out),
-            "--device", "cpu", "-q"]
+    args = prune_args(model_dir, calib, out, recipe=recipe)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "error:" in err
@@ -170,8 +168,7 @@ def test_model_path_that_is_not_a_checkpoint(tmp_path, calib, capsys):
     not_a_model.mkdir()
     (not_a_model / "notes.txt").write_text("hello")
     out = tmp_path / "out"
-    assert main(["prune", str(not_a_model), "--recipe", "wanda-50", "--calibration", str(calib), "--output", str(out),
-                 "--device", "cpu", "-q"]) == 2
+    assert main(prune_args(not_a_model, calib, out, recipe="wanda-50")) == 2
     err = capsys.readouterr().err
     assert "error: could not load model" in err
     assert not out.exists()
@@ -191,8 +188,7 @@ def test_nm_pattern_that_does_not_divide_in_features(tmp_path, model_dir, calib,
     recipe = tmp_path / "odd.yaml"
     recipe.write_text('pruning:\n  method: wanda\n  sparsity: "3:7"\n')
     out = tmp_path / "out"
-    args = ["prune", str(model_dir), "--recipe", str(recipe), "--calibration", str(calib), "--output", str(out),
-            "--device", "cpu", "-q"]
+    args = prune_args(model_dir, calib, out, recipe=recipe)
     assert main(args) == 2
     assert "needs in_features divisible by 7" in capsys.readouterr().err
     assert not out.exists()
