@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
@@ -14,12 +23,16 @@ def tiny_model(kind: str = "llama", seed: int = 0):
     torch.manual_seed(seed)
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**TINY))
-    else:
+    elif kind == "mistral":
         model = MistralForCausalLM(MistralConfig(**TINY, sliding_window=16))
+    elif kind == "qwen2":  # biases on q/k/v
+        model = Qwen2ForCausalLM(Qwen2Config(**TINY))
+    else:  # qwen3: RMSNorm on queries and keys
+        model = Qwen3ForCausalLM(Qwen3Config(**TINY, head_dim=16))
     return model.eval()
 
 
-@pytest.fixture(params=["llama", "mistral"])
+@pytest.fixture(params=["llama", "mistral", "qwen2", "qwen3"])
 def model(request):
     return tiny_model(request.param)
 
