@@ -2,6 +2,7 @@
 
 A source is one of
   - "c4": the first 1,000 documents of C4 en shard 0 (the shard the papers calibrate on), bundled;
+    "allenai/c4": all of that shard from the Hugging Face Hub;
   - "wikitext2": WikiText-2 raw; its test split is bundled (evaluation); calibration on its train
     split needs the Hugging Face Hub;
   - a local file: .txt (one text), .jsonl / .jsonl.gz / .json (a "text" field per record), or .pt
@@ -87,6 +88,10 @@ def load_documents(source: str | Path, split: str = "train") -> list[str]:
             return _read_jsonl(_bundled(_C4))
         files = {"validation": "en/c4-validation.00000-of-00008.json.gz"}
         return _hub_texts("allenai/c4", "validation[:1100]", data_files=files)
+    if str(source) == "allenai/c4":  # the papers' full shard 0 (356k documents), not all of C4
+        if split == "train":
+            return _hub_texts("allenai/c4", "train", data_files={"train": "en/c4-train.00000-of-01024.json.gz"})
+        return load_documents("c4", split)
     if str(source) == "wikitext2":
         if split == "test":
             return wikitext2_rows(_bundled(_WIKITEXT2_TEST))
