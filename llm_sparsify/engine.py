@@ -80,6 +80,14 @@ def target_modules(model: PreTrainedModel, recipe: Recipe) -> list[dict[str, nn.
     return selected
 
 
+def home_device(module: nn.Module) -> torch.device:
+    """Where a module's tensors live now, so it can be put back there after its turn on the device."""
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 class _Captured(Exception):
     """Raised by the hook on layer 0 once its inputs are recorded, so the rest of the model never runs."""
 
@@ -103,6 +111,7 @@ def capture_layer_inputs(
         raise _Captured
 
     stem = [child for name, child in model.model.named_children() if name != "layers"]
+    homes = [home_device(module) for module in stem]
     for module in stem:  # embeddings, rotary embeddings, ...: what runs before layer 0
         module.to(device)
     handle = layers[0].register_forward_pre_hook(record, with_kwargs=True)
@@ -112,8 +121,8 @@ def capture_layer_inputs(
                 model(batch.to(device), use_cache=False)
     finally:
         handle.remove()
-        for module in stem:
-            module.to("cpu")
+        for module, home in zip(stem, homes, strict=True):
+            module.to(home)
     return hidden, kwargs
 
 
@@ -171,7 +180,7 @@ def prune_model(
     device: str | torch.device = "cpu",
     batch_size: int = 8,
 ) -> list[LayerReport]:
-    """Prune `model` in place, layer by layer on `device`; the model itself stays on the CPU.
+    """Prune `model` in place, layer by layer on `device`; each layer returns to where it was.
 
     `calibration` holds token ids [nsamples, seqlen]; magnitude pruning needs none.
     """
@@ -197,6 +206,7 @@ def prune_model(
         zip(tqdm(layers, desc=f"{recipe.method} {recipe.pattern_text}", unit="layer"), targets, strict=True)
     ):
         start = time.perf_counter()
+        home = home_device(layer)
         layer.to(device)
         stats = {}
         if modules and statistic is not None:
@@ -211,7 +221,7 @@ def prune_model(
         del stats
         if statistic is not None and i + 1 < len(layers):  # the pruned layer's outputs feed the next layer
             hidden = [_layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
-        layer.to("cpu")
+        layer.to(home)
         sparsity = {name: zero_share(module.weight) for name, module in modules.items()}
         reports.append(LayerReport(i, time.perf_counter() - start, sparsity))
     return reports

@@ -31,6 +31,7 @@ def perplexity(
         windows = min(windows, max_windows)
     if windows == 0:
         raise DataError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    home = next(model.parameters()).device
     model.to(device)
     total_nll, total_tokens = 0.0, 0
     for i in tqdm(range(windows), desc="perplexity", unit="window"):
@@ -39,5 +40,5 @@ def perplexity(
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1), reduction="sum")
         total_nll += nll.item()
         total_tokens += window.shape[1] - 1
-    model.to("cpu")
+    model.to(home)
     return math.exp(total_nll / total_tokens)
