@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from llm_sparsify.api import default_device, prune_checkpoint
+from llm_sparsify.api import default_calibration_size, default_device, prune_checkpoint
 from llm_sparsify.data import DataError, evaluation_ids
 from llm_sparsify.evaluate import perplexity
 from llm_sparsify.files import OutputExistsError
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _perplexity(model_name: str | None, dataset: str, seqlen: int | None, max_windows: int | None,
                 dtype: str | None, device: str) -> dict:
     model, tokenizer = load_model(model_name, dtype=DTYPES.get(dtype), device=device)
-    seqlen = seqlen or (512 if torch.device(device).type == "cpu" else 2048)
+    seqlen = seqlen or default_calibration_size(device)[1]
     ids = evaluation_ids(dataset, tokenizer)
     value = perplexity(model, ids, seqlen=seqlen, device=device, max_windows=max_windows)
     windows = min(ids.numel() // seqlen, max_windows or ids.numel())
