@@ -128,7 +128,7 @@ def calibration_ids(
     documents = [d for d in load_documents(source, "train") if d.strip()]
     if not documents:
         raise DataError(f"{source} holds no text")
-    encoded = [ids for ids in tokenizer(documents)["input_ids"]]
+    encoded = tokenizer(documents)["input_ids"]
     long_enough = [ids for ids in encoded if len(ids) > seqlen]
     rng = random.Random(seed)
     if long_enough:

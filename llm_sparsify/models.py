@@ -83,8 +83,8 @@ def build_default_model(path: Path) -> Path:
 
     # A GGUF-loaded model refuses save_pretrained: rebuild it as a plain LlamaForCausalLM.
     config = loaded.config
-    config.quantization_config = None
-    del config.quantization_config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     config.eos_token_id = eos_id
     config.pad_token_id = eos_id
     config.name_or_path = DEFAULT_MODEL
