@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from llm_sparsify.data import DataError
-from llm_sparsify.models import decoder_layers
+from llm_sparsify.models import decoder_layers, home_device
 from llm_sparsify.prune import STATISTIC, prune_weight
 from llm_sparsify.prune.magnitude import global_magnitude_threshold, prune_below
 from llm_sparsify.recipe import Recipe, RecipeError
@@ -78,14 +78,6 @@ def target_modules(model: PreTrainedModel, recipe: Recipe) -> list[dict[str, nn.
                 raise RecipeError(f"{recipe.pattern_text} needs in_features divisible by {m}; {name} has "
                                   f"{module.in_features} (leave it out with `ignore`)")
     return selected
-
-
-def home_device(module: nn.Module) -> torch.device:
-    """Where a module's tensors live now, so it can be put back there after its turn on the device."""
-    tensor = next(module.parameters(), None)
-    if tensor is None:
-        tensor = next(module.buffers(), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 class _Captured(Exception):

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from llm_sparsify.data import DataError
+from llm_sparsify.models import home_device
 
 
 @torch.no_grad()
@@ -31,7 +32,7 @@ def perplexity(
         windows = min(windows, max_windows)
     if windows == 0:
         raise DataError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    home = next(model.parameters()).device
+    home = home_device(model)
     model.to(device)
     total_nll, total_tokens = 0.0, 0
     for i in tqdm(range(windows), desc="perplexity", unit="window"):

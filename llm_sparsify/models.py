@@ -112,6 +112,14 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     return layers
 
 
+def home_device(module: nn.Module) -> torch.device:
+    """Where a module's tensors live now, so it can be put back there after its turn on the device."""
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 def default_dtype(device: str | torch.device) -> torch.dtype:
     """bfloat16 on accelerators, float32 on the CPU (where bf16 matmuls are slow and lossy)."""
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16

@@ -5,6 +5,8 @@ The engine only needs to know which statistic of a Linear's inputs a method read
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from llm_sparsify.prune.magnitude import prune_magnitude
@@ -18,7 +20,7 @@ STATISTIC: dict[str, str | None] = {"magnitude": None, "wanda": "column_norms", 
 
 
 def prune_weight(
-    method: str, weight: Tensor, stats: InputStatistics | None, pattern: Pattern, **options: float
+    method: str, weight: Tensor, stats: InputStatistics | None, pattern: Pattern, **options: Any
 ) -> Tensor:
     """Apply `method` to one weight matrix [out_features, in_features]."""
     if method == "magnitude":
