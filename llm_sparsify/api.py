@@ -13,14 +13,14 @@ import transformers
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from llm_sparsify import __version__
+from llm_sparsify import __version__, distributed
 from llm_sparsify.data import calibration_ids
-from llm_sparsify.engine import LayerReport, prune_model
-from llm_sparsify.export.hf import save_checkpoint
+from llm_sparsify.engine import LayerReport, prune_layers, prune_model
 from llm_sparsify.files import check_output
-from llm_sparsify.models import DEFAULT_MODEL, load_model
+from llm_sparsify.models import DEFAULT_MODEL, ModelError, default_dtype
 from llm_sparsify.prune import STATISTIC
 from llm_sparsify.recipe import Recipe, load_recipe
+from llm_sparsify.stream import PartialOutput, StreamedLayers, fingerprint, resolve_checkpoint, skeleton
 
 
 def default_device() -> str:
@@ -73,7 +73,11 @@ def prepare_calibration(
     default_n, default_len = default_calibration_size(device)
     source = "c4" if calibration is None else calibration
     if not isinstance(source, Tensor) and not str(source).endswith(".pt"):
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(model.name_or_path)
+        try:
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model.name_or_path)
+        except (OSError, ValueError) as error:
+            raise ModelError(f"{model.name_or_path} has no usable tokenizer for text calibration; give token ids "
+                             f"as a .pt LongTensor [nsamples, seqlen] instead ({error})") from error
     ids = calibration_ids(source, tokenizer, nsamples or default_n, seqlen or default_len, seed)
     name = "tensor" if isinstance(source, Tensor) else str(source)
     return ids, {"source": name, "nsamples": ids.shape[0], "seqlen": ids.shape[1], "seed": seed}
@@ -111,15 +115,37 @@ def prune_checkpoint(
     batch_size: int = 8,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Load a model, prune it, and save it to `output` with its record; return the record."""
+    """Prune a safetensors checkpoint from disk to disk, one decoder layer in memory at a time.
+
+    Every finished layer is written to `output`'s partial directory as it goes: killed and started
+    again with the same arguments, the run continues after the last finished layer. `dtype` is the
+    compute dtype; the output keeps the checkpoint's own. Under torchrun the work is shared by the
+    ranks (see llm_sparsify.distributed). Returns the record saved as llm_sparsify.json.
+    """
     recipe = load_recipe(recipe)
     output = Path(output)
     check_output(output, overwrite)  # before the work, not after
-    device = device or default_device()
-    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
+    device = distributed.init_from_environment(device) or default_device()
+    dtype = dtype or default_dtype(device)
+    checkpoint = resolve_checkpoint(model_name)
+    model = skeleton(checkpoint, dtype)
+    layers = StreamedLayers(model, checkpoint, dtype)
+    ids, calibration_info = prepare_calibration(model, recipe, calibration, None, device, nsamples, seqlen, seed)
+    rank, world_size = distributed.rank_and_size()
+    key = fingerprint(checkpoint, recipe.to_dict(), ids, dtype, batch_size, world_size)
+    shard_count = len(layers) + layers.other_tensor_count()
+    finished = None
+    if rank == 0:
+        layers.output = PartialOutput(output, key, shard_count, overwrite)
+        finished = layers.output.finished
+    finished = distributed.same_on_all_ranks(finished)
+    if rank != 0:
+        layers.output = PartialOutput(output, key, shard_count, overwrite, finished=finished)
+        layers.write = False
+
     start = time.perf_counter()
-    ids, calibration_info = prepare_calibration(model, recipe, calibration, tokenizer, device, nsamples, seqlen, seed)
-    reports = prune_model(model, recipe, ids, device=device, batch_size=batch_size)
+    own_ids = distributed.samples_of_this_rank(ids) if ids is not None else None
+    reports = prune_layers(model, layers, recipe, own_ids, device, batch_size, finished)
     record = {
         "llm_sparsify_version": __version__,
         "base_model": model_name or DEFAULT_MODEL,
@@ -127,12 +153,18 @@ def prune_checkpoint(
         "recipe": recipe.to_dict(),
         "calibration": calibration_info,
         "device": str(device),
-        "dtype": str(model.dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
+        "processes": world_size,
         "seconds": round(time.perf_counter() - start, 2),
+        "resumed_after_layers": len(finished),
         "sparsity": measured_sparsity(reports, model),
         "layers": [asdict(r) for r in reports],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
     }
-    save_checkpoint(model, tokenizer, output, record, overwrite=overwrite)
+    if torch.cuda.is_available() and torch.device(device).type == "cuda":
+        record["peak_device_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if rank == 0:
+        layers.output.finish(layers.copy_other_tensors(), checkpoint, record)
+    distributed.barrier()
     return record

@@ -3,9 +3,12 @@
     capture the inputs of decoder layer 0 (hidden states + every keyword the model passes it)
     for each decoder layer:
         onload it; run all samples through it while hooks accumulate input statistics
-        prune each target Linear from its statistics
+        prune each target Linear from its statistics; save it (streaming: write its shard)
         run all samples through the pruned layer: these are the next layer's inputs
         offload it
+
+Where a layer comes from and goes to is the job of a layer source: `ResidentLayers` for a model in
+memory, `llm_sparsify.stream.StreamedLayers` for a checkpoint read and written shard by shard.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import fnmatch
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from llm_sparsify import distributed
 from llm_sparsify.data import DataError
 from llm_sparsify.models import decoder_layers, home_device
 from llm_sparsify.prune import STATISTIC, prune_weight
@@ -84,28 +89,69 @@ class _Captured(Exception):
     """Raised by the hook on layer 0 once its inputs are recorded, so the rest of the model never runs."""
 
 
+class ResidentLayers:
+    """The decoder layers of a model held in memory: each visits the device for its turn and returns."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.layers = decoder_layers(model)
+        self.homes: dict[int, torch.device] = {}
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @contextlib.contextmanager
+    def stem(self, device: torch.device) -> Iterator[None]:
+        """What runs before layer 0 (embeddings, rotary embeddings, ...), on `device` for the capture."""
+        stem = [child for name, child in self.model.model.named_children() if name != "layers"]
+        homes = [home_device(module) for module in stem]
+        for module in stem:
+            module.to(device)
+        try:
+            yield
+        finally:
+            for module, home in zip(stem, homes, strict=True):
+                module.to(home)
+
+    def target_weights(self, targets: list[dict[str, nn.Linear]]) -> Iterator[Tensor]:
+        """Every target weight as it is before pruning (for global magnitude ranking)."""
+        return (module.weight for modules in targets for module in modules.values())
+
+    def load(self, index: int, device: torch.device) -> nn.Module:
+        layer = self.layers[index]
+        self.homes[index] = home_device(layer)
+        return layer.to(device)
+
+    def save(self, index: int, layer: nn.Module, report: LayerReport) -> None:
+        """Nothing to do: the pruned layer is the model's own."""
+
+    def unload(self, index: int, layer: nn.Module) -> None:
+        layer.to(self.homes.pop(index))
+
+
 @torch.no_grad()
 def capture_layer_inputs(
-    model: PreTrainedModel, calibration: Tensor, device: torch.device, batch_size: int
+    model: PreTrainedModel,
+    calibration: Tensor,
+    device: torch.device,
+    batch_size: int,
+    store: torch.device | None = None,
 ) -> tuple[list[Tensor], list[dict[str, Any]]]:
     """Hidden states and keyword arguments that decoder layer 0 receives, one entry per batch.
 
     Whatever keywords this transformers version passes (attention mask, position ids, rotary
-    embeddings, cache position, ...) are kept as they are, not from a fixed list.
+    embeddings, cache position, ...) are kept as they are, not from a fixed list. Hidden states
+    are kept on `store` (default: `device`). What runs before layer 0 must already be on `device`.
     """
     layers = decoder_layers(model)
     hidden, kwargs = [], []
 
     def record(module: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
         kw = dict(kw)
-        hidden.append(args[0] if args else kw.pop("hidden_states"))
+        hidden.append((args[0] if args else kw.pop("hidden_states")).to(store or device))
         kwargs.append(kw)
         raise _Captured
 
-    stem = [child for name, child in model.model.named_children() if name != "layers"]
-    homes = [home_device(module) for module in stem]
-    for module in stem:  # embeddings, rotary embeddings, ...: what runs before layer 0
-        module.to(device)
     handle = layers[0].register_forward_pre_hook(record, with_kwargs=True)
     try:
         for batch in calibration.split(batch_size):
@@ -113,18 +159,42 @@ def capture_layer_inputs(
                 model(batch.to(device), use_cache=False)
     finally:
         handle.remove()
-        for module, home in zip(stem, homes, strict=True):
-            module.to(home)
     return hidden, kwargs
+
+
+def activation_store(model: PreTrainedModel, calibration: Tensor, device: torch.device) -> torch.device:
+    """Keep the calibration activations on the device when they fit, else in host memory.
+
+    Inputs and outputs of a layer are alive together, so twice the hidden states must fit in half of
+    the device's free memory (the rest is for the layer and its statistics).
+    """
+    if device.type != "cuda":
+        return device
+    dtype_bytes = torch.finfo(model.dtype).bits // 8
+    needed = 2 * calibration.numel() * model.config.hidden_size * dtype_bytes
+    free, _ = torch.cuda.mem_get_info(device)
+    if needed <= free // 2:
+        return device
+    log.info("calibration activations (%.1f GiB) kept in host memory", needed / 2**30)
+    return torch.device("cpu")
 
 
 def _layer_output(output: Tensor | tuple) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def _forward(layer: nn.Module, hidden: Tensor, kwargs: dict, device: torch.device) -> Tensor:
+    return _layer_output(layer(hidden.to(device), **kwargs)).to(hidden.device)
+
+
 @torch.no_grad()
 def collect_statistics(
-    layer: nn.Module, modules: dict[str, nn.Linear], hidden: list[Tensor], kwargs: list[dict], hessian: bool
+    layer: nn.Module,
+    modules: dict[str, nn.Linear],
+    hidden: list[Tensor],
+    kwargs: list[dict],
+    hessian: bool,
+    device: torch.device | None = None,
 ) -> dict[str, InputStatistics]:
     """Run every batch through `layer`, accumulating input statistics of the given Linear modules.
 
@@ -152,7 +222,7 @@ def collect_statistics(
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
     try:
         for h, kw in zip(hidden, kwargs, strict=True):
-            layer(h, **kw)
+            layer(h.to(device or h.device), **kw)
             seen.clear()
     finally:
         for handle in handles:
@@ -164,7 +234,90 @@ def zero_share(weight: Tensor) -> float:
     return (weight == 0).sum().item() / weight.numel()
 
 
+def check_calibration(model: PreTrainedModel, calibration: Tensor | None, method: str) -> None:
+    if calibration is None or calibration.dim() != 2 or calibration.dtype != torch.long:
+        raise DataError(f"{method} needs calibration token ids as a LongTensor [nsamples, seqlen]")
+    vocab = model.get_input_embeddings().num_embeddings
+    if calibration.min() < 0 or calibration.max() >= vocab:
+        raise DataError(f"calibration token ids must lie in [0, {vocab}) for this model's vocabulary")
+
+
 @torch.no_grad()
+def prune_layers(
+    model: PreTrainedModel,
+    layers: ResidentLayers | Any,
+    recipe: Recipe,
+    calibration: Tensor | None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    finished: list[LayerReport] | None = None,
+) -> list[LayerReport]:
+    """Prune the decoder layers that `layers` hands out, one at a time on `device`.
+
+    `finished` holds the reports of layers already pruned by an earlier, interrupted run: those are
+    only run forward (from their saved, pruned weights) to rebuild the next layer's inputs.
+    Under torch.distributed each rank brings its share of `calibration` (see llm_sparsify.distributed).
+    """
+    device = torch.device(device)
+    targets = target_modules(model, recipe)
+    statistic = STATISTIC[recipe.method]
+    reports = list(finished or [])
+    if statistic is not None:
+        check_calibration(model, calibration, recipe.method)
+        store = activation_store(model, calibration, device)
+        with layers.stem(device):
+            hidden, kwargs = capture_layer_inputs(model, calibration, device, batch_size, store)
+
+    threshold = None
+    if recipe.method == "magnitude" and recipe.options.get("scope") == "global":
+        threshold = global_magnitude_threshold(lambda: layers.target_weights(targets), recipe.pattern)
+
+    rank, _ = distributed.rank_and_size()
+    progress = tqdm(total=len(layers), desc=f"{recipe.method} {recipe.pattern_text}", unit="layer",
+                    initial=len(reports), disable=rank != 0)
+    for i in range(len(layers)):
+        resumed = i < len(reports)
+        if resumed and statistic is None:
+            continue  # magnitude: no activations to rebuild
+        start = time.perf_counter()
+        layer = layers.load(i, device)
+        if not resumed:
+            stats = {}
+            if targets[i] and statistic is not None:
+                stats = collect_statistics(layer, targets[i], hidden, kwargs, statistic == "hessian", device)
+                distributed.sum_statistics(stats.values())
+            report = prune_modules(i, targets[i], stats, recipe, threshold)
+            del stats
+            layers.save(i, layer, report)
+        if statistic is not None and i + 1 < len(layers):  # the pruned layer's outputs feed the next layer
+            hidden = [_forward(layer, h, kw, device) for h, kw in zip(hidden, kwargs, strict=True)]
+        layers.unload(i, layer)
+        if not resumed:
+            report.seconds = round(time.perf_counter() - start, 3)
+            reports.append(report)
+            progress.update()
+    progress.close()
+    return reports
+
+
+def prune_modules(
+    index: int, modules: dict[str, nn.Linear], stats: dict[str, InputStatistics], recipe: Recipe,
+    threshold: float | None = None,
+) -> LayerReport:
+    """Prune one layer's target modules in place (under torch.distributed: this rank's share, then swap)."""
+    for j, (name, module) in enumerate(modules.items()):
+        if not distributed.is_mine(j):
+            continue
+        if threshold is not None:
+            module.weight.data = prune_below(module.weight.data, threshold)
+        else:
+            module.weight.data = prune_weight(
+                recipe.method, module.weight.data, stats.get(name), recipe.pattern, **recipe.options
+            )
+    distributed.share_pruned_weights(modules.values())
+    return LayerReport(index, 0.0, {name: zero_share(module.weight) for name, module in modules.items()})
+
+
 def prune_model(
     model: PreTrainedModel,
     recipe: Recipe,
@@ -172,48 +325,8 @@ def prune_model(
     device: str | torch.device = "cpu",
     batch_size: int = 8,
 ) -> list[LayerReport]:
-    """Prune `model` in place, layer by layer on `device`; each layer returns to where it was.
+    """Prune a model held in memory, in place, layer by layer on `device`; each layer returns to where it was.
 
     `calibration` holds token ids [nsamples, seqlen]; magnitude pruning needs none.
     """
-    device = torch.device(device)
-    layers = decoder_layers(model)
-    targets = target_modules(model, recipe)
-    statistic = STATISTIC[recipe.method]
-    if statistic is not None:
-        if calibration is None or calibration.dim() != 2 or calibration.dtype != torch.long:
-            raise DataError(f"{recipe.method} needs calibration token ids as a LongTensor [nsamples, seqlen]")
-        vocab = model.get_input_embeddings().num_embeddings
-        if calibration.min() < 0 or calibration.max() >= vocab:
-            raise DataError(f"calibration token ids must lie in [0, {vocab}) for this model's vocabulary")
-        hidden, kwargs = capture_layer_inputs(model, calibration, device, batch_size)
-
-    threshold = None
-    if recipe.method == "magnitude" and recipe.options.get("scope") == "global":
-        weights = [m.weight for modules in targets for m in modules.values()]
-        threshold = global_magnitude_threshold(weights, recipe.pattern)
-
-    reports = []
-    for i, (layer, modules) in enumerate(
-        zip(tqdm(layers, desc=f"{recipe.method} {recipe.pattern_text}", unit="layer"), targets, strict=True)
-    ):
-        start = time.perf_counter()
-        home = home_device(layer)
-        layer.to(device)
-        stats = {}
-        if modules and statistic is not None:
-            stats = collect_statistics(layer, modules, hidden, kwargs, hessian=statistic == "hessian")
-        for name, module in modules.items():
-            if threshold is not None:
-                module.weight.data = prune_below(module.weight.data, threshold)
-            else:
-                module.weight.data = prune_weight(
-                    recipe.method, module.weight.data, stats.get(name), recipe.pattern, **recipe.options
-                )
-        del stats
-        if statistic is not None and i + 1 < len(layers):  # the pruned layer's outputs feed the next layer
-            hidden = [_layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
-        layer.to(home)
-        sparsity = {name: zero_share(module.weight) for name, module in modules.items()}
-        reports.append(LayerReport(i, time.perf_counter() - start, sparsity))
-    return reports
+    return prune_layers(model, ResidentLayers(model), recipe, calibration, device, batch_size)

@@ -42,11 +42,17 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():  # overwrite: move the old one aside first so a crash here loses nothing
+    replace_directory(tmp, path)
+
+
+def replace_directory(finished: Path, path: Path) -> None:
+    """Rename the complete directory `finished` to `path`; an old `path` is moved aside first and removed
+    last, so a crash at any point leaves either the old or the new output, never a mix."""
+    if path.exists():
         old = path.with_name(f".{path.name}.old")
         _remove(old)
         path.rename(old)
-        tmp.rename(path)
+        finished.rename(path)
         _remove(old)
     else:
-        tmp.rename(path)
+        finished.rename(path)

@@ -78,7 +78,7 @@ def no_leftovers(directory) -> bool:
 
 def test_prune_writes_a_2of4_checkpoint(pruned, model_dir):
     assert_2of4(pruned)
-    for name in ("config.json", "model.safetensors", "tokenizer.json", RECORD):
+    for name in ("config.json", "model.safetensors.index.json", "tokenizer.json", RECORD):
         assert (pruned / name).exists(), name
     record = read_record(pruned)
     assert record["recipe_name"] == "wanda-2of4"
@@ -106,7 +106,7 @@ def test_prune_prints_a_summary(tmp_path, model_dir, calib, capsys):
 
 
 def test_prune_again_without_overwrite_is_refused(pruned, model_dir, calib, capsys):
-    before = (pruned / "model.safetensors").read_bytes()
+    before = {f.name: f.read_bytes() for f in pruned.glob("*.safetensors")}
     record = (pruned / RECORD).read_text()
     capsys.readouterr()
     assert main(prune_args(model_dir, calib, pruned)) == 2
@@ -114,7 +114,7 @@ def test_prune_again_without_overwrite_is_refused(pruned, model_dir, calib, caps
     assert "error:" in err
     assert "already exists" in err
     assert "--overwrite" in err
-    assert (pruned / "model.safetensors").read_bytes() == before
+    assert {f.name: f.read_bytes() for f in pruned.glob("*.safetensors")} == before
     assert (pruned / RECORD).read_text() == record
 
 

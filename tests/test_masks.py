@@ -86,8 +86,20 @@ def test_magnitude_local_and_global():
     torch.manual_seed(0)
     small, large = torch.randn(32, 32) * 0.1, torch.randn(32, 32)
     assert (prune_magnitude(large, 0.5) == 0).sum() == 512
-    threshold = global_magnitude_threshold([small, large], 0.5)
+    threshold = global_magnitude_threshold(lambda: [small, large], 0.5)
     zeros_small = (prune_below(small, threshold) == 0).sum().item()
     zeros_large = (prune_below(large, threshold) == 0).sum().item()
     assert zeros_small + zeros_large == 1024  # exactly half of all weights (no ties in random floats)
     assert zeros_small > 3 * zeros_large  # global ranking takes more from the small-weight layer
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.73, 0.99])
+def test_global_threshold_is_the_kth_smallest_magnitude(sparsity):
+    """Against the obvious reference: sort every |W| together and take the k-th."""
+    torch.manual_seed(1)
+    weights = [torch.randn(40, 24) * scale for scale in (0.01, 1.0, 30.0)] + [torch.zeros(8, 8)]
+    weights.append(torch.randn(16, 16).to(torch.bfloat16))
+    everything = torch.cat([w.abs().float().flatten() for w in weights]).sort().values
+    k = int(everything.numel() * sparsity)
+    expected = everything[k - 1].item() if k else 0.0
+    assert global_magnitude_threshold(lambda: iter(weights), sparsity) == expected

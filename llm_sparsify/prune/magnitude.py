@@ -6,6 +6,9 @@ target matrices of the model together, so layers with small weights lose more.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
+import torch
 from torch import Tensor
 
 from llm_sparsify.prune.masks import Pattern, select_mask
@@ -17,23 +20,34 @@ def prune_magnitude(weight: Tensor, pattern: Pattern) -> Tensor:
     return weight.masked_fill(mask, 0)
 
 
-def global_magnitude_threshold(weights: list[Tensor], sparsity: float, iterations: int = 64) -> float:
-    """The |W| at or below which a `sparsity` share of all the given weights lies.
+def global_magnitude_threshold(weights: Callable[[], Iterable[Tensor]], sparsity: float) -> float:
+    """The k-th smallest |W| over all weights that `weights()` yields, k = `sparsity` share of them.
 
-    Bisection on the count of weights below a candidate threshold: one pass over each matrix per
-    step and no concatenated copy, so memory stays at one matrix even for a 70B model.
+    Exact, in two passes over the weights and the memory of one matrix (so a 70B model can be read
+    from disk layer by layer): a histogram of the top 16 bits of |W| as float32 (exponent and 7
+    mantissa bits, which order non-negative floats like their values) finds the bucket holding the
+    k-th value; the second pass gathers that bucket's values and ranks them.
     """
-    total = sum(w.numel() for w in weights)
-    target = int(total * sparsity)
-    low, high = 0.0, max(w.detach().abs().max().item() for w in weights)
-    for _ in range(iterations):
-        middle = (low + high) / 2
-        below = sum(int((w.detach().abs() <= middle).sum()) for w in weights)
-        if below >= target:
-            high = middle
-        else:
-            low = middle
-    return high
+    histogram, total = torch.zeros(1 << 16, dtype=torch.long), 0
+    for weight in weights():
+        histogram += torch.bincount(_top_bits(weight), minlength=1 << 16).cpu()
+        total += weight.numel()
+    k = int(total * sparsity)
+    if k == 0:
+        return 0.0
+    cumulative = histogram.cumsum(0)
+    bucket = int(torch.searchsorted(cumulative, k))  # first bucket whose cumulative count reaches k
+    below = int(cumulative[bucket - 1]) if bucket else 0
+    in_bucket = [_magnitudes(w)[_top_bits(w) == bucket].cpu() for w in weights()]
+    return torch.cat(in_bucket).kthvalue(k - below).values.item()
+
+
+def _magnitudes(weight: Tensor) -> Tensor:
+    return weight.detach().abs().float().reshape(-1)
+
+
+def _top_bits(weight: Tensor) -> Tensor:
+    return _magnitudes(weight).view(torch.int32) >> 16
 
 
 def prune_below(weight: Tensor, threshold: float) -> Tensor:

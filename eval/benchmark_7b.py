@@ -1,0 +1,418 @@
+"""Benchmark `llm-sparsify prune` at real 7B-70B shapes on a random-weight sharded checkpoint.
+
+    python eval/benchmark_7b.py --layers 2                         # llama-2-7b shapes, 2 decoder layers, wanda-50
+    python eval/benchmark_7b.py --preset mistral-7b --layers 2 --recipes wanda-50,sparsegpt-50
+    python eval/benchmark_7b.py --generate-only                    # just build the full 32-layer llama-2-7b
+    python eval/benchmark_7b.py --device cuda --recipes wanda-50,sparsegpt-50 --nsamples 128 --seqlen 2048
+    python eval/benchmark_7b.py --tiny --load-check                # hidden small preset for development
+
+Steps:
+1. Build a checkpoint with the exact parameter shapes of the preset (random normal(0, 0.02) weights,
+   norm weights one) one decoder layer at a time, never the whole model in memory: one safetensors shard
+   per decoder layer plus one for embeddings/final norm/lm_head, `model.safetensors.index.json` and
+   `config.json`. It goes to a temporary directory renamed into place when complete, and is reused when
+   the same preset/layers/dtype/seed is already there (marker file `bench_model.json`). Random calibration
+   token ids [nsamples, seqlen] are saved as a .pt LongTensor beside it.
+   `llm-sparsify prune` loads a tokenizer before the model (llm_sparsify.models.load_model), so a
+   one-token WordLevel `tokenizer.json` is written too; `--no-tokenizer` leaves it out to see that fail.
+2. Run `llm-sparsify prune MODEL --recipe R --calibration ids.pt --output OUT --overwrite --device DEV` as a
+   subprocess per recipe (`python -m llm_sparsify.cli` with this checkout first on PYTHONPATH, so the code
+   measured is the code here): wall time and the child's own peak RSS (os.wait4), seconds per layer and peak
+   device memory (`peak_device_gib`, if the record has it) from OUT/llm_sparsify.json.
+3. Verify OUT tensor by tensor with safetensors.safe_open (never the whole model): targeted decoder-layer
+   Linear weights meet the recipe's sparsity (per row for Wanda), kept weights are unchanged for methods
+   without weight updates, every other tensor equals the input, and the weight map covers every parameter
+   of the model built from OUT's config on the meta device. `--load-check` also loads OUT with
+   from_pretrained and runs one short forward pass (needs RAM for the whole model).
+4. Print a table and one JSON line per recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig
+
+PRESETS = {
+    "llama-2-7b": (LlamaConfig, dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096,
+        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)),
+    # mistralai/Mistral-7B-v0.1's config.json: rope_theta 10000 and sliding_window 4096 (v0.2+ has 1e6 and null).
+    "mistral-7b": (MistralConfig, dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32000, rope_theta=10000.0, sliding_window=4096,
+        max_position_embeddings=32768, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)),
+    "llama-3-8b": (LlamaConfig, dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001)),
+    "llama-2-70b": (LlamaConfig, dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096,
+        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)),
+    # Hidden development preset: not real shapes, never for reported figures.
+    "tiny": (LlamaConfig, dict(
+        hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=8, vocab_size=1000, rope_theta=10000.0, max_position_embeddings=2048,
+        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)),
+}
+PUBLIC_PRESETS = [name for name in PRESETS if name != "tiny"]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+LAYER_TENSORS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"]
+STEM_TENSORS = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+REPO = Path(__file__).resolve().parents[1]
+MARKER, INDEX, RECORD = "bench_model.json", "model.safetensors.index.json", "llm_sparsify.json"
+NO_UPDATE_METHODS = {"wanda", "magnitude"}  # methods that only zero weights, never change the kept ones
+
+
+# ---------------------------------------------------------------- 1. the random checkpoint
+
+def build_config(preset: str, layers: int | None, dtype: str):
+    config_class, kwargs = PRESETS[preset]
+    kwargs = dict(kwargs, tie_word_embeddings=False, initializer_range=0.02, hidden_act="silu")
+    if layers:
+        kwargs["num_hidden_layers"] = layers
+    config = config_class(**kwargs)
+    config.dtype = dtype  # saved as "dtype" in config.json, what from_pretrained(dtype="auto") reads
+    return config
+
+
+def parameter_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter of the model the config describes, built on the meta device.
+
+    Checked against the names this script writes, so a transformers change fails here, not later.
+    """
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    expected = set(STEM_TENSORS) | {
+        f"model.layers.{i}.{part}.weight" for i in range(config.num_hidden_layers) for part in LAYER_TENSORS
+    }
+    if set(shapes) != expected:
+        raise SystemExit(f"{type(model).__name__} parameters differ from the expected names: "
+                         f"extra {sorted(set(shapes) - expected)[:5]}, missing {sorted(expected - set(shapes))[:5]}")
+    return shapes
+
+
+def shard_plan(num_layers: int) -> list[list[str]]:
+    """Tensor names per shard: embeddings/final norm/lm_head first, then one shard per decoder layer."""
+    return [STEM_TENSORS] + [[f"model.layers.{i}.{part}.weight" for part in LAYER_TENSORS] for i in range(num_layers)]
+
+
+def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Norm weights (the only 1-D parameters here) are ones; matrices are normal(0, 0.02)."""
+    if len(shape) == 1:
+        return torch.ones(shape, dtype=dtype)
+    return torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=generator)
+
+
+def write_tokenizer(directory: Path) -> None:
+    """A one-token WordLevel tokenizer: enough for AutoTokenizer.from_pretrained, never used for text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(directory)
+
+
+def write_checkpoint(directory: Path, config, dtype: torch.dtype, seed: int, tokenizer: bool) -> int:
+    """Write config, shards and index into `directory`, one shard in memory at a time; return total bytes."""
+    shapes = parameter_shapes(config)
+    plan = shard_plan(config.num_hidden_layers)
+    weight_map, total = {}, 0
+    for index, names in enumerate(plan):
+        generator = torch.Generator().manual_seed(seed * 100_003 + index)  # layer i's weights never depend on N
+        tensors = {name: random_tensor(shapes[name], dtype, generator) for name in names}
+        filename = f"model-{index + 1:05d}-of-{len(plan):05d}.safetensors"
+        save_file(tensors, str(directory / filename), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(names, filename))
+        del tensors
+        print(f"  shard {index + 1}/{len(plan)} written", end="\r", flush=True)
+    print()
+    index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
+    config.save_pretrained(directory)
+    if tokenizer:
+        write_tokenizer(directory)
+    return total
+
+
+def ensure_model(workdir: Path, preset: str, layers: int | None, dtype: str, seed: int,
+                 tokenizer: bool) -> tuple[Path, dict]:
+    """The random checkpoint for these settings: reused if complete, else generated atomically."""
+    config = build_config(preset, layers, dtype)
+    key = {"preset": preset, "layers": config.num_hidden_layers, "dtype": dtype, "seed": seed, "tokenizer": tokenizer}
+    name = f"{preset}-L{config.num_hidden_layers}-{dtype}-s{seed}" + ("" if tokenizer else "-notok")
+    path = workdir / name
+    marker = path / MARKER
+    if marker.exists():
+        info = json.loads(marker.read_text())
+        if {k: info.get(k) for k in key} == key:
+            print(f"reusing {path} (generated in {info['generate_s']} s, {info['bytes'] / 2**30:.2f} GiB)")
+            return path, dict(info, reused=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=workdir))
+    print(f"generating {name} in {tmp}")
+    start = time.perf_counter()
+    try:
+        total = write_checkpoint(tmp, config, DTYPES[dtype], seed, tokenizer)
+        info = dict(key, bytes=total, generate_s=round(time.perf_counter() - start, 1))
+        (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    print(f"generated {path}: {total / 2**30:.2f} GiB in {info['generate_s']} s")
+    return path, dict(info, reused=False)
+
+
+def ensure_calibration(workdir: Path, vocab: int, nsamples: int, seqlen: int, seed: int) -> Path:
+    """Seeded uniform random token ids [nsamples, seqlen] saved as a LongTensor (.pt)."""
+    path = workdir / f"calibration-v{vocab}-{nsamples}x{seqlen}-s{seed}.pt"
+    if not path.exists():
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab, (nsamples, seqlen), generator=generator, dtype=torch.long)
+        tmp = path.with_suffix(".partial")
+        torch.save(ids, tmp)
+        tmp.rename(path)
+    return path
+
+
+# ---------------------------------------------------------------- 2. the prune run
+
+def prune_command(model_dir: Path, recipe: str, calibration: Path, output: Path, device: str,
+                  prune_dtype: str | None) -> list[str]:
+    """`llm-sparsify prune ...`, run as `python -m llm_sparsify.cli` from this checkout (see child_env)."""
+    cmd = [sys.executable, "-m", "llm_sparsify.cli", "prune", str(model_dir), "--recipe", recipe,
+           "--calibration", str(calibration), "--output", str(output), "--overwrite", "--device", device]
+    return cmd + (["--dtype", prune_dtype] if prune_dtype else [])
+
+
+def child_env() -> dict[str, str]:
+    """The environment with this checkout first on PYTHONPATH, so the code measured is the code here
+    (not whatever an installed `llm-sparsify` script points at)."""
+    paths = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+
+
+def run_child(cmd: list[str], log_path: Path) -> tuple[int, float, float]:
+    """Run `cmd` with output to `log_path`; return (exit code, wall seconds, the child's own peak RSS in GiB)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env())
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage alone, not mixed with earlier runs
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, wall, usage.ru_maxrss / 2**20  # Linux reports KiB
+
+
+# ---------------------------------------------------------------- 3. verification, tensor by tensor
+
+def shard_map(directory: Path) -> dict[str, Path]:
+    """Tensor name -> file, from the index if the checkpoint is sharded, else from model.safetensors."""
+    index = directory / INDEX
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: directory / file for name, file in weight_map.items()}
+    single = directory / "model.safetensors"
+    with safe_open(str(single), "pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def is_target(name: str, recipe: dict) -> bool:
+    """Whether the recipe pruned this tensor: a decoder-layer Linear weight matching targets, not ignore."""
+    module = name.removesuffix(".weight")
+    if ".layers." not in module or not any(module.endswith(p) for p in LAYER_TENSORS[:7]):
+        return False
+
+    def matches(globs: list[str]) -> bool:
+        return any(fnmatch.fnmatchcase(module, glob) for glob in globs)
+
+    return matches(recipe.get("targets") or ["*"]) and not matches(recipe.get("ignore") or [])
+
+
+def meets_pattern(weight: torch.Tensor, recipe: dict) -> bool:
+    """Zeros as the recipe promises: N:M per group, per row for Wanda, else per matrix (rounding allowed)."""
+    zeros = weight == 0
+    sparsity = recipe["sparsity"]
+    if isinstance(sparsity, str) and ":" in sparsity:
+        n, m = (int(x) for x in sparsity.split(":"))
+        return bool((zeros.reshape(weight.shape[0], -1, m).sum(-1) >= m - n).all())
+    fraction = float(str(sparsity).rstrip("%")) / (100 if str(sparsity).endswith("%") else 1)
+    rows, cols = weight.shape
+    if recipe["method"] == "wanda":
+        return bool((zeros.sum(1) >= int(cols * fraction)).all())
+    return int(zeros.sum()) >= int(weight.numel() * fraction) - max(rows, cols)  # rounding per row or block
+
+
+def verify_output(output: Path, model_dir: Path, recipe: dict) -> dict:
+    """Check OUT against the input tensor by tensor; return the checks and the measured sparsity."""
+    checks: dict[str, bool] = {}
+    source, result = shard_map(model_dir), shard_map(output)
+    out_config, in_config = AutoConfig.from_pretrained(output), AutoConfig.from_pretrained(model_dir)
+    checks["config_matches"] = out_config.model_type == in_config.model_type and all(
+        getattr(out_config, key) == getattr(in_config, key)
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_key_value_heads", "vocab_size"))
+    checks["weight_map_covers_model"] = set(parameter_shapes(out_config)) == set(result) == set(source)
+    zeros, total, dtypes = 0, 0, set()
+    pattern_ok = kept_ok = untouched_ok = shapes_ok = True
+    keep_check = recipe["method"] in NO_UPDATE_METHODS
+    with contextlib.ExitStack() as stack:  # safetensors files are memory-mapped: open all, read one tensor at a time
+        files = {path: stack.enter_context(safe_open(str(path), "pt"))
+                 for path in set(source.values()) | set(result.values())}
+        for name in sorted(set(result) & set(source)):
+            out = files[result[name]].get_tensor(name)
+            ref = files[source[name]].get_tensor(name).to(out.dtype)  # widening (bf16 -> fp32) is exact
+            dtypes.add(str(out.dtype).removeprefix("torch."))
+            if out.shape != ref.shape:
+                shapes_ok = False
+            elif is_target(name, recipe):
+                zeros += int((out == 0).sum())
+                total += out.numel()
+                pattern_ok &= meets_pattern(out, recipe)
+                if keep_check:
+                    kept_ok &= torch.equal(torch.where(out == 0, 0, ref), out)
+            else:
+                untouched_ok &= torch.equal(out, ref)
+    checks.update(shapes_match=shapes_ok, sparsity_pattern=pattern_ok and total > 0, untouched_identical=untouched_ok)
+    if keep_check:
+        checks["kept_weights_unchanged"] = kept_ok
+    return {"checks": checks, "sparsity": zeros / total if total else None, "output_dtype": ",".join(sorted(dtypes))}
+
+
+def load_check(output: Path, calibration: Path) -> bool:
+    """Really load OUT with from_pretrained in its saved dtype and run a short forward pass."""
+    model = AutoModelForCausalLM.from_pretrained(output, dtype="auto")
+    ids = torch.load(calibration, weights_only=True)[:1, :16]
+    with torch.no_grad():
+        logits = model(ids).logits
+    ok = bool(torch.isfinite(logits).all())
+    del model
+    return ok
+
+
+# ---------------------------------------------------------------- 4. one benchmark run per recipe
+
+def benchmark_recipe(args: argparse.Namespace, recipe: str, model_dir: Path, model_info: dict,
+                     calibration: Path) -> dict:
+    output = args.workdir / "outputs" / f"{model_dir.name}-{recipe}"
+    cmd = prune_command(model_dir, recipe, calibration, output, args.device, args.prune_dtype)
+    log_path = args.workdir / "logs" / f"{model_dir.name}-{recipe}.log"
+    print(f"running: {' '.join(cmd)}  (log: {log_path})")
+    code, wall, rss = run_child(cmd, log_path)
+    row = {
+        "preset": model_info["preset"], "layers": model_info["layers"], "dtype": model_info["dtype"],
+        "recipe": recipe, "device": args.device, "calibration": f"{args.nsamples}x{args.seqlen}",
+        "exit_code": code, "wall_s": round(wall, 1), "peak_rss_gib": round(rss, 2),
+    }
+    if code != 0:
+        lines = log_path.read_text().strip().splitlines()
+        print(f"llm-sparsify exited with {code}; last lines of {log_path}:\n  " + "\n  ".join(lines[-5:]))
+        error = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else None)
+        return dict(row, checks_passed=False, error=error)
+    record = json.loads((output / RECORD).read_text())
+    seconds = [layer["seconds"] for layer in record.get("layers", [])]
+    verified = verify_output(output, model_dir, record["recipe"]["pruning"])
+    if args.load_check:
+        verified["checks"]["load_and_forward"] = load_check(output, calibration)
+    return dict(
+        row,
+        prune_s=record.get("seconds"),
+        per_layer_s={"mean": round(sum(seconds) / len(seconds), 2), "max": round(max(seconds), 2)} if seconds else None,
+        peak_device_gib=record.get("peak_device_gib"),
+        record_sparsity=round(record["sparsity"]["overall"], 4),
+        sparsity=round(verified["sparsity"], 4) if verified["sparsity"] is not None else None,
+        prune_dtype=record.get("dtype"), output_dtype=verified["output_dtype"],
+        output_gib=round(sum(f.stat().st_size for f in output.glob("*.safetensors")) / 2**30, 2),
+        checks=verified["checks"], checks_passed=all(verified["checks"].values()),
+    )
+
+
+def print_table(rows: list[dict]) -> None:
+    header = ["preset", "L", "dtype", "recipe", "calib", "wall s", "prune s", "layer s mean/max", "RSS GiB",
+              "dev GiB", "sparsity", "checks"]
+    lines = [header]
+    for r in rows:
+        per_layer = r.get("per_layer_s") or {}
+        lines.append([r["preset"], str(r["layers"]), r["dtype"], r["recipe"], r["calibration"], str(r["wall_s"]),
+                      str(r.get("prune_s")), f"{per_layer.get('mean')} / {per_layer.get('max')}",
+                      str(r["peak_rss_gib"]), str(r.get("peak_device_gib")), str(r.get("sparsity")),
+                      "pass" if r["checks_passed"] else "FAIL"])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=list(PRESETS), default="llama-2-7b", metavar="PRESET",
+                        help=f"architecture shapes: {', '.join(PUBLIC_PRESETS)} (default: llama-2-7b)")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
+                        help="checkpoint dtype (default: bfloat16)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights and calibration ids (default: 0)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/llm_sparsify_bench"),
+                        help="models, calibration, outputs and logs (default: /tmp/llm_sparsify_bench)")
+    parser.add_argument("--recipes", default="wanda-50", help="comma-separated recipes (default: wanda-50)")
+    parser.add_argument("--nsamples", type=int, default=8, help="calibration samples (default: 8)")
+    parser.add_argument("--seqlen", type=int, default=128, help="tokens per calibration sample (default: 128)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="--device for llm-sparsify (default: cuda if available, else cpu)")
+    parser.add_argument("--prune-dtype", choices=list(DTYPES), default=None,
+                        help="--dtype for llm-sparsify (default: not passed, i.e. its own default)")
+    parser.add_argument("--generate-only", action="store_true", help="build the checkpoint and calibration, stop")
+    parser.add_argument("--load-check", action="store_true",
+                        help="also load each output with from_pretrained and run a forward pass (needs RAM)")
+    parser.add_argument("--no-tokenizer", action="store_true",
+                        help="write no tokenizer.json (llm-sparsify prune currently fails without one)")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.preset = "tiny"
+    if args.layers is not None and args.layers < 1:
+        parser.error("--layers must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    model_dir, info = ensure_model(args.workdir, args.preset, args.layers, args.dtype, args.seed,
+                                   tokenizer=not args.no_tokenizer)
+    vocab = PRESETS[args.preset][1]["vocab_size"]
+    calibration = ensure_calibration(args.workdir, vocab, args.nsamples, args.seqlen, args.seed)
+    print(json.dumps({"model_dir": str(model_dir), "calibration": str(calibration),
+                      "generate_s": None if info["reused"] else info["generate_s"],
+                      "model_gib": round(info["bytes"] / 2**30, 2),
+                      "disk_gib": round(sum(f.stat().st_size for f in model_dir.iterdir()) / 2**30, 2)}))
+    if args.generate_only:
+        return 0
+    rows = [benchmark_recipe(args, recipe.strip(), model_dir, info, calibration)
+            for recipe in args.recipes.split(",") if recipe.strip()]
+    print_table(rows)
+    for row in rows:
+        print(json.dumps(row))
+    return 0 if all(row["checks_passed"] for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

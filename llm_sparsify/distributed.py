@@ -1,0 +1,93 @@
+"""Scale-out with torch.distributed (`torchrun --nproc-per-node N llm-sparsify prune ...`).
+
+Each rank runs the calibration samples of its own share through the layer; the statistics (column
+norms, Hessians) are summed over ranks; each rank prunes its share of the layer's modules and sends
+the results to all others, so every rank holds the same pruned layer and propagates its own samples.
+Rank 0 writes the output. With one process every function here is a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from llm_sparsify.data import DataError
+from llm_sparsify.stats import InputStatistics
+
+log = logging.getLogger(__name__)
+
+
+def rank_and_size() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when not running distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_environment(device: str | None) -> str | None:
+    """Join the process group that torchrun describes in the environment, if any.
+
+    Returns the device this rank should use: cuda:LOCAL_RANK when the job runs on GPUs, else `device`.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if on_gpu:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if on_gpu else "gloo")
+    log.info("rank %d of %d on %s", dist.get_rank(), dist.get_world_size(), device or "cpu")
+    return device
+
+
+def samples_of_this_rank(ids: Tensor) -> Tensor:
+    """This rank's contiguous share of the calibration samples [nsamples, seqlen]."""
+    rank, size = rank_and_size()
+    if ids.shape[0] < size:
+        raise DataError(f"{ids.shape[0]} calibration samples cannot be shared by {size} processes")
+    return torch.tensor_split(ids, size)[rank]
+
+
+def sum_statistics(stats: Iterable[InputStatistics]) -> None:
+    """Sum every distinct accumulator (shared ones once) over all ranks, in place."""
+    if rank_and_size()[1] == 1:
+        return
+    for accumulator in {id(s): s for s in stats}.values():
+        dist.all_reduce(accumulator.sum)
+        tokens = torch.tensor([accumulator.tokens], dtype=torch.long, device=accumulator.sum.device)
+        dist.all_reduce(tokens)
+        accumulator.tokens = int(tokens.item())
+
+
+def is_mine(index: int) -> bool:
+    """Whether this rank prunes the `index`-th module of a layer (round robin over ranks)."""
+    rank, size = rank_and_size()
+    return index % size == rank
+
+
+def share_pruned_weights(modules: Iterable[nn.Linear]) -> None:
+    """Send each module's pruned weight from the rank that pruned it to every other rank."""
+    _, size = rank_and_size()
+    if size == 1:
+        return
+    for index, module in enumerate(modules):
+        dist.broadcast(module.weight.data, src=index % size)
+
+
+def same_on_all_ranks(value: object) -> object:
+    """Rank 0's `value`, on every rank (e.g. where to resume)."""
+    if rank_and_size()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if rank_and_size()[1] > 1:
+        dist.barrier()

@@ -1,0 +1,279 @@
+"""Streaming a sharded safetensors checkpoint through the engine, one decoder layer in memory at a time.
+
+The model is a skeleton with its parameters on the meta device. Each layer's tensors are read from
+the input shards when its turn comes, pruned on the device, written to an output shard of its own,
+and dropped. The output grows in `.<name>.partial/` beside the final directory, with a progress file
+naming the finished layers, so a killed run started again with the same command continues from the
+last finished layer; the directory is renamed to its final name only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from llm_sparsify.engine import LayerReport
+from llm_sparsify.files import OutputExistsError, _remove, replace_directory
+from llm_sparsify.models import DEFAULT_MODEL, ModelError, decoder_layers, default_model_path
+
+log = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+PROGRESS = "progress.json"
+_NOT_COPIED = {INDEX, "model.safetensors", "README.md", ".gitattributes", "llm_sparsify.json"}
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def resolve_checkpoint(name_or_path: str | None) -> Path:
+    """A local checkpoint directory for a path, a Hub id (downloaded once) or None (the built-in default)."""
+    if name_or_path in (None, "", DEFAULT_MODEL):
+        return default_model_path()
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, allow_patterns=_HUB_FILES))
+    except Exception as error:  # offline, unknown repo, gated, a path that does not exist, ...
+        raise ModelError(f"{name_or_path!r} is neither a checkpoint directory nor a reachable Hub model: "
+                         f"{error}") from error
+
+
+def weight_map(checkpoint: Path) -> dict[str, str]:
+    """Tensor name -> shard file name of a safetensors checkpoint (sharded with an index, or one file)."""
+    if (checkpoint / INDEX).exists():
+        return json.loads((checkpoint / INDEX).read_text())["weight_map"]
+    if (checkpoint / "model.safetensors").exists():
+        with safe_open(checkpoint / "model.safetensors", "pt") as f:
+            return dict.fromkeys(f.keys(), "model.safetensors")
+    raise ModelError(f"{checkpoint} has no safetensors weights (model.safetensors or {INDEX}); "
+                     "convert it first, e.g. load and save_pretrained it with transformers")
+
+
+def read_tensors(checkpoint: Path, files: dict[str, str], names: list[str]) -> dict[str, Tensor]:
+    """The named tensors, read from their shards (each shard opened once, and closed after)."""
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    tensors = {}
+    for file, file_names in by_file.items():
+        with safe_open(checkpoint / file, "pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in file_names})
+    return tensors
+
+
+def skeleton(checkpoint: Path, dtype: torch.dtype) -> PreTrainedModel:
+    """The model's modules with parameters on the meta device: shapes and names, no memory."""
+    try:
+        config = AutoConfig.from_pretrained(checkpoint)
+        with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) computed for real
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelError(f"could not load model {str(checkpoint)!r}: {error}") from error
+    decoder_layers(model)
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+def _place(module: nn.Module, tensors: dict[str, Tensor], device: torch.device, dtype: torch.dtype) -> None:
+    """Put checkpoint tensors into a meta module's parameters (floating ones cast to `dtype`)."""
+    for name, tensor in tensors.items():
+        owner, _, leaf = name.rpartition(".")
+        sub = module.get_submodule(owner)
+        tensor = tensor.to(device, dtype if tensor.is_floating_point() else tensor.dtype)
+        if leaf in sub._parameters:
+            sub._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            sub._buffers[leaf] = tensor
+    for sub in module.modules():  # buffers not stored in the checkpoint (e.g. rotary frequencies)
+        for key, buffer in sub._buffers.items():
+            if buffer is not None and not buffer.is_meta:
+                sub._buffers[key] = buffer.to(device)
+
+
+def _drop(module: nn.Module, names: list[str]) -> None:
+    """Return the named parameters to the meta device, freeing their memory."""
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        sub = module.get_submodule(owner)
+        target = sub._parameters if leaf in sub._parameters else sub._buffers
+        target[leaf] = torch.empty_like(target[leaf], device="meta")
+
+
+class PartialOutput:
+    """An output directory under construction: one shard per finished layer and a progress file."""
+
+    def __init__(self, output: Path, fingerprint: dict[str, Any], shard_count: int, overwrite: bool,
+                 finished: list[LayerReport] | None = None) -> None:
+        """Open (or continue) the partial output. Under torch.distributed, ranks other than 0 only read
+        it: they pass the `finished` layers that rank 0 found."""
+        self.output = output
+        self.path = output.with_name(f".{output.name}.partial")
+        self.fingerprint = fingerprint
+        self.shard_count = shard_count
+        self.finished: list[LayerReport] = []
+        if finished is not None:
+            self.finished = list(finished)
+            return
+        progress = self.path / PROGRESS
+        if progress.exists():
+            saved = json.loads(progress.read_text())
+            if saved["fingerprint"] == fingerprint:
+                self.finished = [LayerReport(**r) for r in saved["layers"]]
+                log.info("resuming %s after %d finished layers", output, len(self.finished))
+            elif overwrite:
+                _remove(self.path)
+            else:
+                changed = sorted(k for k in fingerprint if saved["fingerprint"].get(k) != fingerprint[k])
+                raise OutputExistsError(
+                    f"{self.path} holds an unfinished run with other settings ({', '.join(changed)}); run "
+                    "its command again to finish it, or pass --overwrite to start over")
+        elif self.path.exists():
+            _remove(self.path)  # killed before its first layer: nothing to keep
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def shard_name(self, number: int) -> str:
+        return f"model-{number + 1:05d}-of-{self.shard_count:05d}.safetensors"
+
+    def write_shard(self, number: int, tensors: dict[str, Tensor]) -> None:
+        """Write a shard under a temporary name and rename it, so no half-written shard ever exists."""
+        tmp = self.path / f"{self.shard_name(number)}.tmp"
+        save_file({name: t.contiguous() for name, t in tensors.items()}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, self.path / self.shard_name(number))
+
+    def layer_done(self, report: LayerReport) -> None:
+        self.finished.append(report)
+        state = {"fingerprint": self.fingerprint, "layers": [vars(r) for r in self.finished]}
+        tmp = self.path / f"{PROGRESS}.tmp"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.path / PROGRESS)
+
+    def finish(self, files: dict[str, str], source: Path, record: dict[str, Any]) -> Path:
+        """Index, config, tokenizer and record; then rename into place."""
+        total = sum((self.path / f).stat().st_size for f in set(files.values()))
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(files.items()))}
+        (self.path / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        for item in source.iterdir():  # config, generation config, tokenizer, chat template, ...
+            if item.is_file() and item.name not in _NOT_COPIED and not item.name.endswith(".safetensors"):
+                shutil.copy(item, self.path / item.name)
+        (self.path / "llm_sparsify.json").write_text(json.dumps(record, indent=2) + "\n")
+        (self.path / PROGRESS).unlink()
+        replace_directory(self.path, self.output)
+        return self.output
+
+
+class StreamedLayers:
+    """Decoder layers read from a checkpoint's shards when their turn comes; pruned ones written out.
+
+    Layers already finished by an interrupted run are read back from the partial output, so the
+    activations rebuilt from them are those of the uninterrupted run.
+    """
+
+    def __init__(self, model: PreTrainedModel, checkpoint: Path, dtype: torch.dtype) -> None:
+        self.model, self.checkpoint, self.dtype = model, checkpoint, dtype
+        self.output: PartialOutput | None = None  # where pruned layers go (set once the shard count is known)
+        self.write = True  # False on ranks other than 0, which read the output but never write it
+        self.files = weight_map(checkpoint)
+        layers = decoder_layers(model)
+        self.prefix = next(name for name, module in model.named_modules() if module is layers)
+        self.layers = layers
+        self.names = [list(layer.state_dict()) for layer in layers]  # per layer, e.g. "mlp.up_proj.weight"
+        missing = [f"{self.prefix}.{i}.{n}" for i, names in enumerate(self.names) for n in names
+                   if f"{self.prefix}.{i}.{n}" not in self.files]
+        if missing:
+            raise ModelError(f"{checkpoint} lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
+        self.stored: dict[str, torch.dtype] = {}
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def _read(self, index: int) -> dict[str, Tensor]:
+        full = [f"{self.prefix}.{index}.{n}" for n in self.names[index]]
+        if self.output is not None and index < len(self.output.finished):
+            source, files = self.output.path, dict.fromkeys(full, self.output.shard_name(index))
+        else:
+            source, files = self.checkpoint, self.files
+        tensors = read_tensors(source, files, full)
+        return {name.removeprefix(f"{self.prefix}.{index}."): t for name, t in tensors.items()}
+
+    @contextlib.contextmanager
+    def stem(self, device: torch.device) -> Iterator[None]:
+        """Embeddings (and whatever else runs before layer 0) on `device` for the capture, then dropped."""
+        base, _, layers = self.prefix.rpartition(".")  # "model", "layers"
+        owner = self.model.get_submodule(base)
+        names = [n for n, _ in owner.named_parameters() if not n.startswith(f"{layers}.")]
+        tensors = read_tensors(self.checkpoint, self.files, [f"{base}.{n}" for n in names])
+        _place(owner, {n.removeprefix(f"{base}."): t for n, t in tensors.items()}, device, self.dtype)
+        del tensors
+        try:
+            yield
+        finally:
+            _drop(owner, names)
+
+    def target_weights(self, targets: list[dict[str, nn.Linear]]) -> Iterator[Tensor]:
+        """Every target weight as stored in the checkpoint, one at a time."""
+        for modules in targets:
+            for name in modules:
+                yield read_tensors(self.checkpoint, self.files, [f"{name}.weight"])[f"{name}.weight"]
+
+    def load(self, index: int, device: torch.device) -> nn.Module:
+        tensors = self._read(index)
+        self.stored = {name: t.dtype for name, t in tensors.items()}
+        layer = self.layers[index]
+        _place(layer, tensors, device, self.dtype)
+        return layer
+
+    def save(self, index: int, layer: nn.Module, report: LayerReport) -> None:
+        """Write the pruned layer in the checkpoint's own dtypes; the layer keeps exactly those values,
+        so the activations it passes on are the ones a resumed run rebuilds from the shard."""
+        tensors = {}
+        for name, tensor in layer.state_dict().items():
+            stored = tensor.to("cpu", self.stored[name])
+            tensors[f"{self.prefix}.{index}.{name}"] = stored
+            if stored.dtype != tensor.dtype:
+                tensor.copy_(stored)
+        if self.output is not None and self.write:
+            self.output.write_shard(index, tensors)
+            self.output.layer_done(report)
+
+    def unload(self, index: int, layer: nn.Module) -> None:
+        _drop(layer, self.names[index])
+
+    def copy_other_tensors(self) -> dict[str, str]:
+        """Copy every tensor outside the decoder layers (embeddings, norm, lm_head) to a shard of its own;
+        return the complete weight map of the output."""
+        files = {f"{self.prefix}.{i}.{n}": self.output.shard_name(i)
+                 for i, names in enumerate(self.names) for n in names}
+        others = sorted(n for n in self.files if not n.startswith(f"{self.prefix}."))
+        for number, name in enumerate(others, start=len(self.layers)):
+            self.output.write_shard(number, read_tensors(self.checkpoint, self.files, [name]))
+            files[name] = self.output.shard_name(number)
+        return files
+
+    def other_tensor_count(self) -> int:
+        return sum(1 for n in self.files if not n.startswith(f"{self.prefix}."))
+
+
+def fingerprint(checkpoint: Path, recipe: dict, calibration: Tensor | None, dtype: torch.dtype,
+                batch_size: int, world_size: int) -> dict[str, Any]:
+    """What must match for a partial output to be continued: same model, recipe, tokens and numerics."""
+    digest = None
+    if calibration is not None:
+        digest = hashlib.sha256(calibration.contiguous().numpy().tobytes()).hexdigest()
+    return {"model": str(checkpoint.resolve()), "recipe": recipe, "calibration_sha256": digest,
+            "dtype": str(dtype).removeprefix("torch."), "batch_size": batch_size, "world_size": world_size}
