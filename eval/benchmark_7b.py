@@ -169,6 +169,7 @@ def ensure_model(workdir: Path, preset: str, layers: int | None, dtype: str, see
             return path, dict(info, reused=True)
     workdir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=workdir))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the model is an ordinary directory
     print(f"generating {name} in {tmp}")
     start = time.perf_counter()
     try:

@@ -132,7 +132,7 @@ def prune_checkpoint(
     layers = StreamedLayers(model, checkpoint, dtype)
     ids, calibration_info = prepare_calibration(model, recipe, calibration, None, device, nsamples, seqlen, seed)
     rank, world_size = distributed.rank_and_size()
-    key = fingerprint(checkpoint, recipe.to_dict(), ids, dtype, batch_size, world_size)
+    key = fingerprint(checkpoint, recipe.to_dict(), ids, dtype, batch_size)
     shard_count = len(layers) + layers.other_tensor_count()
     finished = None
     if rank == 0:
@@ -144,7 +144,7 @@ def prune_checkpoint(
         layers.write = False
 
     start = time.perf_counter()
-    own_ids = distributed.samples_of_this_rank(ids) if ids is not None else None
+    own_ids = distributed.samples_of_this_rank(ids, batch_size) if ids is not None else None
     reports = prune_layers(model, layers, recipe, own_ids, device, batch_size, finished)
     record = {
         "llm_sparsify_version": __version__,

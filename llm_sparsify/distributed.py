@@ -45,12 +45,18 @@ def init_from_environment(device: str | None) -> str | None:
     return device
 
 
-def samples_of_this_rank(ids: Tensor) -> Tensor:
-    """This rank's contiguous share of the calibration samples [nsamples, seqlen]."""
+def samples_of_this_rank(ids: Tensor, batch_size: int) -> Tensor:
+    """This rank's contiguous share of the calibration samples [nsamples, seqlen], in whole batches.
+
+    Whole batches, so that every sample meets the same neighbours in a forward pass as in one process.
+    """
     rank, size = rank_and_size()
-    if ids.shape[0] < size:
-        raise DataError(f"{ids.shape[0]} calibration samples cannot be shared by {size} processes")
-    return torch.tensor_split(ids, size)[rank]
+    batches = ids.split(batch_size)
+    if len(batches) < size:
+        raise DataError(f"{len(batches)} calibration batches ({ids.shape[0]} samples of batch size {batch_size}) "
+                        f"cannot be shared by {size} processes; use more samples or a smaller --batch-size")
+    share = torch.tensor_split(torch.arange(len(batches)), size)[rank]
+    return torch.cat([batches[i] for i in share.tolist()])
 
 
 def sum_statistics(stats: Iterable[InputStatistics]) -> None:

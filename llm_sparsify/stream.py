@@ -270,10 +270,10 @@ class StreamedLayers:
 
 
 def fingerprint(checkpoint: Path, recipe: dict, calibration: Tensor | None, dtype: torch.dtype,
-                batch_size: int, world_size: int) -> dict[str, Any]:
+                batch_size: int) -> dict[str, Any]:
     """What must match for a partial output to be continued: same model, recipe, tokens and numerics."""
     digest = None
     if calibration is not None:
         digest = hashlib.sha256(calibration.contiguous().numpy().tobytes()).hexdigest()
     return {"model": str(checkpoint.resolve()), "recipe": recipe, "calibration_sha256": digest,
-            "dtype": str(dtype).removeprefix("torch."), "batch_size": batch_size, "world_size": world_size}
+            "dtype": str(dtype).removeprefix("torch."), "batch_size": batch_size}
