@@ -71,18 +71,19 @@ def sum_statistics(stats: Iterable[InputStatistics]) -> None:
 
 
 def is_mine(index: int) -> bool:
-    """Whether this rank prunes the `index`-th module of a layer (round robin over ranks)."""
+    """Whether this rank prunes the `index`-th group of a layer's modules (round robin over ranks)."""
     rank, size = rank_and_size()
     return index % size == rank
 
 
-def share_pruned_weights(modules: Iterable[nn.Linear]) -> None:
-    """Send each module's pruned weight from the rank that pruned it to every other rank."""
+def share_pruned_weights(groups: list[list[nn.Linear]]) -> None:
+    """Send each group's pruned weights from the rank that pruned them (see is_mine) to every other rank."""
     _, size = rank_and_size()
     if size == 1:
         return
-    for index, module in enumerate(modules):
-        dist.broadcast(module.weight.data, src=index % size)
+    for index, modules in enumerate(groups):
+        for module in modules:
+            dist.broadcast(module.weight.data, src=index % size)
 
 
 def same_on_all_ranks(value: object) -> object:

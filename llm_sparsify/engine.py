@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 from llm_sparsify import distributed
 from llm_sparsify.data import DataError
 from llm_sparsify.models import decoder_layers, home_device
-from llm_sparsify.prune import STATISTIC, prune_weight
+from llm_sparsify.prune import STATISTIC, prune_weights
 from llm_sparsify.prune.magnitude import global_magnitude_threshold, prune_below
 from llm_sparsify.recipe import Recipe, RecipeError
 from llm_sparsify.stats import InputStatistics
@@ -86,7 +86,7 @@ def target_modules(model: PreTrainedModel, recipe: Recipe) -> list[dict[str, nn.
 
 
 class _Captured(Exception):
-    """Raised by the hook on layer 0 once its inputs are recorded, so the rest of the model never runs."""
+    """Raised by a hook once the inputs it waits for are recorded, so the rest of the forward never runs."""
 
 
 class ResidentLayers:
@@ -199,31 +199,38 @@ def collect_statistics(
     """Run every batch through `layer`, accumulating input statistics of the given Linear modules.
 
     Modules called on the very same input tensor (q/k/v; gate/up) share one accumulator, so the
-    work and memory are spent once per distinct input.
+    work and memory are spent once per distinct input. Each forward stops as soon as every module
+    has seen its input: the last module's own product and whatever follows it are never computed.
     """
     stats: dict[str, InputStatistics] = {}
     shares: dict[str, str] = {}  # module -> module whose statistics it shares
     seen: dict[int, tuple[Tensor, str]] = {}  # inputs already accumulated in the current forward
+    called: set[str] = set()  # modules reached in the current forward
 
     def hook(name: str):
         def accumulate(module: nn.Module, args: tuple) -> None:
             x = args[0]
+            called.add(name)
             first = seen.get(id(x))
             if first is not None and first[0] is x:
                 shares[name] = first[1]
-                return
-            seen[id(x)] = (x, name)
-            if name not in stats:
-                stats[name] = InputStatistics(x.shape[-1], hessian, x.device)
-            stats[name].add(x)
+            else:
+                seen[id(x)] = (x, name)
+                if name not in stats:
+                    stats[name] = InputStatistics(x.shape[-1], hessian, x.device)
+                stats[name].add(x)
+            if len(called) == len(modules):  # the rest of the layer (e.g. down_proj) is not needed
+                raise _Captured
 
         return accumulate
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
     try:
         for h, kw in zip(hidden, kwargs, strict=True):
-            layer(h.to(device or h.device), **kw)
+            with contextlib.suppress(_Captured):
+                layer(h.to(device or h.device), **kw)
             seen.clear()
+            called.clear()
     finally:
         for handle in handles:
             handle.remove()
@@ -304,17 +311,25 @@ def prune_modules(
     index: int, modules: dict[str, nn.Linear], stats: dict[str, InputStatistics], recipe: Recipe,
     threshold: float | None = None,
 ) -> LayerReport:
-    """Prune one layer's target modules in place (under torch.distributed: this rank's share, then swap)."""
-    for j, (name, module) in enumerate(modules.items()):
-        if not distributed.is_mine(j):
+    """Prune one layer's target modules in place, modules that share an input together.
+
+    Under torch.distributed each rank prunes its share of these groups, then all swap results.
+    """
+    groups: dict[int | str, list[str]] = {}  # modules reading the same input (same statistics object)
+    for name in modules:
+        groups.setdefault(id(stats[name]) if name in stats else name, []).append(name)
+    groups_list = list(groups.values())
+    for g, names in enumerate(groups_list):
+        if not distributed.is_mine(g):
             continue
+        weights = [modules[name].weight.data for name in names]
         if threshold is not None:
-            module.weight.data = prune_below(module.weight.data, threshold)
+            pruned = [prune_below(w, threshold) for w in weights]
         else:
-            module.weight.data = prune_weight(
-                recipe.method, module.weight.data, stats.get(name), recipe.pattern, **recipe.options
-            )
-    distributed.share_pruned_weights(modules.values())
+            pruned = prune_weights(recipe.method, weights, stats.get(names[0]), recipe.pattern, **recipe.options)
+        for name, weight in zip(names, pruned, strict=True):
+            modules[name].weight.data = weight
+    distributed.share_pruned_weights([[modules[name] for name in names] for names in groups_list])
     return LayerReport(index, 0.0, {name: zero_share(module.weight) for name, module in modules.items()})
 
 

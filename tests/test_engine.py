@@ -77,6 +77,24 @@ def test_modules_reading_the_same_input_share_statistics(calibration):
     assert isinstance(down, InputStatistics) and down.sum.shape == (128, 128)
 
 
+def test_statistics_forward_stops_once_every_module_has_its_input(calibration):
+    """down_proj's own product is not needed for statistics: it is never computed."""
+    model = tiny_model()
+    hidden, kwargs = capture_layer_inputs(model, calibration, torch.device("cpu"), 3)
+    layer = decoder_layers(model)[0]
+    calls = []
+    layer.mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    stats = collect_statistics(layer, linears, hidden, kwargs, hessian=False)
+    assert calls == []
+    down_inputs = []
+    layer.mlp.down_proj.register_forward_pre_hook(lambda m, args: down_inputs.append(args[0].reshape(-1, 128)))
+    for h, kw in zip(hidden, kwargs, strict=True):
+        layer(h, **kw)
+    expected = torch.cat(down_inputs).norm(dim=0)
+    assert torch.allclose(stats["mlp.down_proj"].column_norms(), expected, rtol=1e-5)
+
+
 @pytest.mark.parametrize("recipe", ["magnitude-50", "wanda-50", "sparsegpt-50", "wanda-2of4", "sparsegpt-2of4"])
 def test_every_target_is_pruned_and_nothing_else(model, calibration, recipe):
     before = {n: p.clone() for n, p in model.named_parameters()}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llm_sparsify.prune.magnitude import prune_magnitude
-from llm_sparsify.prune.sparsegpt import prune_sparsegpt
+from llm_sparsify.prune.sparsegpt import prune_sparsegpt, prune_sparsegpt_together
 from llm_sparsify.prune.wanda import prune_wanda
 from llm_sparsify.stats import InputStatistics
 
@@ -80,3 +80,20 @@ def test_statistics_hessian_and_column_norms_agree():
     assert torch.allclose(norms_only.column_norms(), flat.norm(dim=0), atol=1e-5)
     with pytest.raises(ValueError, match="column norms only"):
         norms_only.hessian()
+
+
+@pytest.mark.parametrize("pattern", [0.5, (2, 4)])
+def test_sparsegpt_on_stacked_weights_equals_one_by_one(pattern):
+    """q/k/v share one Hessian: one factorization and one sweep over their stacked rows changes nothing,
+    each weight still choosing its unstructured mask among its own rows."""
+    torch.manual_seed(0)
+    x = correlated_inputs()
+    stats = InputStatistics(64, hessian=True, device="cpu")
+    stats.add(x)
+    weights = [torch.randn(48, 64), torch.randn(16, 64) * 5, torch.randn(16, 64) * 0.1]  # unequal scales
+    together = prune_sparsegpt_together(weights, stats.hessian(), pattern, blocksize=32)
+    for weight, pruned in zip(weights, together, strict=True):
+        alone = prune_sparsegpt(weight, stats.hessian(), pattern, blocksize=32)
+        assert torch.equal(pruned == 0, alone == 0)
+        assert torch.allclose(pruned, alone, rtol=1e-5, atol=1e-6)
+        assert (pruned == 0).float().mean() == 0.5  # each weight keeps its own share, whatever its scale

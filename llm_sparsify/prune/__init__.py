@@ -11,7 +11,7 @@ from torch import Tensor
 
 from llm_sparsify.prune.magnitude import prune_magnitude
 from llm_sparsify.prune.masks import Pattern
-from llm_sparsify.prune.sparsegpt import prune_sparsegpt
+from llm_sparsify.prune.sparsegpt import prune_sparsegpt, prune_sparsegpt_together
 from llm_sparsify.prune.wanda import prune_wanda
 from llm_sparsify.stats import InputStatistics
 
@@ -30,3 +30,13 @@ def prune_weight(
     if method == "sparsegpt":
         return prune_sparsegpt(weight, stats.hessian(), pattern, **options)
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(STATISTIC)}")
+
+
+def prune_weights(
+    method: str, weights: list[Tensor], stats: InputStatistics | None, pattern: Pattern, **options: Any
+) -> list[Tensor]:
+    """Apply `method` to weights that read the same input (q/k/v; gate/up), sharing what can be shared:
+    SparseGPT factorizes their Hessian once and sweeps their stacked rows together."""
+    if method == "sparsegpt":
+        return prune_sparsegpt_together(weights, stats.hessian(), pattern, **options)
+    return [prune_weight(method, weight, stats, pattern, **options) for weight in weights]

@@ -39,9 +39,19 @@ def prune_sparsegpt(
     weight: Tensor, hessian: Tensor, pattern: Pattern, blocksize: int = 128, dampening: float = 0.01
 ) -> Tensor:
     """The pruned and OBS-updated weight (same shape and dtype), computed in float32 on weight.device."""
-    W = weight.detach().float().clone()
+    return prune_sparsegpt_together([weight], hessian, pattern, blocksize, dampening)[0]
+
+
+def prune_sparsegpt_together(
+    weights: list[Tensor], hessian: Tensor, pattern: Pattern, blocksize: int = 128, dampening: float = 0.01
+) -> list[Tensor]:
+    """SparseGPT on weights that read the same input (q/k/v, gate/up): one factorization of H and one
+    sweep over their stacked rows. Rows are independent given H⁻¹, and each weight still chooses its
+    unstructured mask among its own rows, so the result equals pruning them one by one."""
+    rows = [w.shape[0] for w in weights]
+    W = torch.cat([w.detach().float() for w in weights])
     H = hessian.detach().float().to(W.device).clone()
-    rows, columns = W.shape
+    columns = W.shape[1]
 
     dead = H.diagonal() == 0  # inputs that were always zero: prune them, keep H invertible
     H[dead, dead] = 1
@@ -57,18 +67,18 @@ def prune_sparsegpt(
         if isinstance(pattern, tuple):
             n, m = pattern
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        else:  # saliency w²/[H⁻¹]²_qq, lowest `sparsity` share of the whole block
-            mask1 = unstructured_mask(W1**2 / d**2, pattern, per_row=False)
+        else:  # saliency w²/[H⁻¹]²_qq, lowest `sparsity` share of each weight's part of the block
+            saliency = W1**2 / d**2
+            mask1 = torch.cat([unstructured_mask(part, pattern, per_row=False) for part in saliency.split(rows)])
 
         for i in range(i2 - i1):
             if isinstance(pattern, tuple) and i % m == 0:
                 mask1[:, i : i + m] = nm_mask(W1[:, i : i + m] ** 2 / d[i : i + m] ** 2, n, m)
-            w = W1[:, i]
-            err = w.masked_fill(~mask1[:, i], 0) / d[i]  # (w − q) / [H⁻¹]_qq
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            err = W1[:, i] * mask1[:, i] / d[i]  # (w − q) / [H⁻¹]_qq
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
 
         W[:, i1:i2] = W1.masked_fill(mask1, 0)
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the columns after this block
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # lazy batch update of the columns after this block
 
-    return W.to(weight.dtype)
+    return [part.to(w.dtype) for part, w in zip(W.split(rows), weights, strict=True)]
