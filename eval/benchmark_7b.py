@@ -12,9 +12,10 @@ Steps:
    per decoder layer plus one for embeddings/final norm/lm_head, `model.safetensors.index.json` and
    `config.json`. It goes to a temporary directory renamed into place when complete, and is reused when
    the same preset/layers/dtype/seed is already there (marker file `bench_model.json`). Random calibration
-   token ids [nsamples, seqlen] are saved as a .pt LongTensor beside it.
-   `llm-sparsify prune` loads a tokenizer before the model (llm_sparsify.models.load_model), so a
-   one-token WordLevel `tokenizer.json` is written too; `--no-tokenizer` leaves it out to see that fail.
+   token ids [nsamples, seqlen] are saved as a .pt LongTensor beside it. No tokenizer is written (a random
+   model has none and `llm-sparsify prune` needs none with .pt calibration); `--tokenizer` adds a one-token
+   WordLevel tokenizer.json for llm-sparsify versions that load a tokenizer unconditionally (before the
+   streaming rewrite, prune failed with "could not load model ...: Couldn't instantiate the backend tokenizer").
 2. Run `llm-sparsify prune MODEL --recipe R --calibration ids.pt --output OUT --overwrite --device DEV` as a
    subprocess per recipe (`python -m llm_sparsify.cli` with this checkout first on PYTHONPATH, so the code
    measured is the code here): wall time and the child's own peak RSS (os.wait4), seconds per layer and peak
@@ -159,7 +160,7 @@ def ensure_model(workdir: Path, preset: str, layers: int | None, dtype: str, see
     """The random checkpoint for these settings: reused if complete, else generated atomically."""
     config = build_config(preset, layers, dtype)
     key = {"preset": preset, "layers": config.num_hidden_layers, "dtype": dtype, "seed": seed, "tokenizer": tokenizer}
-    name = f"{preset}-L{config.num_hidden_layers}-{dtype}-s{seed}" + ("" if tokenizer else "-notok")
+    name = f"{preset}-L{config.num_hidden_layers}-{dtype}-s{seed}" + ("-tok" if tokenizer else "")
     path = workdir / name
     marker = path / MARKER
     if marker.exists():
@@ -385,8 +386,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--generate-only", action="store_true", help="build the checkpoint and calibration, stop")
     parser.add_argument("--load-check", action="store_true",
                         help="also load each output with from_pretrained and run a forward pass (needs RAM)")
-    parser.add_argument("--no-tokenizer", action="store_true",
-                        help="write no tokenizer.json (llm-sparsify prune currently fails without one)")
+    parser.add_argument("--tokenizer", action="store_true",
+                        help="also write a one-token tokenizer.json (for llm-sparsify versions that require one)")
     args = parser.parse_args(argv)
     if args.tiny:
         args.preset = "tiny"
@@ -398,7 +399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model_dir, info = ensure_model(args.workdir, args.preset, args.layers, args.dtype, args.seed,
-                                   tokenizer=not args.no_tokenizer)
+                                   tokenizer=args.tokenizer)
     vocab = PRESETS[args.preset][1]["vocab_size"]
     calibration = ensure_calibration(args.workdir, vocab, args.nsamples, args.seqlen, args.seed)
     print(json.dumps({"model_dir": str(model_dir), "calibration": str(calibration),

@@ -2,8 +2,11 @@
 
     python eval/benchmark_prune.py                                  # wanda-50 on SmolLM2-135M, CPU
     python eval/benchmark_prune.py --recipe sparsegpt-2of4 --nsamples 128 --seqlen 2048 --device cuda
+    python eval/benchmark_prune.py --streamed                       # disk to disk, as `llm-sparsify prune`
 
-Prints one line of JSON, so later speed work can compare against this baseline.
+Prints one line of JSON, so later speed work can compare against this baseline. In memory (the
+default) times `compress` on a loaded model; --streamed times `prune_checkpoint`, which reads and
+writes the checkpoint layer by layer (writing included).
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import tempfile
 import time
 
 import torch
 
-from llm_sparsify import load_model, load_recipe
+from llm_sparsify import load_model, load_recipe, prune_checkpoint
 from llm_sparsify.api import default_device
 from llm_sparsify.data import calibration_ids
 from llm_sparsify.engine import prune_model
@@ -33,6 +37,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=default_device())
+    parser.add_argument("--streamed", action="store_true", help="time prune_checkpoint, disk to disk")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -42,12 +47,20 @@ def main() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    reports = prune_model(model, load_recipe(args.recipe), calibration, args.device, args.batch_size)
+    if args.streamed:
+        del model
+        with tempfile.TemporaryDirectory() as tmp:
+            record = prune_checkpoint(args.model, args.recipe, f"{tmp}/out", calibration, device=args.device,
+                                      batch_size=args.batch_size)
+        per_layer = [layer["seconds"] for layer in record["layers"]]
+    else:
+        reports = prune_model(model, load_recipe(args.recipe), calibration, args.device, args.batch_size)
+        per_layer = [r.seconds for r in reports]
     seconds = time.perf_counter() - start
-    per_layer = [r.seconds for r in reports]
     print(json.dumps({
         "model": args.model or "SmolLM2-135M-Instruct",
         "recipe": args.recipe,
+        "mode": "streamed" if args.streamed else "in memory",
         "calibration": f"{args.nsamples}x{args.seqlen}",
         "device": args.device,
         "threads": torch.get_num_threads(),

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import torch
 
+from llm_sparsify import distributed
 from llm_sparsify.api import default_calibration_size, default_device, prune_checkpoint
 from llm_sparsify.data import DataError, evaluation_ids
 from llm_sparsify.evaluate import perplexity
@@ -27,7 +29,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="where layers run: cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="model dtype (default: bfloat16 on an accelerator, float32 on the CPU)")
+                        help="compute dtype (default: bfloat16 on an accelerator, float32 on the CPU); a pruned "
+                        "checkpoint keeps the dtype of its base")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result")
 
 
@@ -42,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser(
         "prune", help="prune a model with a recipe and save the pruned checkpoint",
         description="Prune MODEL with RECIPE and write a Hugging Face checkpoint (safetensors, tokenizer, "
-        "config, llm_sparsify.json with the recipe and measured sparsity per module) to OUTPUT.",
+        "config, llm_sparsify.json with the recipe and measured sparsity per module) to OUTPUT. The model is "
+        "streamed from its safetensors shards one decoder layer at a time and each finished layer is written "
+        "at once: if the run is killed, the same command continues from the last finished layer. Under "
+        "torchrun the processes share the work.",
     )
     prune.add_argument("model", nargs="?", default=None,
                        help=f"local checkpoint or Hub id (default: the built-in {DEFAULT_MODEL}, "
@@ -60,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens per calibration sample (default: 2048 on an accelerator, 512 on the CPU)")
     prune.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default: 0)")
     prune.add_argument("--batch-size", type=int, default=8, help="calibration samples per layer forward (default: 8)")
-    prune.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    prune.add_argument("--overwrite", action="store_true",
+                       help="replace an existing output directory, or start over an unfinished run made with "
+                       "other settings")
     prune.add_argument("--ppl", action="store_true",
                        help="also print WikiText-2 perplexity of the base and the pruned model")
     prune.add_argument("--ppl-windows", type=int, default=64,
@@ -106,6 +114,8 @@ def run_prune(args: argparse.Namespace) -> None:
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
         overwrite=args.overwrite,
     )
+    if distributed.rank_and_size()[0] != 0:  # under torchrun, rank 0 reports
+        return
     print(f"pruned {record['base_model']} with {record['recipe_name']} in {record['seconds']:.1f} s: "
           f"{record['sparsity']['overall']:.2%} of the targeted weights are zero")
     print(f"saved to {output}")
@@ -129,8 +139,9 @@ def run_eval(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
-    if args.quiet:
+    quiet = args.quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 speaks
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
+    if quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -140,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llm-sparsify: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("llm-sparsify: interrupted; nothing was written", file=sys.stderr)
+        hint = "; the same command continues from the last finished layer" if args.command == "prune" else ""
+        print(f"llm-sparsify: interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        distributed.leave()
     return 0
 
 

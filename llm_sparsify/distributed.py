@@ -98,3 +98,9 @@ def same_on_all_ranks(value: object) -> object:
 def barrier() -> None:
     if rank_and_size()[1] > 1:
         dist.barrier()
+
+
+def leave() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
