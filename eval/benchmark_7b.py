@@ -12,10 +12,8 @@ Steps:
    per decoder layer plus one for embeddings/final norm/lm_head, `model.safetensors.index.json` and
    `config.json`. It goes to a temporary directory renamed into place when complete, and is reused when
    the same preset/layers/dtype/seed is already there (marker file `bench_model.json`). Random calibration
-   token ids [nsamples, seqlen] are saved as a .pt LongTensor beside it. No tokenizer is written (a random
-   model has none and `llm-sparsify prune` needs none with .pt calibration); `--tokenizer` adds a one-token
-   WordLevel tokenizer.json for llm-sparsify versions that load a tokenizer unconditionally (before the
-   streaming rewrite, prune failed with "could not load model ...: Couldn't instantiate the backend tokenizer").
+   token ids [nsamples, seqlen] are saved as a .pt LongTensor beside it. No tokenizer is written: a random
+   model has none, and `llm-sparsify prune` needs none with .pt calibration.
 2. Run `llm-sparsify prune MODEL --recipe R --calibration ids.pt --output OUT --overwrite --device DEV` as a
    subprocess per recipe (`python -m llm_sparsify.cli` with this checkout first on PYTHONPATH, so the code
    measured is the code here): wall time and the child's own peak RSS (os.wait4), seconds per layer and peak
@@ -122,17 +120,7 @@ def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.G
     return torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=generator)
 
 
-def write_tokenizer(directory: Path) -> None:
-    """A one-token WordLevel tokenizer: enough for AutoTokenizer.from_pretrained, never used for text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(directory)
-
-
-def write_checkpoint(directory: Path, config, dtype: torch.dtype, seed: int, tokenizer: bool) -> int:
+def write_checkpoint(directory: Path, config, dtype: torch.dtype, seed: int) -> int:
     """Write config, shards and index into `directory`, one shard in memory at a time; return total bytes."""
     shapes = parameter_shapes(config)
     plan = shard_plan(config.num_hidden_layers)
@@ -150,17 +138,14 @@ def write_checkpoint(directory: Path, config, dtype: torch.dtype, seed: int, tok
     index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
     config.save_pretrained(directory)
-    if tokenizer:
-        write_tokenizer(directory)
     return total
 
 
-def ensure_model(workdir: Path, preset: str, layers: int | None, dtype: str, seed: int,
-                 tokenizer: bool) -> tuple[Path, dict]:
+def ensure_model(workdir: Path, preset: str, layers: int | None, dtype: str, seed: int) -> tuple[Path, dict]:
     """The random checkpoint for these settings: reused if complete, else generated atomically."""
     config = build_config(preset, layers, dtype)
-    key = {"preset": preset, "layers": config.num_hidden_layers, "dtype": dtype, "seed": seed, "tokenizer": tokenizer}
-    name = f"{preset}-L{config.num_hidden_layers}-{dtype}-s{seed}" + ("-tok" if tokenizer else "")
+    key = {"preset": preset, "layers": config.num_hidden_layers, "dtype": dtype, "seed": seed}
+    name = f"{preset}-L{config.num_hidden_layers}-{dtype}-s{seed}"
     path = workdir / name
     marker = path / MARKER
     if marker.exists():
@@ -174,7 +159,7 @@ def ensure_model(workdir: Path, preset: str, layers: int | None, dtype: str, see
     print(f"generating {name} in {tmp}")
     start = time.perf_counter()
     try:
-        total = write_checkpoint(tmp, config, DTYPES[dtype], seed, tokenizer)
+        total = write_checkpoint(tmp, config, DTYPES[dtype], seed)
         info = dict(key, bytes=total, generate_s=round(time.perf_counter() - start, 1))
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
     except BaseException:
@@ -386,8 +371,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--generate-only", action="store_true", help="build the checkpoint and calibration, stop")
     parser.add_argument("--load-check", action="store_true",
                         help="also load each output with from_pretrained and run a forward pass (needs RAM)")
-    parser.add_argument("--tokenizer", action="store_true",
-                        help="also write a one-token tokenizer.json (for llm-sparsify versions that require one)")
     args = parser.parse_args(argv)
     if args.tiny:
         args.preset = "tiny"
@@ -398,8 +381,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    model_dir, info = ensure_model(args.workdir, args.preset, args.layers, args.dtype, args.seed,
-                                   tokenizer=args.tokenizer)
+    model_dir, info = ensure_model(args.workdir, args.preset, args.layers, args.dtype, args.seed)
     vocab = PRESETS[args.preset][1]["vocab_size"]
     calibration = ensure_calibration(args.workdir, vocab, args.nsamples, args.seqlen, args.seed)
     print(json.dumps({"model_dir": str(model_dir), "calibration": str(calibration),
