@@ -58,10 +58,10 @@ MISMATCHES = [
     "k+1 (or more on ties) weights per block (its sparsity is a hair above 50%); llm_sparsify removes exactly k.",
     "sparsegpt: llm-compressor falls back to H^-1 = I if the Cholesky fails; llm_sparsify raises the "
     "dampening tenfold (up to 5 times) instead (neither triggers on this model).",
-    "statistics: llm-compressor accumulates each Linear's own running mean, rescaled every batch "
-    "(H *= n/(n+b)); llm_sparsify one plain sum per distinct input (q/k/v share one, gate/up share one), "
+    "statistics: llm-compressor keeps each Linear's own float32 running mean, rescaled every batch "
+    "(H *= n/(n+b)); llm_sparsify one float64 sum per distinct input (q/k/v share one, gate/up share one), "
     "scaled once. Equal up to float rounding, which flips a few near-tied choices that compound over layers "
-    "(Wanda 50%, 4x128: masks identical in layers 0-1, 0.1-0.7% of entries differ in layers 15-29).",
+    "(one check, Wanda 50%, 4x128: masks identical in layers 0-1, 0.1-0.7% of entries differ in layers 15-29).",
     "calibration forward: llm-compressor forces eager attention while calibrating (its traced graph bakes in "
     "an explicit causal-mask add); llm_sparsify runs the model's own attention (sdpa). Same maths, different "
     "kernel: a speed difference at long seqlen and float noise. Its attention_mask of ones is harmless: "
