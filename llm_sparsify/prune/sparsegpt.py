@@ -49,6 +49,9 @@ def prune_sparsegpt_together(
     sweep over their stacked rows. Rows are independent given H⁻¹, and each weight still chooses its
     unstructured mask among its own rows, so the result equals pruning them one by one."""
     rows = [w.shape[0] for w in weights]
+    # Updates inside a block are applied lazily too, every `step` columns (a multiple of M, so an N:M
+    # group always sees up-to-date weights): the same arithmetic as column by column, in fewer passes.
+    step = 32 if not isinstance(pattern, tuple) else pattern[1] * max(1, 32 // pattern[1])
     W = torch.cat([w.detach().float() for w in weights])
     H = hessian.detach().float().to(W.device).clone()
     columns = W.shape[1]
@@ -71,12 +74,15 @@ def prune_sparsegpt_together(
             saliency = W1**2 / d**2
             mask1 = torch.cat([unstructured_mask(part, pattern, per_row=False) for part in saliency.split(rows)])
 
-        for i in range(i2 - i1):
-            if isinstance(pattern, tuple) and i % m == 0:
-                mask1[:, i : i + m] = nm_mask(W1[:, i : i + m] ** 2 / d[i : i + m] ** 2, n, m)
-            err = W1[:, i] * mask1[:, i] / d[i]  # (w − q) / [H⁻¹]_qq
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-            Err1[:, i] = err
+        for j1 in range(0, i2 - i1, step):  # column by column, in sub-blocks of `step` columns
+            j2 = min(j1 + step, i2 - i1)
+            for i in range(j1, j2):
+                if isinstance(pattern, tuple) and i % m == 0:
+                    mask1[:, i : i + m] = nm_mask(W1[:, i : i + m] ** 2 / d[i : i + m] ** 2, n, m)
+                err = W1[:, i] * mask1[:, i] / d[i]  # (w − q) / [H⁻¹]_qq
+                W1[:, i:j2].addr_(err, Hinv1[i, i:j2], alpha=-1)
+                Err1[:, i] = err
+            W1[:, j2:].addmm_(Err1[:, j1:j2], Hinv1[j1:j2, j2:], alpha=-1)  # the rest of the block, at once
 
         W[:, i1:i2] = W1.masked_fill(mask1, 0)
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # lazy batch update of the columns after this block
