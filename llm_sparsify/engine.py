@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +87,17 @@ def target_modules(model: PreTrainedModel, recipe: Recipe) -> list[dict[str, nn.
 
 class _Captured(Exception):
     """Raised by a hook once the inputs it waits for are recorded, so the rest of the forward never runs."""
+
+
+class LayerSource(Protocol):
+    """Where decoder layers come from and go to: ResidentLayers (in memory) or stream.StreamedLayers (disk)."""
+
+    def __len__(self) -> int: ...
+    def stem(self, device: torch.device) -> contextlib.AbstractContextManager[None]: ...
+    def target_weights(self, targets: list[dict[str, nn.Linear]]) -> Iterator[Tensor]: ...
+    def load(self, index: int, device: torch.device) -> nn.Module: ...
+    def save(self, index: int, layer: nn.Module, report: LayerReport) -> None: ...
+    def unload(self, index: int, layer: nn.Module) -> None: ...
 
 
 class ResidentLayers:
@@ -252,7 +263,7 @@ def check_calibration(model: PreTrainedModel, calibration: Tensor | None, method
 @torch.no_grad()
 def prune_layers(
     model: PreTrainedModel,
-    layers: ResidentLayers | Any,
+    layers: LayerSource,
     recipe: Recipe,
     calibration: Tensor | None,
     device: str | torch.device = "cpu",

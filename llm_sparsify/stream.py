@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 PROGRESS = "progress.json"
-_NOT_COPIED = {INDEX, "model.safetensors", "README.md", ".gitattributes", "llm_sparsify.json"}
+_NOT_COPIED = {"README.md", ".gitattributes", "llm_sparsify.json"}  # besides weights and their indexes
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
@@ -169,7 +170,7 @@ class PartialOutput:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(files.items()))}
         (self.path / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         for item in source.iterdir():  # config, generation config, tokenizer, chat template, ...
-            if item.is_file() and item.name not in _NOT_COPIED and not item.name.endswith(".safetensors"):
+            if item.is_file() and item.name not in _NOT_COPIED and not item.name.endswith(_WEIGHTS):
                 shutil.copy(item, self.path / item.name)
         (self.path / "llm_sparsify.json").write_text(json.dumps(record, indent=2) + "\n")
         (self.path / PROGRESS).unlink()

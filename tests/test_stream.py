@@ -185,3 +185,13 @@ def test_two_processes_give_the_same_checkpoint_as_one(resumable, recipe):
     assert first.keys() == second.keys()
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+def test_other_weight_files_beside_the_shards_are_not_copied(tmp_path, calibration):
+    checkpoint = save_sharded(tiny_model(), tmp_path / "in")
+    torch.save({}, checkpoint / "pytorch_model.bin")  # e.g. a repo that ships both formats
+    (checkpoint / "README.md").write_text("the base model's card")
+    prune_checkpoint(str(checkpoint), "wanda-50", tmp_path / "out", calibration, device="cpu")
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "pytorch_model.bin" not in names and "README.md" not in names
+    assert {"config.json", "generation_config.json", "llm_sparsify.json"} <= names
