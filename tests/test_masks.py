@@ -103,3 +103,16 @@ def test_global_threshold_is_the_kth_smallest_magnitude(sparsity):
     k = int(everything.numel() * sparsity)
     expected = everything[k - 1].item() if k else 0.0
     assert global_magnitude_threshold(lambda: iter(weights), sparsity) == expected
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.7])
+def test_unstructured_mask_equals_a_stable_sort_with_ties(per_row, sparsity):
+    """Many equal scores: the lowest k go, equal ones in order of position, exactly as a stable sort."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (12, 40), generator=g).float()  # heavy ties
+    flat = scores if per_row else scores.reshape(1, -1)
+    k = int(flat.shape[1] * sparsity)
+    expected = torch.zeros_like(flat, dtype=torch.bool)
+    expected.scatter_(1, torch.sort(flat, dim=1, stable=True).indices[:, :k], True)
+    assert torch.equal(unstructured_mask(scores, sparsity, per_row), expected.reshape(scores.shape))
