@@ -17,18 +17,23 @@ def unstructured_mask(scores: Tensor, sparsity: float, per_row: bool = True) -> 
     """Remove the int(sparsity·count) lowest scores of each row (per_row) or of the whole matrix.
 
     Ties break by position, as a stable sort would, so the result is deterministic. A selection
-    (k-th value) rather than a full sort: about 3.5x faster on a 7B-sized matrix.
+    (k-th value) rather than a full sort, a few thousand rows at a time: about 3.5x faster than
+    sorting a 7B-sized matrix, in a fraction of the scratch memory.
     """
     flat = scores if per_row else scores.reshape(1, -1)
     k = int(flat.shape[1] * sparsity)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
     if k == 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    kth = flat.kthvalue(k, dim=1, keepdim=True).values
-    below, ties = flat < kth, flat == kth
-    room = k - below.sum(1, keepdim=True)  # how many of the values equal to the k-th still go
-    if torch.equal(ties.sum(1, keepdim=True), room):  # the usual case: every tie goes
-        return (below | ties).reshape(scores.shape)
-    return (below | (ties & (ties.cumsum(1) <= room))).reshape(scores.shape)
+        return mask.reshape(scores.shape)
+    rows = max(1, (1 << 24) // flat.shape[1])
+    for part, out in zip(flat.split(rows), mask.split(rows), strict=True):
+        kth = part.kthvalue(k, dim=1, keepdim=True).values
+        below, ties = part < kth, part == kth
+        room = k - below.sum(1, keepdim=True)  # how many of the values equal to the k-th still go
+        if not torch.equal(ties.sum(1, keepdim=True), room):  # unusual: only the first `room` ties go
+            ties &= ties.cumsum(1) <= room
+        out.copy_(below | ties)
+    return mask.reshape(scores.shape)
 
 
 def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
