@@ -309,11 +309,11 @@ def prune_layers(
             layers.save(i, layer, report)
         if statistic is not None and i + 1 < len(layers):  # the pruned layer's outputs feed the next layer
             hidden = [_forward(layer, h, kw, device) for h, kw in zip(hidden, kwargs, strict=True)]
-        layers.unload(i, layer)
         if not resumed:
             report.seconds = round(time.perf_counter() - start, 3)
             reports.append(report)
             progress.update()
+        layers.unload(i, layer)
     progress.close()
     return reports
 

@@ -199,6 +199,7 @@ class StreamedLayers:
         if missing:
             raise ModelError(f"{checkpoint} lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
         self.stored: dict[str, torch.dtype] = {}
+        self.pending: LayerReport | None = None  # saved, not yet recorded in the progress file
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -250,10 +251,15 @@ class StreamedLayers:
                 tensor.copy_(stored)
         if self.output is not None and self.write:
             self.output.write_shard(index, tensors)
-            self.output.layer_done(report)
+            self.pending = report
 
     def unload(self, index: int, layer: nn.Module) -> None:
+        """Free the layer; a layer pruned in this run is recorded as finished now that its time is known
+        (killed before this, the layer is simply done again)."""
         _drop(layer, self.names[index])
+        if self.pending is not None:
+            self.output.layer_done(self.pending)
+            self.pending = None
 
     def copy_other_tensors(self) -> dict[str, str]:
         """Copy every tensor outside the decoder layers (embeddings, norm, lm_head) to a shard of its own;

@@ -153,6 +153,7 @@ def test_a_killed_run_resumes_to_the_same_checkpoint(resumable):
 
     record = json.loads((resumed / "llm_sparsify.json").read_text())
     assert record["resumed_after_layers"] >= 3
+    assert len(record["layers"]) == 8 and all(layer["seconds"] > 0 for layer in record["layers"])
     first, second = output_tensors(uninterrupted), output_tensors(resumed)
     assert first.keys() == second.keys()
     for name in first:
