@@ -133,7 +133,7 @@ def prune_checkpoint(
     ids, calibration_info = prepare_calibration(model, recipe, calibration, None, device, nsamples, seqlen, seed)
     rank, world_size = distributed.rank_and_size()
     key = fingerprint(checkpoint, recipe.to_dict(), ids, dtype, batch_size)
-    shard_count = len(layers) + layers.other_tensor_count()
+    shard_count = len(layers) + len(layers.others)
     finished = None
     if rank == 0:
         layers.output = PartialOutput(output, key, shard_count, overwrite)

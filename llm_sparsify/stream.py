@@ -198,6 +198,7 @@ class StreamedLayers:
                    if f"{self.prefix}.{i}.{n}" not in self.files]
         if missing:
             raise ModelError(f"{checkpoint} lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
+        self.others = sorted(n for n in self.files if not n.startswith(f"{self.prefix}."))  # embeddings, ...
         self.stored: dict[str, torch.dtype] = {}
         self.pending: LayerReport | None = None  # saved, not yet recorded in the progress file
 
@@ -266,14 +267,10 @@ class StreamedLayers:
         return the complete weight map of the output."""
         files = {f"{self.prefix}.{i}.{n}": self.output.shard_name(i)
                  for i, names in enumerate(self.names) for n in names}
-        others = sorted(n for n in self.files if not n.startswith(f"{self.prefix}."))
-        for number, name in enumerate(others, start=len(self.layers)):
+        for number, name in enumerate(self.others, start=len(self.layers)):
             self.output.write_shard(number, read_tensors(self.checkpoint, self.files, [name]))
             files[name] = self.output.shard_name(number)
         return files
-
-    def other_tensor_count(self) -> int:
-        return sum(1 for n in self.files if not n.startswith(f"{self.prefix}."))
 
 
 def fingerprint(checkpoint: Path, recipe: dict, calibration: Tensor | None, dtype: torch.dtype,
