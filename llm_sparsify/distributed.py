@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from llm_sparsify.data import DataError
-from llm_sparsify.stats import InputStatistics
+from llm_sparsify.stats import SAMPLES_PER_SUM, InputStatistics
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,19 @@ def init_from_environment(device: str | None) -> str | None:
 
 
 def samples_of_this_rank(ids: Tensor, batch_size: int) -> Tensor:
-    """This rank's contiguous share of the calibration samples [nsamples, seqlen], in whole batches.
+    """This rank's contiguous share of the calibration samples [nsamples, seqlen], in whole runs of batches.
 
-    Whole batches, so that every sample meets the same neighbours in a forward pass as in one process.
+    Whole batches, so that every sample meets the same neighbours in a forward pass as in one process;
+    whole runs of SAMPLES_PER_SUM samples, so that the float32 partial sums of statistics are the same.
     """
     rank, size = rank_and_size()
-    batches = ids.split(batch_size)
-    if len(batches) < size:
-        raise DataError(f"{len(batches)} calibration batches ({ids.shape[0]} samples of batch size {batch_size}) "
-                        f"cannot be shared by {size} processes; use more samples or a smaller --batch-size")
-    share = torch.tensor_split(torch.arange(len(batches)), size)[rank]
-    return torch.cat([batches[i] for i in share.tolist()])
+    run = -(-SAMPLES_PER_SUM // batch_size) * batch_size  # samples per run, in whole batches
+    runs = ids.split(run)
+    if len(runs) < size:
+        raise DataError(f"{ids.shape[0]} calibration samples make {len(runs)} runs of {run} (batch size "
+                        f"{batch_size}), which cannot be shared by {size} processes; use more samples")
+    share = torch.tensor_split(torch.arange(len(runs)), size)[rank]
+    return torch.cat([runs[i] for i in share.tolist()])
 
 
 def sum_statistics(stats: Iterable[InputStatistics]) -> None:
@@ -64,6 +66,7 @@ def sum_statistics(stats: Iterable[InputStatistics]) -> None:
     if rank_and_size()[1] == 1:
         return
     for accumulator in {id(s): s for s in stats}.values():
+        accumulator.flush()
         dist.all_reduce(accumulator.sum)
         tokens = torch.tensor([accumulator.tokens], dtype=torch.long, device=accumulator.sum.device)
         dist.all_reduce(tokens)
@@ -76,12 +79,13 @@ def is_mine(index: int) -> bool:
     return index % size == rank
 
 
-def share_pruned_weights(groups: list[list[nn.Linear]]) -> None:
-    """Send each group's pruned weights from the rank that pruned them (see is_mine) to every other rank."""
+def share_pruned_weights(groups: list[list[nn.Linear]], first: int = 0) -> None:
+    """Send each group's pruned weights from the rank that pruned them (see is_mine; the groups are
+    numbered from `first`) to every other rank."""
     _, size = rank_and_size()
     if size == 1:
         return
-    for index, modules in enumerate(groups):
+    for index, modules in enumerate(groups, start=first):
         for module in modules:
             dist.broadcast(module.weight.data, src=index % size)
 

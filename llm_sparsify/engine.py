@@ -2,10 +2,14 @@
 
     capture the inputs of decoder layer 0 (hidden states + every keyword the model passes it)
     for each decoder layer:
-        onload it; run all samples through it while hooks accumulate input statistics
-        prune each target Linear from its statistics; save it (streaming: write its shard)
-        run all samples through the pruned layer: these are the next layer's inputs
-        offload it
+        onload it
+        inputs: pruned (default) -- one forward of all samples, each group of modules (q/k/v, o,
+            gate/up, down) pruned as soon as every sample has reached its input (interleaved.py);
+            its outputs are the next layer's inputs
+        inputs: dense (the reference code's order) -- run all samples through it while hooks
+            accumulate input statistics, prune every target Linear, then run all samples through
+            the pruned layer for the next layer's inputs
+        save it (streaming: write its shard); offload it
 
 Where a layer comes from and goes to is the job of a layer source: `ResidentLayers` for a model in
 memory, `llm_sparsify.stream.StreamedLayers` for a checkpoint read and written shard by shard.
@@ -28,6 +32,7 @@ from transformers import PreTrainedModel
 
 from llm_sparsify import distributed
 from llm_sparsify.data import DataError
+from llm_sparsify.interleaved import module_groups, prune_during_forward
 from llm_sparsify.models import decoder_layers, home_device
 from llm_sparsify.prune import STATISTIC, prune_weights
 from llm_sparsify.prune.magnitude import global_magnitude_threshold, prune_below
@@ -96,6 +101,7 @@ class LayerSource(Protocol):
     def stem(self, device: torch.device) -> contextlib.AbstractContextManager[None]: ...
     def target_weights(self, targets: list[dict[str, nn.Linear]]) -> Iterator[Tensor]: ...
     def load(self, index: int, device: torch.device) -> nn.Module: ...
+    def round_to_storage(self, layer: nn.Module) -> None: ...
     def save(self, index: int, layer: nn.Module, report: LayerReport) -> None: ...
     def unload(self, index: int, layer: nn.Module) -> None: ...
 
@@ -132,6 +138,9 @@ class ResidentLayers:
         layer = self.layers[index]
         self.homes[index] = home_device(layer)
         return layer.to(device)
+
+    def round_to_storage(self, layer: nn.Module) -> None:
+        """Nothing to do: the layer is stored as it is computed."""
 
     def save(self, index: int, layer: nn.Module, report: LayerReport) -> None:
         """Nothing to do: the pruned layer is the model's own."""
@@ -293,22 +302,29 @@ def prune_layers(
     rank, _ = distributed.rank_and_size()
     progress = tqdm(total=len(layers), desc=f"{recipe.method} {recipe.pattern_text}", unit="layer",
                     initial=len(reports), disable=rank != 0)
+    groups: dict[tuple[str, ...], list[list[str]]] = {}  # module grouping, per layer structure
     for i in range(len(layers)):
         resumed = i < len(reports)
         if resumed and statistic is None:
             continue  # magnitude: no activations to rebuild
         start = time.perf_counter()
         layer = layers.load(i, device)
+        last = i + 1 == len(layers)
+        outputs = None
         if not resumed:
-            stats = {}
-            if targets[i] and statistic is not None:
-                stats = collect_statistics(layer, targets[i], hidden, kwargs, statistic == "hessian", device)
-                distributed.sum_statistics(stats.values())
-            report = prune_modules(i, targets[i], stats, recipe, threshold)
-            del stats
+            if targets[i] and statistic is not None and recipe.inputs == "pruned":
+                report, outputs = prune_interleaved(i, layer, targets[i], hidden, kwargs, recipe, layers,
+                                                    device, not last, groups)
+            else:
+                stats = {}
+                if targets[i] and statistic is not None:
+                    stats = collect_statistics(layer, targets[i], hidden, kwargs, statistic == "hessian", device)
+                    distributed.sum_statistics(stats.values())
+                report = prune_modules(i, targets[i], stats, recipe, threshold)
+                del stats
             layers.save(i, layer, report)
-        if statistic is not None and i + 1 < len(layers):  # the pruned layer's outputs feed the next layer
-            hidden = [_forward(layer, h, kw, device) for h, kw in zip(hidden, kwargs, strict=True)]
+        if statistic is not None and not last:  # the pruned layer's outputs feed the next layer
+            hidden = outputs or [_forward(layer, h, kw, device) for h, kw in zip(hidden, kwargs, strict=True)]
         if not resumed:
             report.seconds = round(time.perf_counter() - start, 3)
             reports.append(report)
@@ -318,19 +334,48 @@ def prune_layers(
     return reports
 
 
+def prune_interleaved(
+    index: int, layer: nn.Module, modules: dict[str, nn.Linear], hidden: list[Tensor], kwargs: list[dict],
+    recipe: Recipe, layers: LayerSource, device: torch.device, outputs: bool,
+    groups: dict[tuple[str, ...], list[list[str]]],
+) -> tuple[LayerReport, list[Tensor] | None]:
+    """Prune one layer's modules group by group during its one forward (see interleaved.py); return the
+    report and the pruned layer's outputs. `groups` caches the grouping found for each layer structure."""
+    relative = {module: name for name, module in layer.named_modules()}
+    full = {relative[module]: name for name, module in modules.items()}
+    key = tuple(full)
+    if key not in groups:
+        found = module_groups(layer, modules, hidden[0], kwargs[0], device)
+        groups[key] = [[relative[modules[name]] for name in names] for names in found]
+    report = LayerReport(index, 0.0)
+
+    def prune_group(g: int, names: list[str], stats: InputStatistics) -> None:
+        done = prune_modules(index, {name: modules[name] for name in names}, dict.fromkeys(names, stats), recipe,
+                             first_group=g)
+        report.sparsity.update(done.sparsity)
+        layers.round_to_storage(layer)  # later modules must see the values that are saved
+
+    named_groups = [[full[name] for name in names] for names in groups[key]]
+    out = prune_during_forward(layer, modules, named_groups, hidden, kwargs, device,
+                               STATISTIC[recipe.method] == "hessian", prune_group, outputs)
+    report.sparsity = {name: report.sparsity[name] for name in modules}
+    return report, out
+
+
 def prune_modules(
     index: int, modules: dict[str, nn.Linear], stats: dict[str, InputStatistics], recipe: Recipe,
-    threshold: float | None = None,
+    threshold: float | None = None, first_group: int = 0,
 ) -> LayerReport:
     """Prune one layer's target modules in place, modules that share an input together.
 
-    Under torch.distributed each rank prunes its share of these groups, then all swap results.
+    Under torch.distributed each rank prunes its share of these groups (numbered from `first_group`),
+    then all swap results.
     """
     groups: dict[int | str, list[str]] = {}  # modules reading the same input (same statistics object)
     for name in modules:
         groups.setdefault(id(stats[name]) if name in stats else name, []).append(name)
     groups_list = list(groups.values())
-    for g, names in enumerate(groups_list):
+    for g, names in enumerate(groups_list, start=first_group):
         if not distributed.is_mine(g):
             continue
         weights = [modules[name].weight.data for name in names]
@@ -340,7 +385,7 @@ def prune_modules(
             pruned = prune_weights(recipe.method, weights, stats.get(names[0]), recipe.pattern, **recipe.options)
         for name, weight in zip(names, pruned, strict=True):
             modules[name].weight.data = weight
-    distributed.share_pruned_weights([[modules[name] for name in names] for names in groups_list])
+    distributed.share_pruned_weights([[modules[name] for name in names] for names in groups_list], first_group)
     return LayerReport(index, 0.0, {name: zero_share(module.weight) for name, module in modules.items()})
 
 

@@ -8,6 +8,10 @@
       blocksize: 128           # sparsegpt: columns per block
       dampening: 0.01          # sparsegpt: λ as a share of mean(diag H)
       scope: layer             # magnitude: rank per matrix (layer) or across the model (global)
+      inputs: pruned           # wanda, sparsegpt: each module calibrated on the inputs the already
+                               #   pruned modules before it produce, in one forward per layer (pruned),
+                               #   or all on the unpruned layer's, in two forwards (dense, as the
+                               #   reference code does)
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ OPTIONS: dict[str, dict[str, Any]] = {  # method -> its options and their defaul
     "sparsegpt": {"blocksize": 128, "dampening": 0.01},
 }
 _COMMON = {"method", "sparsity", "targets", "ignore"}
+INPUTS = ("pruned", "dense")
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -54,6 +59,7 @@ class Recipe:
     ignore: tuple[str, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
     name: str = "custom"
+    inputs: str = "pruned"  # calibrate each module on the pruned (or the dense) layer's activations
 
     @property
     def sparsity(self) -> float:
@@ -69,6 +75,8 @@ class Recipe:
         sparsity = self.pattern_text if isinstance(self.pattern, tuple) else self.pattern
         section = {"method": self.method, "sparsity": sparsity, "targets": list(self.targets),
                    "ignore": list(self.ignore), **self.options}
+        if STATISTIC[self.method] is not None:
+            section["inputs"] = self.inputs
         return {"pruning": section}
 
 
@@ -112,7 +120,7 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
         raise RecipeError(f"unknown method {method!r}; choose one of: {', '.join(STATISTIC)}")
     if "sparsity" not in section:
         raise RecipeError("pruning.sparsity is required, e.g. 0.5 or \"2:4\"")
-    allowed = _COMMON | set(OPTIONS[method])
+    allowed = _COMMON | set(OPTIONS[method]) | ({"inputs"} if STATISTIC[method] else set())
     if unknown := set(section) - allowed:
         known = ", ".join(sorted(allowed))
         raise RecipeError(f"unknown key(s) for {method}: {', '.join(sorted(unknown))}; allowed: {known}")
@@ -132,6 +140,9 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
             raise RecipeError(f"magnitude scope must be 'layer' or 'global', got {options['scope']!r}")
         if options["scope"] == "global" and isinstance(pattern, tuple):
             raise RecipeError("global magnitude ranking takes a fraction; N:M is always per group")
+    inputs = section.get("inputs", "pruned")
+    if inputs not in INPUTS:
+        raise RecipeError(f"inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")
     return Recipe(
         method=method,
         pattern=pattern,
@@ -139,6 +150,7 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
         ignore=_globs(section.get("ignore", []), "ignore", allow_empty=True),
         options=options,
         name=name,
+        inputs=inputs,
     )
 
 

@@ -5,33 +5,55 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# Calibration samples whose float32 sum is formed before it is added to the float64 total. Bigger
+# products run faster (x xᵀ over 8 samples, not 1); distributed ranks take whole runs of these samples.
+SAMPLES_PER_SUM = 8
+
 
 class InputStatistics:
     """Running sum of x xᵀ (SparseGPT) or of x² only (Wanda) over every token x seen by one input.
 
-    Each batch's sum is computed in float32 and added to a float64 total. Float32 values are exact
-    in float64, so the total hardly depends on the order batches arrive in: processes that each sum
-    a share of the batches (torch.distributed) agree with one process that sums them all.
-    Modules that read the same input share one accumulator.
+    The batches of each run of SAMPLES_PER_SUM samples are summed in float32, and those sums are added
+    to a float64 total. Float32 values are exact in float64, so the total hardly depends on the order
+    the runs arrive in: processes that each sum a share of them (torch.distributed) agree with one
+    process that sums them all. Modules that read the same input share one accumulator.
     """
 
     def __init__(self, features: int, hessian: bool, device: torch.device | str) -> None:
         shape = (features, features) if hessian else (features,)
         self.sum = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.partial = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.pending = 0  # samples in `partial`
         self.tokens = 0
 
     def add(self, x: Tensor) -> None:
+        """Add one batch of inputs [batch, seq, features] (any other shape counts as a whole run)."""
+        samples = x.shape[0] if x.dim() == 3 else SAMPLES_PER_SUM
         x = x.detach().reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
-        self.sum += x.T @ x if self.sum.dim() == 2 else x.square().sum(0)
+        if self.sum.dim() == 2:
+            self.partial.addmm_(x.T, x, beta=1 if self.pending else 0)
+        else:
+            self.partial.add_(x.square().sum(0)) if self.pending else torch.sum(x.square(), 0, out=self.partial)
+        self.pending += samples
+        if self.pending >= SAMPLES_PER_SUM:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the float32 sum of the current run to the float64 total."""
+        if self.pending:
+            self.sum += self.partial
+            self.pending = 0
 
     def hessian(self) -> Tensor:
         """H = 2XXᵀ/n, the Hessian of the layer-wise reconstruction error ‖WX − ŴX‖²."""
         if self.sum.dim() != 2:
             raise ValueError("these statistics hold column norms only, not the Hessian")
+        self.flush()
         return (self.sum * (2 / max(self.tokens, 1))).float()
 
     def column_norms(self) -> Tensor:
         """‖X_j‖₂ of every input feature j over all tokens."""
+        self.flush()
         squares = self.sum.diagonal() if self.sum.dim() == 2 else self.sum
         return squares.sqrt().float()

@@ -241,15 +241,18 @@ class StreamedLayers:
         _place(layer, tensors, device, self.dtype)
         return layer
 
-    def save(self, index: int, layer: nn.Module, report: LayerReport) -> None:
-        """Write the pruned layer in the checkpoint's own dtypes; the layer keeps exactly those values,
-        so the activations it passes on are the ones a resumed run rebuilds from the shard."""
-        tensors = {}
+    def round_to_storage(self, layer: nn.Module) -> None:
+        """Round the layer's tensors to the checkpoint's own dtypes (kept in the compute dtype), so the
+        activations it passes on are the ones a resumed run rebuilds from the saved shard."""
         for name, tensor in layer.state_dict().items():
-            stored = tensor.to("cpu", self.stored[name])
-            tensors[f"{self.prefix}.{index}.{name}"] = stored
-            if stored.dtype != tensor.dtype:
-                tensor.copy_(stored)
+            if self.stored[name] != tensor.dtype:
+                tensor.copy_(tensor.to(self.stored[name]))
+
+    def save(self, index: int, layer: nn.Module, report: LayerReport) -> None:
+        """Write the pruned layer in the checkpoint's own dtypes (and keep exactly those values)."""
+        self.round_to_storage(layer)
+        tensors = {f"{self.prefix}.{index}.{name}": tensor.to("cpu", self.stored[name])
+                   for name, tensor in layer.state_dict().items()}
         if self.output is not None and self.write:
             self.output.write_shard(index, tensors)
             self.pending = report

@@ -27,31 +27,48 @@ def test_zero_sparsity_leaves_the_model_unchanged(model, calibration):
     assert torch.allclose(model(calibration).logits, before, atol=1e-4)
 
 
+GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+          ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
 @torch.no_grad()
-def sequential_wanda_reference(model, ids, sparsity):
-    """Slow obvious reference: for each layer, run the whole (partly pruned) model to get its input norms."""
+def sequential_wanda_reference(model, ids, sparsity, inputs):
+    """Slow obvious reference: run the whole (partly pruned) model to get a layer's input norms, for all
+    its modules at once (inputs="dense"), or again before each group of modules (inputs="pruned")."""
     for layer in decoder_layers(model):
-        linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
-        inputs = {}
+        for group in GROUPS if inputs == "pruned" else [sum(GROUPS, [])]:
+            linears = [layer.get_submodule(name) for name in group]
+            seen = {}
 
-        def keep(module, args, inputs=inputs):
-            inputs[module] = args[0].reshape(-1, args[0].shape[-1])
+            def keep(module, args, seen=seen):
+                seen[module] = args[0].reshape(-1, args[0].shape[-1])
 
-        hooks = [m.register_forward_pre_hook(keep) for m in linears]
-        model(ids)
-        for h in hooks:
-            h.remove()
-        for module in linears:
-            module.weight.data = prune_wanda(module.weight.data, inputs[module].norm(dim=0), sparsity)
+            hooks = [m.register_forward_pre_hook(keep) for m in linears]
+            model(ids)
+            for h in hooks:
+                h.remove()
+            for module in linears:
+                module.weight.data = prune_wanda(module.weight.data, seen[module].norm(dim=0), sparsity)
 
 
+@pytest.mark.parametrize("inputs", ["pruned", "dense"])
 @pytest.mark.parametrize("pattern", [0.5, (2, 4)])
-def test_wanda_engine_matches_sequential_full_model_reference(model, calibration, pattern):
+def test_wanda_engine_matches_sequential_full_model_reference(model, calibration, pattern, inputs):
     reference = tiny_model(type(model).__name__.removesuffix("ForCausalLM").lower())
-    sequential_wanda_reference(reference, calibration, pattern)
-    prune_model(model, Recipe("wanda", pattern), calibration, batch_size=4)
+    sequential_wanda_reference(reference, calibration, pattern, inputs)
+    prune_model(model, Recipe("wanda", pattern, inputs=inputs), calibration, batch_size=4)
     for (name, ours), theirs in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert torch.equal(ours == 0, theirs == 0), name
+
+
+def test_the_two_input_orders_differ_after_the_first_group(calibration):
+    """Only q/k/v (which read the layer's input) are calibrated alike; o_proj already sees pruned q/k/v."""
+    pruned, dense = tiny_model(), tiny_model()
+    prune_model(pruned, Recipe("wanda", 0.5, inputs="pruned"), calibration)
+    prune_model(dense, Recipe("wanda", 0.5, inputs="dense"), calibration)
+    layer_p, layer_d = decoder_layers(pruned)[0], decoder_layers(dense)[0]
+    assert torch.equal(layer_p.self_attn.q_proj.weight, layer_d.self_attn.q_proj.weight)
+    assert not torch.equal(layer_p.self_attn.o_proj.weight, layer_d.self_attn.o_proj.weight)
 
 
 def test_batch_size_does_not_change_the_result(calibration):

@@ -176,11 +176,21 @@ def test_unknown_key_lists_the_allowed_keys():
         recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5, "blocksize": 128}})
     message = str(error.value)
     assert "blocksize" in message
-    assert "allowed: ignore, method, sparsity, targets" in message
+    assert "allowed: ignore, inputs, method, sparsity, targets" in message
+
+
+def test_inputs_order_is_checked_and_kept():
+    assert recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5}}).inputs == "pruned"
+    dense = recipe_from_dict({"pruning": {"method": "sparsegpt", "sparsity": 0.5, "inputs": "dense"}})
+    assert recipe_from_dict(dense.to_dict()).inputs == "dense"
+    with pytest.raises(RecipeError, match="inputs must be one of pruned, dense"):
+        recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5, "inputs": "sparse"}})
+    with pytest.raises(RecipeError, match="unknown key.*inputs"):
+        recipe_from_dict({"pruning": {"method": "magnitude", "sparsity": 0.5, "inputs": "dense"}})
 
 
 def test_unknown_key_for_sparsegpt_lists_its_options():
-    with pytest.raises(RecipeError, match="allowed: blocksize, dampening, ignore, method, sparsity, targets"):
+    with pytest.raises(RecipeError, match="allowed: blocksize, dampening, ignore, inputs, method, sparsity, targets"):
         recipe_from_dict({"pruning": {"method": "sparsegpt", "sparsity": 0.5, "scope": "layer"}})
 
 

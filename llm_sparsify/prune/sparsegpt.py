@@ -61,9 +61,10 @@ def prune_sparsegpt_together(
     W[:, dead] = 0
     Hinv = inverse_hessian_factor(H, dampening)
 
+    # The sweep works on the transpose, so that a column of W is a contiguous row.
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
-        W1 = W[:, i1:i2].clone()
+        W1 = W[:, i1:i2].T.contiguous()  # [block columns, rows]
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = Hinv1.diagonal()
         Err1 = torch.zeros_like(W1)
@@ -71,20 +72,21 @@ def prune_sparsegpt_together(
             n, m = pattern
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:  # saliency w²/[H⁻¹]²_qq, lowest `sparsity` share of each weight's part of the block
-            saliency = W1**2 / d**2
-            mask1 = torch.cat([unstructured_mask(part, pattern, per_row=False) for part in saliency.split(rows)])
+            saliency = (W1**2 / d[:, None] ** 2).T
+            mask1 = torch.cat([unstructured_mask(part, pattern, per_row=False) for part in saliency.split(rows)]).T
+        scale = mask1 / d[:, None]  # 1/[H⁻¹]_qq where pruned, 0 where kept
 
         for j1 in range(0, i2 - i1, step):  # column by column, in sub-blocks of `step` columns
             j2 = min(j1 + step, i2 - i1)
             for i in range(j1, j2):
                 if isinstance(pattern, tuple) and i % m == 0:
-                    mask1[:, i : i + m] = nm_mask(W1[:, i : i + m] ** 2 / d[i : i + m] ** 2, n, m)
-                err = W1[:, i] * mask1[:, i] / d[i]  # (w − q) / [H⁻¹]_qq
-                W1[:, i:j2].addr_(err, Hinv1[i, i:j2], alpha=-1)
-                Err1[:, i] = err
-            W1[:, j2:].addmm_(Err1[:, j1:j2], Hinv1[j1:j2, j2:], alpha=-1)  # the rest of the block, at once
+                    mask1[i : i + m] = nm_mask((W1[i : i + m] ** 2 / d[i : i + m, None] ** 2).T, n, m).T
+                    scale[i : i + m] = mask1[i : i + m] / d[i : i + m, None]
+                err = torch.mul(W1[i], scale[i], out=Err1[i])  # (w − q) / [H⁻¹]_qq
+                W1[i:j2].addr_(Hinv1[i, i:j2], err, alpha=-1)
+            W1[j2:].addmm_(Hinv1[j1:j2, j2:].T, Err1[j1:j2], alpha=-1)  # the rest of the block, at once
 
-        W[:, i1:i2] = W1.masked_fill(mask1, 0)
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # lazy batch update of the columns after this block
+        W[:, i1:i2] = W1.masked_fill(mask1, 0).T
+        W[:, i2:].addmm_(Err1.T, Hinv[i1:i2, i2:], alpha=-1)  # lazy batch update of the columns after this block
 
     return [part.to(w.dtype) for part, w in zip(W.split(rows), weights, strict=True)]
