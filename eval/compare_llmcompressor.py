@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -62,6 +63,10 @@ MISMATCHES = [
     "(H *= n/(n+b)); llm_sparsify one float64 sum per distinct input (q/k/v share one, gate/up share one), "
     "scaled once. Equal up to float rounding, which flips a few near-tied choices that compound over layers "
     "(one check, Wanda 50%, 4x128: masks identical in layers 0-1, 0.1-0.7% of entries differ in layers 15-29).",
+    "module order: llm-compressor calibrates every Linear of a layer on the unpruned layer's activations "
+    "(two forwards per layer), as llm_sparsify does with `inputs: dense`; llm_sparsify's default "
+    "`inputs: pruned` calibrates each group of modules on what the already pruned ones before it produce "
+    "(one forward per layer). Both are in the table.",
     "calibration forward: llm-compressor forces eager attention while calibrating (its traced graph bakes in "
     "an explicit causal-mask add); llm_sparsify runs the model's own attention (sdpa). Same maths, different "
     "kernel: a speed difference at long seqlen and float noise. Its attention_mask of ones is harmless: "
@@ -154,8 +159,8 @@ def run(tool: str, prune, recipe, ids, test_ids, dense, args) -> dict:
     if not untouched(model, dense):
         raise SystemExit(f"{tool} {recipe.name}: changed weights outside the decoder-layer Linears")
     ppl = perplexity(model, test_ids, seqlen=args.eval_seqlen, device="cpu", max_windows=args.max_windows or None)
-    row = {"tool": tool, "recipe": recipe.name, "seconds": round(seconds, 2), "sparsity": round(sparsity, 5),
-           "perplexity": round(ppl, 3), "loadavg_1min_before": round(load, 2)}
+    row = {"tool": tool, "recipe": recipe.name, "inputs": recipe.inputs, "seconds": round(seconds, 2),
+           "sparsity": round(sparsity, 5), "perplexity": round(ppl, 3), "loadavg_1min_before": round(load, 2)}
     print(json.dumps(row), file=sys.stderr, flush=True)
     return row
 
@@ -173,6 +178,8 @@ def main() -> None:
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=64, help="WikiText-2 windows (0: whole test set)")
     parser.add_argument("--dense", action="store_true", help="also score the unpruned model")
+    parser.add_argument("--inputs", default="pruned,dense",
+                        help="llm_sparsify's module orders to time (recipe key `inputs`), comma-separated")
     args = parser.parse_args()
 
     names = [n for n in args.methods.split(",") if n] + (TWO_FOUR if args.two_four else [])
@@ -186,22 +193,23 @@ def main() -> None:
 
     results = []
     for recipe in recipes:
-        ours = run("llm_sparsify", prune_ours, recipe, ids, test_ids, dense_state, args)
         theirs = run("llm-compressor", prune_llmcompressor, recipe, ids, test_ids, dense_state, args)
-        results.append({"recipe": recipe.name, "llm_sparsify": ours, "llm_compressor": theirs,
-                        "ratio": round(theirs["seconds"] / ours["seconds"], 3)})
+        for inputs in args.inputs.split(","):
+            ours = run("llm_sparsify", prune_ours, replace(recipe, inputs=inputs), ids, test_ids, dense_state, args)
+            results.append({"recipe": recipe.name, "inputs": inputs, "llm_sparsify": ours,
+                            "llm_compressor": theirs, "ratio": round(theirs["seconds"] / ours["seconds"], 3)})
 
     windows = args.max_windows or "all"
     print(f"\nSmolLM2-135M-Instruct, CPU float32, {torch.get_num_threads()} threads; calibration c4 "
           f"{args.nsamples}x{args.seqlen} seed {args.seed}, batch size {args.batch_size} (same ids, same order); "
           f"WikiText-2 perplexity, seqlen {args.eval_seqlen}, {windows} windows"
           + (f"; dense {dense:.3f}" if dense is not None else "") + "\n")
-    print("| recipe | llm_sparsify s | llm-compressor s | ratio | ppl llm_sparsify | ppl llm-compressor "
+    print("| recipe | inputs | llm_sparsify s | llm-compressor s | ratio | ppl llm_sparsify | ppl llm-compressor "
           "| zeros llm_sparsify | zeros llm-compressor |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         a, b = r["llm_sparsify"], r["llm_compressor"]
-        print(f"| {r['recipe']} | {a['seconds']:.1f} | {b['seconds']:.1f} | {r['ratio']:.2f} | "
+        print(f"| {r['recipe']} | {r['inputs']} | {a['seconds']:.1f} | {b['seconds']:.1f} | {r['ratio']:.2f} | "
               f"{a['perplexity']:.3f} | {b['perplexity']:.3f} | {a['sparsity']:.4%} | {b['sparsity']:.4%} |")
     print("\nratio = llm-compressor seconds / llm_sparsify seconds (pruning call only, model load excluded)")
     print("Unmatched settings:\n" + "\n".join(f"  - {m}" for m in MISMATCHES) + "\n")

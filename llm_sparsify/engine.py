@@ -182,17 +182,29 @@ def capture_layer_inputs(
     return hidden, kwargs
 
 
-def activation_store(model: PreTrainedModel, calibration: Tensor, device: torch.device) -> torch.device:
+def activation_store(model: PreTrainedModel, calibration: Tensor, device: torch.device,
+                     interleaved: bool = False) -> torch.device:
     """Keep the calibration activations on the device when they fit, else in host memory.
 
     Inputs and outputs of a layer are alive together, so twice the hidden states must fit in half of
-    the device's free memory (the rest is for the layer and its statistics).
+    the device's free memory (the rest is for the layer and its statistics). With `interleaved`
+    (inputs: pruned) every sample's paused forward also holds about 2·hidden + intermediate values
+    per token on the device, which cannot be moved off it: if that does not fit, say so before any work.
     """
     if device.type != "cuda":
         return device
+    config = model.config
     dtype_bytes = torch.finfo(model.dtype).bits // 8
-    needed = 2 * calibration.numel() * model.config.hidden_size * dtype_bytes
     free, _ = torch.cuda.mem_get_info(device)
+    if interleaved:
+        width = 2 * config.hidden_size + getattr(config, "intermediate_size", 4 * config.hidden_size)
+        paused = calibration.numel() * width * dtype_bytes
+        if paused > 0.6 * free:
+            raise DataError(f"`inputs: pruned` keeps every calibration sample's paused forward on {device}: about "
+                            f"{paused / 2**30:.1f} GiB of {free / 2**30:.1f} GiB free; use fewer samples "
+                            f"(--nsamples) or `inputs: dense` in the recipe")
+        free -= paused
+    needed = 2 * calibration.numel() * config.hidden_size * dtype_bytes
     if needed <= free // 2:
         return device
     log.info("calibration activations (%.1f GiB) kept in host memory", needed / 2**30)
@@ -291,7 +303,7 @@ def prune_layers(
     reports = list(finished or [])
     if statistic is not None:
         check_calibration(model, calibration, recipe.method)
-        store = activation_store(model, calibration, device)
+        store = activation_store(model, calibration, device, recipe.inputs == "pruned")
         with layers.stem(device):
             hidden, kwargs = capture_layer_inputs(model, calibration, device, batch_size, store)
 

@@ -171,3 +171,37 @@ def test_unsupported_layout_is_a_clear_error():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ModelError, match="GPT2LMHeadModel is not supported.*Llama, Mistral"):
         prune_model(gpt2, load_recipe("wanda-50"), torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize(("inputs", "expected"), [("pruned", [4, 3, 3]), ("dense", [6, 6, 3])])
+def test_forwards_per_layer(calibration, inputs, expected):
+    """inputs: pruned gathers statistics and the next layer's inputs in one forward of each batch (plus,
+    once per layer structure, a forward of one batch that finds the module groups); dense runs a
+    statistics forward, then a propagation forward (none after the last layer)."""
+    model = tiny_model()
+    calls = [0] * 3
+    for i, layer in enumerate(decoder_layers(model)):
+        layer.self_attn.q_proj.register_forward_pre_hook(lambda *args, i=i: calls.__setitem__(i, calls[i] + 1))
+    prune_model(model, Recipe("wanda", 0.5, inputs=inputs), calibration, batch_size=2)
+    assert calls == expected  # 3 batches
+
+
+def test_a_failure_during_the_forward_leaves_no_paused_work_behind(calibration, monkeypatch):
+    """If pruning a group fails, the paused forwards are unwound and the hooks removed."""
+    import llm_sparsify.engine as engine
+
+    model = tiny_model()
+    original, calls = engine.prune_weights, []
+
+    def fail_on_second_group(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("boom")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "prune_weights", fail_on_second_group)
+    with pytest.raises(ValueError, match="boom"):
+        prune_model(model, load_recipe("sparsegpt-50"), calibration, batch_size=2)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    monkeypatch.undo()
+    prune_model(model, load_recipe("wanda-50"), calibration, batch_size=2)  # the model is usable again
