@@ -101,7 +101,7 @@ class LayerSource(Protocol):
     def stem(self, device: torch.device) -> contextlib.AbstractContextManager[None]: ...
     def target_weights(self, targets: list[dict[str, nn.Linear]]) -> Iterator[Tensor]: ...
     def load(self, index: int, device: torch.device) -> nn.Module: ...
-    def round_to_storage(self, layer: nn.Module) -> None: ...
+    def round_to_storage(self, layer: nn.Module, names: list[str] | None = None) -> None: ...
     def save(self, index: int, layer: nn.Module, report: LayerReport) -> None: ...
     def unload(self, index: int, layer: nn.Module) -> None: ...
 
@@ -139,7 +139,7 @@ class ResidentLayers:
         self.homes[index] = home_device(layer)
         return layer.to(device)
 
-    def round_to_storage(self, layer: nn.Module) -> None:
+    def round_to_storage(self, layer: nn.Module, names: list[str] | None = None) -> None:
         """Nothing to do: the layer is stored as it is computed."""
 
     def save(self, index: int, layer: nn.Module, report: LayerReport) -> None:
@@ -365,7 +365,8 @@ def prune_interleaved(
         done = prune_modules(index, {name: modules[name] for name in names}, dict.fromkeys(names, stats), recipe,
                              first_group=g)
         report.sparsity.update(done.sparsity)
-        layers.round_to_storage(layer)  # later modules must see the values that are saved
+        # later modules must see the values that are saved
+        layers.round_to_storage(layer, [f"{relative[modules[name]]}.weight" for name in names])
 
     named_groups = [[full[name] for name in names] for names in groups[key]]
     out = prune_during_forward(layer, modules, named_groups, hidden, kwargs, device,

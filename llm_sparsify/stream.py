@@ -241,11 +241,11 @@ class StreamedLayers:
         _place(layer, tensors, device, self.dtype)
         return layer
 
-    def round_to_storage(self, layer: nn.Module) -> None:
-        """Round the layer's tensors to the checkpoint's own dtypes (kept in the compute dtype), so the
-        activations it passes on are the ones a resumed run rebuilds from the saved shard."""
+    def round_to_storage(self, layer: nn.Module, names: list[str] | None = None) -> None:
+        """Round the layer's tensors (those `names` only, if given) to the checkpoint's own dtypes, kept in
+        the compute dtype, so the activations it passes on are the ones a resumed run rebuilds from the shard."""
         for name, tensor in layer.state_dict().items():
-            if self.stored[name] != tensor.dtype:
+            if (names is None or name in names) and self.stored[name] != tensor.dtype:
                 tensor.copy_(tensor.to(self.stored[name]))
 
     def save(self, index: int, layer: nn.Module, report: LayerReport) -> None:
