@@ -1,0 +1,1 @@
+"""Weight quantization after (or jointly with) pruning: integer grids, round-to-nearest, GPTQ."""
