@@ -18,7 +18,6 @@ from llm_sparsify.data import calibration_ids
 from llm_sparsify.engine import LayerReport, prune_layers, prune_model
 from llm_sparsify.files import check_output
 from llm_sparsify.models import DEFAULT_MODEL, ModelError, default_dtype
-from llm_sparsify.prune import STATISTIC
 from llm_sparsify.recipe import Recipe, load_recipe
 from llm_sparsify.stream import PartialOutput, StreamedLayers, fingerprint, resolve_checkpoint, skeleton
 
@@ -44,7 +43,8 @@ def compress(
     seed: int = 0,
     batch_size: int = 8,
 ) -> PreTrainedModel:
-    """Prune a loaded transformers model in place, layer by layer on `device`, and return it.
+    """Prune (and quantize, if the recipe says so) a loaded transformers model in place, layer by layer on
+    `device`, and return it. Quantized modules hold ŵ and keep their grid as `module.quantization_grid`.
 
     `recipe` is a Recipe, a dict, a YAML path or a built-in name ("wanda-50"). `calibration` is a
     LongTensor of token ids [nsamples, seqlen], or a data source name/file (then `tokenizer` is
@@ -67,8 +67,8 @@ def prepare_calibration(
     seqlen: int | None,
     seed: int,
 ) -> tuple[Tensor | None, dict[str, Any]]:
-    """Calibration token ids for `recipe` (None if its method needs no data) and a description of them."""
-    if STATISTIC[recipe.method] is None:
+    """Calibration token ids for `recipe` (None if it needs no data) and a description of them."""
+    if recipe.statistic is None:
         return None, {}
     default_n, default_len = default_calibration_size(device)
     source = "c4" if calibration is None else calibration
@@ -119,8 +119,9 @@ def prune_checkpoint(
 
     Every finished layer is written to `output`'s partial directory as it goes: killed and started
     again with the same arguments, the run continues after the last finished layer. `dtype` is the
-    compute dtype; the output keeps the checkpoint's own. Under torchrun the work is shared by the
-    ranks (see llm_sparsify.distributed). Returns the record saved as llm_sparsify.json.
+    compute dtype; the output keeps the checkpoint's own. A quantized recipe adds quantization.safetensors (the
+    grids, see quantize/grid.py). Under torchrun the work is shared by the ranks (see llm_sparsify.distributed).
+    Returns the record saved as llm_sparsify.json.
     """
     recipe = load_recipe(recipe)
     output = Path(output)
@@ -138,7 +139,7 @@ def prune_checkpoint(
     if rank == 0:
         layers.output = PartialOutput(output, key, shard_count, overwrite)
         finished = layers.output.finished
-    finished = distributed.same_on_all_ranks(finished)
+    finished = list(distributed.same_on_all_ranks(finished))  # a copy: the partial output appends to its own
     if rank != 0:
         layers.output = PartialOutput(output, key, shard_count, overwrite, finished=finished)
         layers.write = False
@@ -159,6 +160,7 @@ def prune_checkpoint(
         "resumed_after_layers": len(finished),
         "sparsity": measured_sparsity(reports, model),
         "layers": [asdict(r) for r in reports],
+        **({"quantization": recipe.quantization.record()} if recipe.quantization else {}),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
     }

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -15,14 +16,21 @@ from llm_sparsify import distributed
 from llm_sparsify.api import default_calibration_size, default_device, prune_checkpoint
 from llm_sparsify.data import DataError, evaluation_ids
 from llm_sparsify.evaluate import perplexity
-from llm_sparsify.files import OutputExistsError
+from llm_sparsify.export import ExportError
+from llm_sparsify.export.card import CardError, write_model_card
+from llm_sparsify.export.hf import RECORD, read_record
+from llm_sparsify.export.hub import PushError, push_to_hub
+from llm_sparsify.files import OutputExistsError, atomic_file, disk_size
 from llm_sparsify.models import DEFAULT_MODEL, ModelError, load_model
 from llm_sparsify.recipe import RecipeError, builtin_recipes
+from llm_sparsify.zero_shot import DATA_ENV, check_tasks, evaluate_tasks, known_tasks, markdown_table
 
 log = logging.getLogger("llm_sparsify")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+FORMATS = ["gguf", "compressed-tensors", "compact", "bnb-nf4", "bnb-fp4", "bnb-int8"]
+GGUF_TYPES = ["F16", "BF16", "F32", "Q8_0", "Q4_0"]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -73,36 +81,92 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also print WikiText-2 perplexity of the base and the pruned model")
     prune.add_argument("--ppl-windows", type=int, default=64,
                        help="with --ppl: score the first N windows of the test text, 0 for all (default: 64)")
+    prune.add_argument("--push-to-hub", metavar="REPO", default=None,
+                       help="upload the finished output (with its model card) to this Hub repo, e.g. me/model-2of4")
+    _push_options(prune)
     _common(prune)
 
     evaluate = commands.add_parser(
-        "eval", help="print the perplexity of a model or checkpoint",
-        description="Perplexity with the Wanda/SparseGPT protocol: the test text joined with blank lines, "
-        "non-overlapping windows of SEQLEN tokens, exp(mean NLL).",
+        "eval", help="perplexity and zero-shot accuracy of models, side by side",
+        description="Evaluate each MODEL: perplexity with the Wanda/SparseGPT protocol (the test text joined with "
+        "blank lines, non-overlapping windows of SEQLEN tokens, exp(mean NLL)) and, with --tasks, zero-shot "
+        "accuracy by lm-eval on the model in memory, with the prompts and metrics of lm-eval's tasks of the same "
+        "names. Several models, or any task, give a markdown table with one column per model (e.g. the dense "
+        "model and its pruned checkpoint); one model without tasks gives one line.",
     )
-    evaluate.add_argument("model", nargs="?", default=None,
-                          help=f"checkpoint directory or Hub id (default: the built-in {DEFAULT_MODEL})")
+    evaluate.add_argument("models", nargs="*", metavar="MODEL",
+                          help=f"checkpoint directories or Hub ids (default: the built-in {DEFAULT_MODEL})")
+    evaluate.add_argument("--tasks", default="",
+                          help=f"comma-separated zero-shot tasks: {', '.join(known_tasks())} (default: none)")
+    evaluate.add_argument("--limit", type=int, default=None, metavar="N",
+                          help="score only the first N items of each task, for quick runs (default: all)")
+    evaluate.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                          help="local copies of the task data, laid out as DIR/piqa/piqa_validation.jsonl, "
+                          "DIR/arc_easy/..., as named in llm_sparsify/tasks/*.yaml (or a directory holding such a "
+                          f"tasks/ folder) (default: ${DATA_ENV}; if unset, lm-eval's own tasks from the Hub)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="task requests per forward (default: 8)")
     evaluate.add_argument("--dataset", default="wikitext2",
-                          help="'wikitext2' (bundled test split; the default), 'c4' (validation; needs the Hub) "
-                          "or a text file")
+                          help="perplexity text: 'wikitext2' (bundled test split; the default), 'c4' (validation; "
+                          "needs the Hub) or a text file")
     evaluate.add_argument("--seqlen", type=int, default=None,
-                          help="window length (default: 2048 on an accelerator, 512 on the CPU)")
+                          help="perplexity window length (default: 2048 on an accelerator, 512 on the CPU)")
     evaluate.add_argument("--max-windows", type=int, default=None,
-                          help="score only the first N windows, for quick runs (default: all)")
-    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+                          help="score only the first N perplexity windows, for quick runs (default: all)")
+    evaluate.add_argument("--no-perplexity", action="store_true", help="skip perplexity, only run the tasks")
+    evaluate.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                          help="write all results as a JSON list (one record per model) to FILE; without FILE "
+                          "or with '-', print it instead of the table")
     _common(evaluate)
+
+    export = commands.add_parser(
+        "export", help="convert a pruned checkpoint to a deployment format",
+        description="Convert CHECKPOINT (an llm-sparsify output) to FORMAT: gguf (llama.cpp; --qtype F16, Q8_0, "
+        "Q4_0, ...), compressed-tensors (pack-quantized W4A16/W8A16 for vLLM and transformers; needs a recipe with a "
+        "quantization section), compact (bitmask or N:M indices + values, restored exactly by "
+        "llm_sparsify.export.compact.load_compact), or bnb-nf4 / bnb-fp4 / bnb-int8 (bitsandbytes through "
+        "transformers). Prints the size on disk against the checkpoint's.",
+    )
+    export.add_argument("checkpoint", type=Path, help="a finished llm-sparsify output directory")
+    export.add_argument("--format", required=True, choices=FORMATS, help="the output format")
+    export.add_argument("--qtype", default="Q8_0", choices=GGUF_TYPES, help="gguf: tensor type (default: Q8_0)")
+    export.add_argument("--output", type=Path, default=None,
+                        help="output file (gguf) or directory (default: CHECKPOINT-FORMAT beside the checkpoint)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    export.add_argument("--device", default=None, help="bnb-*: where bitsandbytes runs (default: cuda if available)")
+    export.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result")
+
+    push = commands.add_parser(
+        "push", help="upload a finished output to the Hugging Face Hub",
+        description="Upload FOLDER to the Hub repo REPO in one commit, writing its model card first if it has none. "
+        "Unfinished outputs are refused. The token comes from --token, HF_TOKEN or `hf auth login`; HF_ENDPOINT "
+        "selects another Hub. Broken connections are retried; files already on the Hub are not sent again.",
+    )
+    push.add_argument("folder", type=Path, help="a finished llm-sparsify output (or any export of one)")
+    push.add_argument("repo", help="Hub repo id, e.g. me/SmolLM2-135M-wanda-2of4")
+    _push_options(push)
+    push.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result")
     return parser
+
+
+def _push_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument("--revision", default=None, help="Hub branch to push to, created if missing (default: main)")
+    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login)")
 
 
 def _perplexity(model_name: str | None, dataset: str, seqlen: int | None, max_windows: int | None,
                 dtype: str | None, device: str) -> dict:
     model, tokenizer = load_model(model_name, dtype=DTYPES.get(dtype), device=device)
+    return {"model": model_name or DEFAULT_MODEL,
+            **_perplexity_of(model, tokenizer, dataset, seqlen, max_windows, device)}
+
+
+def _perplexity_of(model, tokenizer, dataset: str, seqlen: int | None, max_windows: int | None, device: str) -> dict:
     seqlen = seqlen or default_calibration_size(device)[1]
     ids = evaluation_ids(dataset, tokenizer)
     value = perplexity(model, ids, seqlen=seqlen, device=device, max_windows=max_windows)
     windows = min(ids.numel() // seqlen, max_windows or ids.numel())
-    return {"model": model_name or DEFAULT_MODEL, "dataset": dataset, "seqlen": seqlen,
-            "windows": windows, "perplexity": value}
+    return {"dataset": dataset, "seqlen": seqlen, "windows": windows, "perplexity": value}
 
 
 def run_prune(args: argparse.Namespace) -> None:
@@ -125,20 +189,98 @@ def run_prune(args: argparse.Namespace) -> None:
         pruned = _perplexity(str(output), "wikitext2", None, windows, args.dtype, device)
         print(f"WikiText-2 perplexity (seqlen {base['seqlen']}, {base['windows']} windows): "
               f"base {base['perplexity']:.3f} -> pruned {pruned['perplexity']:.3f}")
+        _add_evaluation(output, {"base": {"wikitext2": base}, "pruned": {"wikitext2": pruned}})
+    write_model_card(output, command=args.command_line)
+    if args.push_to_hub:
+        _push(output, args.push_to_hub, args)
+
+
+def _add_evaluation(output: Path, models: dict) -> None:
+    """Keep evaluation results in the output's record, where the model card finds them."""
+    record = read_record(output)
+    record["evaluation"] = {"models": models}
+    with atomic_file(output / RECORD, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _evaluate_model(model_name: str | None, args: argparse.Namespace, tasks: list[str], data_dir: Path | None,
+                    device: str) -> dict:
+    """One model's record: perplexity (unless --no-perplexity) and {task: {metric: value}} under "tasks"."""
+    model, tokenizer = load_model(model_name, dtype=DTYPES.get(args.dtype), device=device)
+    record = {"model": model_name or DEFAULT_MODEL}
+    if not args.no_perplexity:
+        record.update(_perplexity_of(model, tokenizer, args.dataset, args.seqlen, args.max_windows, device))
+    if tasks:
+        record["tasks"] = evaluate_tasks(model, tokenizer, tasks, limit=args.limit, data_dir=data_dir,
+                                         batch_size=args.batch_size, device=device)
+    return record
+
+
+def _table_entry(record: dict) -> dict:
+    """A model's record as markdown_table reads it: {task: {metric: value}}, perplexity first."""
+    entry = {record["dataset"]: {"perplexity": record["perplexity"]}} if "perplexity" in record else {}
+    return entry | record.get("tasks", {})
 
 
 def run_eval(args: argparse.Namespace) -> None:
     device = args.device or default_device()
-    result = _perplexity(args.model, args.dataset, args.seqlen, args.max_windows, args.dtype, device)
-    if args.json:
-        print(json.dumps(result))
-    else:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.no_perplexity and not tasks:
+        raise DataError("nothing to evaluate: --no-perplexity needs --tasks")
+    if args.limit is not None and args.limit < 1:
+        raise DataError(f"--limit must be at least 1, got {args.limit}")
+    data_dir = check_tasks(tasks, args.data_dir) if tasks else None  # before any model is loaded
+    records = [_evaluate_model(name, args, tasks, data_dir, device) for name in args.models or [None]]
+
+    if args.json not in (None, "-"):
+        with atomic_file(args.json, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(records, indent=2) + "\n")
+        log.info("results written to %s", args.json)
+    if args.json == "-":
+        print(json.dumps(records))
+    elif len(records) == 1 and not tasks:
+        result = records[0]
         print(f"{result['model']}: {result['dataset']} perplexity {result['perplexity']:.3f} "
               f"(seqlen {result['seqlen']}, {result['windows']} windows)")
+    else:
+        print(markdown_table({r["model"]: _table_entry(r) for r in records}, [r["model"] for r in records]))
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from llm_sparsify.export.bitsandbytes import export_bitsandbytes
+    from llm_sparsify.export.compact import save_compact
+    from llm_sparsify.export.compressed_tensors import export_compressed_tensors
+    from llm_sparsify.export.gguf import export_gguf
+
+    source = args.checkpoint
+    suffix = f"{args.qtype}.gguf" if args.format == "gguf" else args.format
+    output = args.output or source.with_name(f"{source.name}-{suffix}")
+    if args.format == "gguf":
+        export_gguf(source, output, qtype=args.qtype, overwrite=args.overwrite)
+    elif args.format == "compressed-tensors":
+        export_compressed_tensors(source, output, overwrite=args.overwrite)
+    elif args.format == "compact":
+        save_compact(source, output, overwrite=args.overwrite)
+    else:
+        export_bitsandbytes(source, output, mode=args.format.removeprefix("bnb-"), device=args.device,
+                            overwrite=args.overwrite)
+    size, base = disk_size(output), disk_size(source)
+    print(f"exported {source} as {args.format} to {output}: {size / 2**20:.1f} MiB ({size / base:.1%} of the "
+          f"checkpoint's {base / 2**20:.1f} MiB)")
+
+
+def _push(folder: Path, repo: str, args: argparse.Namespace) -> None:
+    url = push_to_hub(folder, repo, token=args.token, private=args.private, revision=args.revision)
+    print(f"pushed {folder} to {url}")
+
+
+def run_push(args: argparse.Namespace) -> None:
+    _push(args.folder, args.repo, args)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["llm-sparsify", *(sys.argv[1:] if argv is None else argv)])  # for the card
     quiet = args.quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 speaks
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
     if quiet:
@@ -146,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
-        {"prune": run_prune, "eval": run_eval}[args.command](args)
-    except (RecipeError, DataError, ModelError, OutputExistsError) as error:
+        {"prune": run_prune, "eval": run_eval, "export": run_export, "push": run_push}[args.command](args)
+    except (RecipeError, DataError, ModelError, OutputExistsError, ExportError, PushError, CardError) as error:
         print(f"llm-sparsify: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

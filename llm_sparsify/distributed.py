@@ -2,8 +2,9 @@
 
 Each rank runs the calibration samples of its own share through the layer; the statistics (column
 norms, Hessians) are summed over ranks; each rank prunes its share of the layer's modules and sends
-the results to all others, so every rank holds the same pruned layer and propagates its own samples.
-Rank 0 writes the output. With one process every function here is a no-op.
+the results (weights, quantization grids, reconstruction errors) to all others, so every rank holds
+the same pruned layer and propagates its own samples. Rank 0 writes the output. With one process
+every function here is a no-op.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from llm_sparsify.data import DataError
+from llm_sparsify.quantize.grid import Grid, QuantScheme
 from llm_sparsify.stats import SAMPLES_PER_SUM, InputStatistics
 
 log = logging.getLogger(__name__)
@@ -79,15 +81,33 @@ def is_mine(index: int) -> bool:
     return index % size == rank
 
 
-def share_pruned_weights(groups: list[list[nn.Linear]], first: int = 0) -> None:
-    """Send each group's pruned weights from the rank that pruned them (see is_mine; the groups are
-    numbered from `first`) to every other rank."""
-    _, size = rank_and_size()
+def share_pruned_weights(groups: list[list[nn.Linear]], first: int = 0, scheme: QuantScheme | None = None) -> None:
+    """Send each group's pruned weights, and their quantization grids under `scheme`, from the rank that pruned
+    them (see is_mine; the groups are numbered from `first`) to every other rank."""
+    rank, size = rank_and_size()
     if size == 1:
         return
     for index, modules in enumerate(groups, start=first):
         for module in modules:
             dist.broadcast(module.weight.data, src=index % size)
+            if scheme is None:
+                continue
+            if index % size != rank:  # room for the grid, [out, groups of inputs]
+                out, columns = module.weight.shape
+                shape = (out, -(-columns // scheme.group_width(columns)))
+                module.quantization_grid = Grid(scheme, module.weight.new_empty(shape, dtype=torch.float32),
+                                                module.weight.new_empty(shape, dtype=torch.int32))
+            dist.broadcast(module.quantization_grid.scale, src=index % size)
+            dist.broadcast(module.quantization_grid.zero_point, src=index % size)
+
+
+def merge(values: dict) -> dict:
+    """The union of every rank's `values` (e.g. the reconstruction errors of the modules each pruned)."""
+    if rank_and_size()[1] == 1:
+        return values
+    parts: list[dict] = [{} for _ in range(rank_and_size()[1])]
+    dist.all_gather_object(parts, values)
+    return {key: value for part in parts for key, value in part.items()}
 
 
 def same_on_all_ranks(value: object) -> object:

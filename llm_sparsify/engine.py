@@ -34,8 +34,9 @@ from llm_sparsify import distributed
 from llm_sparsify.data import DataError
 from llm_sparsify.interleaved import module_groups, prune_during_forward
 from llm_sparsify.models import decoder_layers, home_device
-from llm_sparsify.prune import STATISTIC, prune_weights
+from llm_sparsify.prune import STATISTIC, prune_weights, quantize_weights
 from llm_sparsify.prune.magnitude import global_magnitude_threshold, prune_below
+from llm_sparsify.quantize.grid import Grid
 from llm_sparsify.recipe import Recipe, RecipeError
 from llm_sparsify.stats import InputStatistics
 
@@ -44,11 +45,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LayerReport:
-    """What happened to one decoder layer: share of zeros per pruned module, and wall time."""
+    """What happened to one decoder layer: share of zeros per pruned module, wall time, and per module the
+    relative reconstruction error ‖(W−Ŵ)X‖²/‖WX‖² on its calibration inputs (see InputStatistics.relative_errors;
+    absent without calibration data)."""
 
     index: int
     seconds: float
     sparsity: dict[str, float] = field(default_factory=dict)
+    error: dict[str, float] = field(default_factory=dict)
 
 
 def layer_linears(model: PreTrainedModel) -> list[dict[str, nn.Linear]]:
@@ -299,10 +303,10 @@ def prune_layers(
     """
     device = torch.device(device)
     targets = target_modules(model, recipe)
-    statistic = STATISTIC[recipe.method]
+    statistic = recipe.statistic
     reports = list(finished or [])
     if statistic is not None:
-        check_calibration(model, calibration, recipe.method)
+        check_calibration(model, calibration, recipe.method if STATISTIC[recipe.method] else "gptq")
         store = activation_store(model, calibration, device, recipe.inputs == "pruned")
         with layers.stem(device):
             hidden, kwargs = capture_layer_inputs(model, calibration, device, batch_size, store)
@@ -312,7 +316,8 @@ def prune_layers(
         threshold = global_magnitude_threshold(lambda: layers.target_weights(targets), recipe.pattern)
 
     rank, _ = distributed.rank_and_size()
-    progress = tqdm(total=len(layers), desc=f"{recipe.method} {recipe.pattern_text}", unit="layer",
+    quantized = f" + {recipe.quantization.method}" if recipe.quantization else ""
+    progress = tqdm(total=len(layers), desc=f"{recipe.method} {recipe.pattern_text}{quantized}", unit="layer",
                     initial=len(reports), disable=rank != 0)
     groups: dict[tuple[str, ...], list[list[str]]] = {}  # module grouping, per layer structure
     for i in range(len(layers)):
@@ -326,7 +331,7 @@ def prune_layers(
         if not resumed:
             if targets[i] and statistic is not None and recipe.inputs == "pruned":
                 report, outputs = prune_interleaved(i, layer, targets[i], hidden, kwargs, recipe, layers,
-                                                    device, not last, groups)
+                                                    device, not last, groups, threshold)
             else:
                 stats = {}
                 if targets[i] and statistic is not None:
@@ -349,7 +354,7 @@ def prune_layers(
 def prune_interleaved(
     index: int, layer: nn.Module, modules: dict[str, nn.Linear], hidden: list[Tensor], kwargs: list[dict],
     recipe: Recipe, layers: LayerSource, device: torch.device, outputs: bool,
-    groups: dict[tuple[str, ...], list[list[str]]],
+    groups: dict[tuple[str, ...], list[list[str]]], threshold: float | None = None,
 ) -> tuple[LayerReport, list[Tensor] | None]:
     """Prune one layer's modules group by group during its one forward (see interleaved.py); return the
     report and the pruned layer's outputs. `groups` caches the grouping found for each layer structure."""
@@ -363,15 +368,17 @@ def prune_interleaved(
 
     def prune_group(g: int, names: list[str], stats: InputStatistics) -> None:
         done = prune_modules(index, {name: modules[name] for name in names}, dict.fromkeys(names, stats), recipe,
-                             first_group=g)
+                             threshold, first_group=g)
         report.sparsity.update(done.sparsity)
+        report.error.update(done.error)
         # later modules must see the values that are saved
         layers.round_to_storage(layer, [f"{relative[modules[name]]}.weight" for name in names])
 
     named_groups = [[full[name] for name in names] for names in groups[key]]
     out = prune_during_forward(layer, modules, named_groups, hidden, kwargs, device,
-                               STATISTIC[recipe.method] == "hessian", prune_group, outputs)
+                               recipe.statistic == "hessian", prune_group, outputs)
     report.sparsity = {name: report.sparsity[name] for name in modules}
+    report.error = {name: report.error[name] for name in modules if name in report.error}
     return report, out
 
 
@@ -379,7 +386,8 @@ def prune_modules(
     index: int, modules: dict[str, nn.Linear], stats: dict[str, InputStatistics], recipe: Recipe,
     threshold: float | None = None, first_group: int = 0,
 ) -> LayerReport:
-    """Prune one layer's target modules in place, modules that share an input together.
+    """Prune (and quantize) one layer's target modules in place, modules that share an input together; each
+    quantized module keeps its grid as `module.quantization_grid`.
 
     Under torch.distributed each rank prunes its share of these groups (numbered from `first_group`),
     then all swap results.
@@ -388,18 +396,39 @@ def prune_modules(
     for name in modules:
         groups.setdefault(id(stats[name]) if name in stats else name, []).append(name)
     groups_list = list(groups.values())
+    errors: dict[str, float] = {}
     for g, names in enumerate(groups_list, start=first_group):
         if not distributed.is_mine(g):
             continue
-        weights = [modules[name].weight.data for name in names]
+        weights, group_stats = [modules[name].weight.data for name in names], stats.get(names[0])
         if threshold is not None:
-            pruned = [prune_below(w, threshold) for w in weights]
+            pruned, grids = quantize_weights([prune_below(w, threshold) for w in weights], group_stats,
+                                             recipe.quantization)
         else:
-            pruned = prune_weights(recipe.method, weights, stats.get(names[0]), recipe.pattern, **recipe.options)
-        for name, weight in zip(names, pruned, strict=True):
+            pruned, grids = prune_weights(recipe.method, weights, group_stats, recipe.pattern, recipe.quantization,
+                                          **recipe.options)
+        for name, weight, grid in zip(names, pruned, grids or [None] * len(names), strict=True):
             modules[name].weight.data = weight
-    distributed.share_pruned_weights([[modules[name] for name in names] for names in groups_list], first_group)
-    return LayerReport(index, 0.0, {name: zero_share(module.weight) for name, module in modules.items()})
+            set_grid(modules[name], grid)
+        if group_stats is not None:
+            errors.update(zip(names, group_stats.relative_errors(weights, pruned), strict=True))
+    scheme = recipe.quantization.scheme if recipe.quantization else None
+    distributed.share_pruned_weights([[modules[name] for name in names] for names in groups_list], first_group,
+                                     scheme)
+    errors = distributed.merge(errors)
+    for module in modules.values():  # grids are kept in host memory, with the model's files
+        if (grid := getattr(module, "quantization_grid", None)) is not None:
+            set_grid(module, Grid(grid.scheme, grid.scale.cpu(), grid.zero_point.cpu()))
+    return LayerReport(index, 0.0, {name: zero_share(module.weight) for name, module in modules.items()},
+                       {name: errors[name] for name in modules if name in errors})
+
+
+def set_grid(module: nn.Module, grid: Grid | None) -> None:
+    """Attach a module's quantization grid (or remove a stale one from an earlier run)."""
+    if grid is None:
+        vars(module).pop("quantization_grid", None)
+    else:
+        module.quantization_grid = grid
 
 
 def prune_model(

@@ -27,6 +27,12 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextmanager
 def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; rename it to `path` only when the block succeeds."""
@@ -34,9 +40,7 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; outputs are ordinary directories
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; outputs are ordinary directories
     try:
         yield tmp
     except BaseException:
@@ -67,9 +71,20 @@ def atomic_file(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
+    tmp.chmod(0o666 & ~_umask())  # mkstemp makes it private; outputs are ordinary files
     try:
         yield tmp
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def disk_size(path: str | Path) -> int:
+    """Bytes of a file, or of all files under a directory (symbolic links followed, as a loader reads them)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist")
+    return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())

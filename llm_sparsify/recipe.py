@@ -12,6 +12,15 @@
                                #   pruned modules before it produce, in one forward per layer (pruned),
                                #   or all on the unpruned layer's, in two forwards (dense, as the
                                #   reference code does)
+    quantization:              # optional: the pruned weights on an integer grid (quantize/grid.py)
+      method: gptq             # gptq: each column rounded as the sweep passes it, its error spread over the
+                               #   columns not yet visited (with sparsegpt in the same sweep as the mask;
+                               #   otherwise on the kept weights, the mask fixed) | rtn: round to nearest
+      bits: 4                  # 4 or 8
+      group_size: 128          # inputs per scale; null: one scale per output channel
+      symmetric: true
+      dampening: 0.01          # gptq: λ as a share of mean(diag H) (default: sparsegpt's, else 0.01)
+      blocksize: 128           # gptq: columns per lazy batch (with sparsegpt: its own, one sweep)
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import yaml
 
 from llm_sparsify.prune import STATISTIC
 from llm_sparsify.prune.masks import Pattern
+from llm_sparsify.quantize.grid import QuantScheme
 
 OPTIONS: dict[str, dict[str, Any]] = {  # method -> its options and their defaults
     "magnitude": {"scope": "layer"},
@@ -34,6 +44,10 @@ OPTIONS: dict[str, dict[str, Any]] = {  # method -> its options and their defaul
 }
 _COMMON = {"method", "sparsity", "targets", "ignore"}
 INPUTS = ("pruned", "dense")
+QUANTIZERS: dict[str, set[str]] = {  # quantization method -> its keys
+    "gptq": {"method", "bits", "group_size", "symmetric", "dampening", "blocksize"},
+    "rtn": {"method", "bits", "group_size", "symmetric"},
+}
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -52,6 +66,25 @@ class RecipeError(ValueError):
 
 
 @dataclass(frozen=True)
+class Quantization:
+    """How the pruned weights are quantized: `gptq` (with error feedback; needs the Hessian) or `rtn`."""
+
+    method: str
+    scheme: QuantScheme
+    blocksize: int = 128  # gptq
+    dampening: float = 0.01  # gptq
+
+    def to_dict(self) -> dict[str, Any]:
+        section = {"method": self.method, "bits": self.scheme.bits, "group_size": self.scheme.group_size,
+                   "symmetric": self.scheme.symmetric}
+        return section | ({"dampening": self.dampening, "blocksize": self.blocksize} if self.method == "gptq" else {})
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint's llm_sparsify.json says about its grids."""
+        return {key: value for key, value in self.to_dict().items() if key not in ("dampening", "blocksize")}
+
+
+@dataclass(frozen=True)
 class Recipe:
     method: str
     pattern: Pattern
@@ -60,6 +93,14 @@ class Recipe:
     options: dict[str, Any] = field(default_factory=dict)
     name: str = "custom"
     inputs: str = "pruned"  # calibrate each module on the pruned (or the dense) layer's activations
+    quantization: Quantization | None = None
+
+    @property
+    def statistic(self) -> str | None:
+        """The input statistic the recipe needs: the method's, or the Hessian for GPTQ (None: no data)."""
+        if self.quantization is not None and self.quantization.method == "gptq":
+            return "hessian"
+        return STATISTIC[self.method]
 
     @property
     def sparsity(self) -> float:
@@ -75,9 +116,11 @@ class Recipe:
         sparsity = self.pattern_text if isinstance(self.pattern, tuple) else self.pattern
         section = {"method": self.method, "sparsity": sparsity, "targets": list(self.targets),
                    "ignore": list(self.ignore), **self.options}
-        if STATISTIC[self.method] is not None:
+        if self.statistic is not None:
             section["inputs"] = self.inputs
-        return {"pruning": section}
+        if self.quantization is None:
+            return {"pruning": section}
+        return {"pruning": section, "quantization": self.quantization.to_dict()}
 
 
 def parse_pattern(value: Any) -> Pattern:
@@ -108,19 +151,63 @@ def _globs(value: Any, key: str, allow_empty: bool) -> tuple[str, ...]:
     return tuple(values)
 
 
+def _positive(value: Any, key: str, integer: bool) -> None:
+    kinds = int if integer else int | float
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+        raise RecipeError(f"{key} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+
+
+def parse_quantization(section: Any, method: str, pattern: Pattern, options: dict[str, Any]) -> Quantization:
+    """Validate a `quantization:` section; with sparsegpt, GPTQ shares its sweep (so its blocksize and dampening)."""
+    quantizer = section.get("method") if isinstance(section, dict) else section
+    if not isinstance(section, dict) or not isinstance(quantizer, str) or quantizer not in QUANTIZERS:
+        raise RecipeError(f"quantization needs a method: {' or '.join(QUANTIZERS)} (got {quantizer!r})")
+    if unknown := set(section) - QUANTIZERS[quantizer]:
+        raise RecipeError(f"unknown quantization key(s) for {quantizer}: {', '.join(sorted(unknown))}; "
+                          f"allowed: {', '.join(sorted(QUANTIZERS[quantizer]))}")
+    bits, group_size, symmetric = section.get("bits", 4), section.get("group_size", 128), section.get("symmetric", True)
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (4, 8):
+        raise RecipeError(f"quantization.bits must be 4 or 8, got {bits!r}")
+    if group_size is not None:
+        _positive(group_size, "quantization.group_size (null: one scale per output channel)", integer=True)
+    if not isinstance(symmetric, bool):
+        raise RecipeError(f"quantization.symmetric must be true or false, got {symmetric!r}")
+    scheme = QuantScheme(bits, group_size, symmetric)
+    if quantizer == "rtn":
+        return Quantization("rtn", scheme)
+    joint = method == "sparsegpt"
+    sweep = {key: options[key] if joint else default for key, default in (("blocksize", 128), ("dampening", 0.01))}
+    for key, value in sweep.items():
+        given = section.get(key, value)
+        _positive(given, f"quantization.{key}", integer=key == "blocksize")
+        if joint and given != value:
+            raise RecipeError(f"with sparsegpt, GPTQ runs in the pruning's own sweep: quantization.{key} must "
+                              f"equal pruning.{key} ({value}) or be left out, got {given!r}")
+        sweep[key] = given
+    blocksize = sweep["blocksize"]
+    if group_size is not None and blocksize % group_size and group_size % blocksize:
+        raise RecipeError(f"quantization.group_size {group_size} must divide the GPTQ blocksize {blocksize} or be "
+                          "a multiple of it (each group's grid is fitted on up-to-date weights)")
+    if joint and isinstance(pattern, tuple) and group_size is not None and group_size % pattern[1]:
+        raise RecipeError(f"quantization.group_size {group_size} must be a multiple of M={pattern[1]} (one sweep)")
+    return Quantization("gptq", scheme, **sweep)
+
+
 def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
-    """Validate a parsed recipe (the whole document, with its `pruning:` section)."""
+    """Validate a parsed recipe (the whole document: its `pruning:` section, and `quantization:` if any)."""
     if not isinstance(data, dict) or not isinstance(data.get("pruning"), dict):
         raise RecipeError("a recipe needs a `pruning:` section with at least `method` and `sparsity`")
-    if unknown := set(data) - {"pruning"}:
-        raise RecipeError(f"unknown recipe section(s): {', '.join(sorted(unknown))}; known: pruning")
+    if unknown := set(data) - {"pruning", "quantization"}:
+        raise RecipeError(f"unknown recipe section(s): {', '.join(sorted(unknown))}; known: pruning, quantization")
     section = data["pruning"]
     method = section.get("method")
     if not isinstance(method, str) or method not in STATISTIC:
         raise RecipeError(f"unknown method {method!r}; choose one of: {', '.join(STATISTIC)}")
     if "sparsity" not in section:
         raise RecipeError("pruning.sparsity is required, e.g. 0.5 or \"2:4\"")
-    allowed = _COMMON | set(OPTIONS[method]) | ({"inputs"} if STATISTIC[method] else set())
+    quantizer = data["quantization"].get("method") if isinstance(data.get("quantization"), dict) else None
+    needs_data = STATISTIC[method] is not None or quantizer == "gptq"
+    allowed = _COMMON | set(OPTIONS[method]) | ({"inputs"} if needs_data else set())
     if unknown := set(section) - allowed:
         known = ", ".join(sorted(allowed))
         raise RecipeError(f"unknown key(s) for {method}: {', '.join(sorted(unknown))}; allowed: {known}")
@@ -128,13 +215,10 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
     pattern = parse_pattern(section["sparsity"])
     options = {**OPTIONS[method], **{k: section[k] for k in OPTIONS[method] if k in section}}
     if method == "sparsegpt":
-        blocksize, dampening = options["blocksize"], options["dampening"]
-        if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
-            raise RecipeError(f"blocksize must be a positive integer, got {blocksize!r}")
-        if isinstance(pattern, tuple) and blocksize % pattern[1]:
-            raise RecipeError(f"blocksize {blocksize} must be a multiple of M={pattern[1]}")
-        if isinstance(dampening, bool) or not isinstance(dampening, int | float) or dampening <= 0:
-            raise RecipeError(f"dampening must be a positive number, got {dampening!r}")
+        _positive(options["blocksize"], "blocksize", integer=True)
+        if isinstance(pattern, tuple) and options["blocksize"] % pattern[1]:
+            raise RecipeError(f"blocksize {options['blocksize']} must be a multiple of M={pattern[1]}")
+        _positive(options["dampening"], "dampening", integer=False)
     if method == "magnitude":
         if options["scope"] not in ("layer", "global"):
             raise RecipeError(f"magnitude scope must be 'layer' or 'global', got {options['scope']!r}")
@@ -143,6 +227,9 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
     inputs = section.get("inputs", "pruned")
     if inputs not in INPUTS:
         raise RecipeError(f"inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")
+    quantization = None
+    if "quantization" in data:
+        quantization = parse_quantization(data["quantization"], method, pattern, options)
     return Recipe(
         method=method,
         pattern=pattern,
@@ -151,6 +238,7 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
         options=options,
         name=name,
         inputs=inputs,
+        quantization=quantization,
     )
 
 

@@ -57,3 +57,24 @@ class InputStatistics:
         self.flush()
         squares = self.sum.diagonal() if self.sum.dim() == 2 else self.sum
         return squares.sqrt().float()
+
+    def relative_errors(self, before: list[Tensor], after: list[Tensor]) -> list[float]:
+        """‖(W−Ŵ)X‖²/‖WX‖² over the tokens seen, for each weight read on this input (W before, Ŵ after).
+
+        Exact, tr(ΔW H ΔWᵀ)/tr(W H Wᵀ), where the Hessian was summed (one product for all the weights); from
+        column norms only (Wanda), the diagonal approximation Σ ΔW²_ij‖X_j‖² / Σ W²_ij‖X_j‖², which leaves out
+        the correlation between inputs.
+        """
+        self.flush()
+        rows = [w.shape[0] for w in before]
+        W = torch.cat([w.detach().float() for w in before])
+        delta = W - torch.cat([w.detach().float().to(W.device) for w in after])
+        if self.sum.dim() == 2:
+            A = torch.cat([delta, W])
+            quadratic = ((A @ self.sum.float().to(A.device)) * A).sum(1)  # a H aᵀ of each row a
+            error, total = quadratic.split([len(W), len(W)])
+        else:
+            squares = self.sum.float().to(W.device)
+            error, total = delta.square() @ squares, W.square() @ squares
+        return [(e.sum() / t.sum()).item() if t.sum() > 0 else 0.0
+                for e, t in zip(error.split(rows), total.split(rows), strict=True)]

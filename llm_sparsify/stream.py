@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from llm_sparsify.engine import LayerReport
 from llm_sparsify.files import OutputExistsError, _remove, replace_directory
 from llm_sparsify.models import DEFAULT_MODEL, ModelError, decoder_layers, default_model_path
+from llm_sparsify.quantize.grid import GRIDS_FILE, Grid, load_grids, save_grids
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,8 @@ def _drop(module: nn.Module, names: list[str]) -> None:
 
 
 class PartialOutput:
-    """An output directory under construction: one shard per finished layer and a progress file."""
+    """An output directory under construction: one shard per finished layer (and one file of its quantization
+    grids, if any, merged into quantization.safetensors at the end) and a progress file."""
 
     def __init__(self, output: Path, fingerprint: dict[str, Any], shard_count: int, overwrite: bool,
                  finished: list[LayerReport] | None = None) -> None:
@@ -157,6 +159,12 @@ class PartialOutput:
         save_file({name: t.contiguous() for name, t in tensors.items()}, tmp, metadata={"format": "pt"})
         os.replace(tmp, self.path / self.shard_name(number))
 
+    def write_grids(self, number: int, grids: dict[str, Grid]) -> None:
+        """The quantization grids of one layer, beside its shard (merged into one file by `finish`)."""
+        tmp = self.path / f"grids-{number + 1:05d}.safetensors.tmp"
+        save_grids(grids, tmp)
+        os.replace(tmp, tmp.with_suffix(""))
+
     def layer_done(self, report: LayerReport) -> None:
         self.finished.append(report)
         state = {"fingerprint": self.fingerprint, "layers": [vars(r) for r in self.finished]}
@@ -169,6 +177,11 @@ class PartialOutput:
         total = sum((self.path / f).stat().st_size for f in set(files.values()))
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(files.items()))}
         (self.path / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if parts := sorted(self.path.glob("grids-*.safetensors")):  # one file of grids, all layers'
+            save_grids({name: grid for part in parts for name, grid in load_grids(part).items()},
+                       self.path / GRIDS_FILE)
+            for part in parts:
+                part.unlink()
         for item in source.iterdir():  # config, generation config, tokenizer, chat template, ...
             if item.is_file() and item.name not in _NOT_COPIED and not item.name.endswith(_WEIGHTS):
                 shutil.copy(item, self.path / item.name)
@@ -249,18 +262,26 @@ class StreamedLayers:
                 tensor.copy_(tensor.to(self.stored[name]))
 
     def save(self, index: int, layer: nn.Module, report: LayerReport) -> None:
-        """Write the pruned layer in the checkpoint's own dtypes (and keep exactly those values)."""
+        """Write the pruned layer in the checkpoint's own dtypes (and keep exactly those values), and its grids.
+        (A quantized weight stored in bfloat16 is its grid value rounded to bfloat16; rounding w/scale still
+        gives its integer back, even at 8 bits.)"""
         self.round_to_storage(layer)
         tensors = {f"{self.prefix}.{index}.{name}": tensor.to("cpu", self.stored[name])
                    for name, tensor in layer.state_dict().items()}
+        grids = {f"{self.prefix}.{index}.{name}": module.quantization_grid for name, module in layer.named_modules()
+                 if getattr(module, "quantization_grid", None) is not None}
         if self.output is not None and self.write:
             self.output.write_shard(index, tensors)
+            if grids:
+                self.output.write_grids(index, grids)
             self.pending = report
 
     def unload(self, index: int, layer: nn.Module) -> None:
         """Free the layer; a layer pruned in this run is recorded as finished now that its time is known
         (killed before this, the layer is simply done again)."""
         _drop(layer, self.names[index])
+        for module in layer.modules():
+            vars(module).pop("quantization_grid", None)
         if self.pending is not None:
             self.output.layer_done(self.pending)
             self.pending = None

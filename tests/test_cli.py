@@ -200,7 +200,7 @@ def test_nm_pattern_that_does_not_divide_in_features(tmp_path, model_dir, calib,
 def test_eval_prints_json_with_a_finite_perplexity(pruned, capsys):
     capsys.readouterr()
     assert main(["eval", str(pruned), "--seqlen", "16", "--max-windows", "2", "--json", "--device", "cpu"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    [result] = json.loads(capsys.readouterr().out)  # one record per model
     assert result["model"] == str(pruned)
     assert result["dataset"] == "wikitext2"
     assert result["seqlen"] == 16
@@ -219,6 +219,26 @@ def test_eval_of_a_text_file_prints_a_line(tmp_path, model_dir, capsys):
     assert "(seqlen 16, 3 windows)" in stdout
 
 
+def test_eval_of_two_models_prints_them_side_by_side_and_writes_json(tmp_path, model_dir, pruned, capsys):
+    out = tmp_path / "results.json"
+    assert main(["eval", str(model_dir), str(pruned), "--seqlen", "16", "--max-windows", "2", "--json", str(out),
+                 "--device", "cpu", "-q"]) == 0
+    records = json.loads(out.read_text())
+    assert [r["model"] for r in records] == [str(model_dir), str(pruned)]
+    assert all(r["windows"] == 2 and math.isfinite(r["perplexity"]) for r in records)
+    assert records[0]["perplexity"] != records[1]["perplexity"]  # the pruned model is another model
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == f"| task | metric | {model_dir} | {pruned} |"
+    assert table[2] == (f"| wikitext2 | perplexity | {records[0]['perplexity']:.4f} | "
+                        f"{records[1]['perplexity']:.4f} |")
+    assert no_leftovers(tmp_path)
+
+
+def test_eval_with_nothing_to_evaluate(capsys):
+    assert main(["eval", "--no-perplexity", "--device", "cpu", "-q"]) == 2
+    assert "error: nothing to evaluate: --no-perplexity needs --tasks" in capsys.readouterr().err
+
+
 def test_eval_of_a_missing_model(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--seqlen", "16", "--max-windows", "1", "--device", "cpu", "-q"]) == 2
     assert "error: could not load model" in capsys.readouterr().err
@@ -233,6 +253,16 @@ def test_help_exits_0(capsys):
     assert exit_info.value.code == 0
     stdout = capsys.readouterr().out
     assert "prune" in stdout and "eval" in stdout
+
+
+def test_eval_help_lists_the_tasks_and_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--help"])
+    assert exit_info.value.code == 0
+    stdout = capsys.readouterr().out
+    for text in ("--tasks", "--limit", "--data-dir", "--no-perplexity", "--json", "LLM_SPARSIFY_TASK_DATA", "piqa",
+                 "winogrande", "lambada_openai"):
+        assert text in stdout, text
 
 
 def test_prune_help_lists_the_builtin_recipes(capsys):
@@ -271,3 +301,40 @@ def test_eval_text_shorter_than_a_window(tmp_path, model_dir, capsys):
     text.write_text("only a few words")
     assert main(["eval", str(model_dir), "--dataset", str(text), "--seqlen", "64", "--device", "cpu", "-q"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_prune_writes_a_model_card_with_the_command(pruned):
+    card = (pruned / "README.md").read_text()
+    assert "wanda-2of4" in card and "llm-sparsify prune" in card
+    assert (pruned / "llm_sparsify_layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_compact_restores_the_checkpoint_and_reports_sizes(tmp_path, pruned, capsys):
+    from llm_sparsify.export.compact import load_compact
+
+    out = tmp_path / "compact"
+    assert main(["export", str(pruned), "--format", "compact", "--output", str(out), "-q"]) == 0
+    assert "MiB" in capsys.readouterr().out
+    restored = decoder_linears(load_compact(out))
+    original = decoder_linears(AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32))
+    assert restored.keys() == original.keys() and all(torch.equal(restored[k], original[k]) for k in original)
+
+
+def test_export_gguf_writes_a_file_transformers_reads(tmp_path, pruned):
+    out = tmp_path / "model.gguf"
+    assert main(["export", str(pruned), "--format", "gguf", "--qtype", "F32", "--output", str(out), "-q"]) == 0
+    reloaded = decoder_linears(AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name))
+    original = decoder_linears(AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32))
+    assert all(torch.equal(reloaded[k], original[k]) for k in original)  # F32: exact, q/k order restored
+
+
+def test_export_of_an_unquantized_checkpoint_to_compressed_tensors_is_refused(tmp_path, pruned, capsys):
+    out = tmp_path / "ct"
+    assert main(["export", str(pruned), "--format", "compressed-tensors", "--output", str(out), "-q"]) == 2
+    assert "quantization" in capsys.readouterr().err
+    assert not out.exists() and no_leftovers(tmp_path)
+
+
+def test_export_of_a_directory_that_is_not_a_checkpoint(tmp_path, capsys):
+    assert main(["export", str(tmp_path), "--format", "gguf", "--output", str(tmp_path / "x.gguf"), "-q"]) == 2
+    assert "llm-sparsify: error:" in capsys.readouterr().err

@@ -7,8 +7,10 @@ import dataclasses
 import pytest
 import yaml
 
+from llm_sparsify.quantize.grid import QuantScheme
 from llm_sparsify.recipe import (
     OPTIONS,
+    Quantization,
     Recipe,
     RecipeError,
     builtin_recipes,
@@ -17,7 +19,8 @@ from llm_sparsify.recipe import (
     recipe_from_dict,
 )
 
-BUILTINS = ["magnitude-2of4", "magnitude-50", "sparsegpt-2of4", "sparsegpt-50", "wanda-2of4", "wanda-50"]
+BUILTINS = ["magnitude-2of4", "magnitude-50", "sparsegpt-2of4", "sparsegpt-50", "sparsegpt-50-rtn-w4g128",
+            "sparsegpt-50-w4g128", "wanda-2of4", "wanda-50"]
 
 
 def write(tmp_path, text: str, name: str = "recipe.yaml"):
@@ -38,7 +41,7 @@ def test_every_builtin_recipe_loads(name):
     recipe = load_recipe(name)
     assert isinstance(recipe, Recipe)
     assert recipe.name == name
-    method, amount = name.split("-")
+    method, amount = name.split("-")[:2]
     assert recipe.method == method
     if amount == "2of4":
         assert recipe.pattern == (2, 4)
@@ -50,6 +53,10 @@ def test_every_builtin_recipe_loads(name):
     assert recipe.targets == ("*",)
     assert recipe.ignore == ()
     assert set(recipe.options) == set(OPTIONS[method])
+    assert (recipe.quantization is not None) == name.endswith("-w4g128")
+    if recipe.quantization is not None:
+        assert recipe.quantization.method == ("rtn" if "-rtn-" in name else "gptq")
+        assert recipe.quantization.scheme == QuantScheme(4, 128, True)
 
 
 def test_builtin_options_have_their_defaults():
@@ -59,7 +66,8 @@ def test_builtin_options_have_their_defaults():
     assert load_recipe("wanda-50").options == {}
 
 
-@pytest.mark.parametrize("name", ["sparsegpt-2of4", "wanda-50", "magnitude-50"])
+@pytest.mark.parametrize("name", ["sparsegpt-2of4", "wanda-50", "magnitude-50", "sparsegpt-50-w4g128",
+                                  "sparsegpt-50-rtn-w4g128"])
 def test_to_dict_is_a_recipe_that_loads_back(name):
     recipe = load_recipe(name)
     data = recipe.to_dict()
@@ -195,8 +203,8 @@ def test_unknown_key_for_sparsegpt_lists_its_options():
 
 
 def test_unknown_top_level_section():
-    with pytest.raises(RecipeError, match=r"unknown recipe section\(s\): quantization; known: pruning"):
-        recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5}, "quantization": {"bits": 4}})
+    with pytest.raises(RecipeError, match=r"unknown recipe section\(s\): distill; known: pruning, quantization"):
+        recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5}, "distill": {"teacher": "x"}})
 
 
 def test_sparsegpt_blocksize_must_be_a_multiple_of_m():
@@ -298,3 +306,91 @@ def test_empty_targets_list_is_rejected():
 
 def test_unquoted_nm_pattern_in_yaml(tmp_path):
     assert load_recipe(write(tmp_path, "pruning:\n  method: wanda\n  sparsity: 2:4\n")).pattern == (2, 4)
+
+
+# --- quantization -------------------------------------------------------------------------------------------------
+
+
+def quantized(quantization, pruning=None):
+    return recipe_from_dict({"pruning": pruning or {"method": "wanda", "sparsity": 0.5}, "quantization": quantization})
+
+
+def test_quantization_defaults_and_what_it_needs():
+    recipe = quantized({"method": "gptq"})
+    assert recipe.quantization == Quantization("gptq", QuantScheme(4, 128, True), blocksize=128, dampening=0.01)
+    assert recipe.statistic == "hessian"  # GPTQ needs the Hessian, even after Wanda
+    assert quantized({"method": "rtn", "bits": 8, "group_size": None}).statistic == "column_norms"
+    assert quantized({"method": "rtn"}, {"method": "magnitude", "sparsity": 0.5}).statistic is None
+    magnitude = quantized({"method": "gptq"}, {"method": "magnitude", "sparsity": 0.5, "inputs": "dense"})
+    assert (magnitude.statistic, magnitude.inputs) == ("hessian", "dense")  # now it has calibration inputs
+    with pytest.raises(RecipeError, match="unknown key.*inputs"):
+        quantized({"method": "rtn"}, {"method": "magnitude", "sparsity": 0.5, "inputs": "dense"})
+
+
+def test_gptq_with_sparsegpt_shares_its_sweep():
+    pruning = {"method": "sparsegpt", "sparsity": 0.5, "blocksize": 64, "dampening": 0.05}
+    recipe = quantized({"method": "gptq", "group_size": 32}, pruning)
+    assert (recipe.quantization.blocksize, recipe.quantization.dampening) == (64, 0.05)
+    same = quantized({"method": "gptq", "blocksize": 64, "dampening": 0.05}, pruning)  # given, and equal: fine
+    assert same.quantization == Quantization("gptq", QuantScheme(4, 128, True), 64, 0.05)
+    with pytest.raises(RecipeError, match=r"quantization\.blocksize must equal pruning\.blocksize \(64\)"):
+        quantized({"method": "gptq", "blocksize": 128}, pruning)
+    with pytest.raises(RecipeError, match=r"quantization\.dampening must equal pruning\.dampening \(0\.05\)"):
+        quantized({"method": "gptq", "dampening": 0.01}, pruning)
+
+
+def test_quantization_round_trips_through_to_dict_and_yaml(tmp_path):
+    path = write(tmp_path, "pruning:\n  method: wanda\n  sparsity: 2:4\nquantization:\n  method: gptq\n  bits: 8\n"
+                 "  group_size: null\n  symmetric: false\n  dampening: 0.1\n  blocksize: 64\n")
+    recipe = load_recipe(path)
+    assert recipe.quantization == Quantization("gptq", QuantScheme(8, None, False), blocksize=64, dampening=0.1)
+    data = recipe.to_dict()
+    assert data["quantization"] == {"method": "gptq", "bits": 8, "group_size": None, "symmetric": False,
+                                    "dampening": 0.1, "blocksize": 64}
+    assert yaml.safe_load(yaml.safe_dump(data)) == data
+    assert load_recipe(data) == dataclasses.replace(recipe, name="custom")
+    assert recipe.quantization.record() == {"method": "gptq", "bits": 8, "group_size": None, "symmetric": False}
+    assert "quantization" not in load_recipe("sparsegpt-50").to_dict()
+
+
+@pytest.mark.parametrize(("quantization", "match"), [
+    (None, r"quantization needs a method: gptq or rtn \(got None\)"),
+    ({"bits": 4}, r"quantization needs a method: gptq or rtn \(got None\)"),
+    ({"method": "awq"}, r"quantization needs a method: gptq or rtn \(got 'awq'\)"),
+    ("gptq", r"quantization needs a method: gptq or rtn \(got 'gptq'\)"),
+    ({"method": ["gptq"]}, r"quantization needs a method: gptq or rtn \(got \['gptq'\]\)"),
+    ({"method": "gptq", "bit": 4}, r"unknown quantization key\(s\) for gptq: bit; allowed: bits, blocksize, "),
+    ({"method": "rtn", "blocksize": 64}, r"for rtn: blocksize; allowed: bits, group_size, method, symmetric"),
+    ({"method": "gptq", "bits": 3}, r"quantization\.bits must be 4 or 8, got 3"),
+    ({"method": "gptq", "bits": "4"}, r"quantization\.bits must be 4 or 8, got '4'"),
+    ({"method": "gptq", "bits": 4.0}, r"quantization\.bits must be 4 or 8, got 4\.0"),
+    ({"method": "gptq", "bits": True}, r"quantization\.bits must be 4 or 8"),
+    ({"method": "rtn", "group_size": 0}, r"group_size .*must be a positive integer, got 0"),
+    ({"method": "rtn", "group_size": -128}, r"group_size .*must be a positive integer"),
+    ({"method": "rtn", "group_size": 12.5}, r"group_size .*must be a positive integer"),
+    ({"method": "rtn", "symmetric": "yes"}, r"quantization\.symmetric must be true or false, got 'yes'"),
+    ({"method": "gptq", "dampening": 0}, r"quantization\.dampening must be a positive number, got 0"),
+    ({"method": "gptq", "blocksize": 0}, r"quantization\.blocksize must be a positive integer, got 0"),
+    ({"method": "gptq", "group_size": 96}, r"group_size 96 must divide the GPTQ blocksize 128 or be a multiple of it"),
+    ({"method": "gptq", "group_size": 64, "blocksize": 48}, r"group_size 64 must divide the GPTQ blocksize 48"),
+])
+def test_bad_quantization_sections(quantization, match):
+    with pytest.raises(RecipeError, match=match):
+        quantized(quantization)
+
+
+def test_quantization_groups_against_the_pattern():
+    nm = {"method": "sparsegpt", "sparsity": "2:8", "blocksize": 64}
+    with pytest.raises(RecipeError, match="group_size 4 must be a multiple of M=8"):
+        quantized({"method": "gptq", "group_size": 4}, nm)
+    assert quantized({"method": "gptq", "group_size": 256}, nm).quantization.scheme.group_size == 256  # 4 blocks
+    assert quantized({"method": "rtn", "group_size": 4}, nm).quantization.scheme.group_size == 4  # no sweep
+    wanda = {"method": "wanda", "sparsity": "2:8"}  # GPTQ after Wanda: the mask is fixed, M plays no part
+    assert quantized({"method": "gptq", "group_size": 4}, wanda).quantization.scheme.group_size == 4
+
+
+def test_quantization_errors_from_a_file_name_the_file(tmp_path):
+    path = write(tmp_path, "pruning:\n  method: wanda\n  sparsity: 0.5\nquantization:\n  method: gptq\n  bits: 2\n",
+                 "low.yaml")
+    with pytest.raises(RecipeError, match=r"low\.yaml: quantization\.bits must be 4 or 8, got 2"):
+        load_recipe(path)

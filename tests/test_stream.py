@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from llm_sparsify import prune_checkpoint
 from llm_sparsify.engine import prune_model
 from llm_sparsify.files import OutputExistsError
+from llm_sparsify.quantize.grid import GRIDS_FILE, load_grids
 from llm_sparsify.recipe import Recipe, load_recipe
 from llm_sparsify.stream import StreamedLayers
 from tests.conftest import tiny_model
@@ -174,9 +175,10 @@ def test_a_finished_output_is_not_overwritten_by_running_again(resumable):
 
 # --- torchrun ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("recipe", ["wanda-50", "sparsegpt-2of4"])
+@pytest.mark.parametrize("recipe", ["wanda-50", "sparsegpt-2of4", "sparsegpt-50-w4g128"])
 def test_two_processes_give_the_same_checkpoint_as_one(resumable, recipe):
-    """torchrun with the gloo backend: samples split across ranks, statistics summed, modules shared out."""
+    """torchrun with the gloo backend: samples split across ranks, statistics summed, modules shared out (with
+    their quantization grids and reconstruction errors)."""
     one, two = resumable / f"one-{recipe}", resumable / f"two-{recipe}"
     run(prune_command(resumable, one, recipe))
     run(prune_command(resumable, two, recipe, processes=2))
@@ -186,6 +188,15 @@ def test_two_processes_give_the_same_checkpoint_as_one(resumable, recipe):
     assert first.keys() == second.keys()
     for name in first:
         assert torch.equal(first[name], second[name]), name
+    alone = json.loads((one / "llm_sparsify.json").read_text())["layers"]
+    assert [layer["error"] for layer in record["layers"]] == [layer["error"] for layer in alone]
+    assert all(len(layer["error"]) == 7 for layer in alone)
+    if "w4" in recipe:
+        grids, shared = load_grids(one / GRIDS_FILE), load_grids(two / GRIDS_FILE)
+        assert grids.keys() == shared.keys() and len(grids) == 8 * 7
+        for name in grids:
+            assert torch.equal(grids[name].scale, shared[name].scale), name
+            assert torch.equal(grids[name].zero_point, shared[name].zero_point), name
 
 
 def test_other_weight_files_beside_the_shards_are_not_copied(tmp_path, calibration):

@@ -1,19 +1,25 @@
 """Pruning methods: plain functions (weight, statistics, pattern) -> pruned weight, one module each.
 
-The engine only needs to know which statistic of a Linear's inputs a method reads.
+The engine only needs to know which statistic of a Linear's inputs a method reads. Quantization, if a
+recipe asks for it, follows the pruning (RTN; GPTQ with the mask fixed) or, for SparseGPT with GPTQ,
+happens in the same sweep.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from llm_sparsify.prune.magnitude import prune_magnitude
 from llm_sparsify.prune.masks import Pattern
-from llm_sparsify.prune.sparsegpt import prune_sparsegpt, prune_sparsegpt_together
+from llm_sparsify.prune.sparsegpt import prune_sparsegpt, sparsegpt_sweep
 from llm_sparsify.prune.wanda import prune_wanda
+from llm_sparsify.quantize.grid import Grid, rtn
 from llm_sparsify.stats import InputStatistics
+
+if TYPE_CHECKING:
+    from llm_sparsify.recipe import Quantization
 
 # method -> the statistic of the Linear's input it needs (None: no calibration data)
 STATISTIC: dict[str, str | None] = {"magnitude": None, "wanda": "column_norms", "sparsegpt": "hessian"}
@@ -33,10 +39,31 @@ def prune_weight(
 
 
 def prune_weights(
-    method: str, weights: list[Tensor], stats: InputStatistics | None, pattern: Pattern, **options: Any
-) -> list[Tensor]:
-    """Apply `method` to weights that read the same input (q/k/v; gate/up), sharing what can be shared:
-    SparseGPT factorizes their Hessian once and sweeps their stacked rows together."""
-    if method == "sparsegpt":
-        return prune_sparsegpt_together(weights, stats.hessian(), pattern, **options)
-    return [prune_weight(method, weight, stats, pattern, **options) for weight in weights]
+    method: str, weights: list[Tensor], stats: InputStatistics | None, pattern: Pattern,
+    quantization: Quantization | None = None, **options: Any,
+) -> tuple[list[Tensor], list[Grid] | None]:
+    """Apply `method` (then `quantization`, if any) to weights that read the same input (q/k/v; gate/up); return
+    them and their grids (None without quantization). SparseGPT factorizes their Hessian once and sweeps their
+    stacked rows together, with GPTQ in that same sweep."""
+    if method != "sparsegpt":
+        pruned = [prune_weight(method, weight, stats, pattern, **options) for weight in weights]
+        return quantize_weights(pruned, stats, quantization)
+    joint = quantization is not None and quantization.method == "gptq"
+    pruned, grids = sparsegpt_sweep(weights, stats.hessian(), pattern, scheme=quantization.scheme if joint else None,
+                                    **options)
+    return (pruned, grids) if joint else quantize_weights(pruned, stats, quantization)
+
+
+def quantize_weights(
+    pruned: list[Tensor], stats: InputStatistics | None, quantization: Quantization | None
+) -> tuple[list[Tensor], list[Grid] | None]:
+    """Pruned weights that read the same input, quantized with their zeros kept: GPTQ with the mask fixed (on the
+    kept weights, their error spread over the columns not yet visited), or round to nearest."""
+    if quantization is None:
+        return pruned, None
+    if quantization.method == "rtn":
+        rounded, grids = zip(*(rtn(weight, quantization.scheme) for weight in pruned), strict=True)
+        return list(rounded), list(grids)
+    return sparsegpt_sweep(pruned, stats.hessian(), mask=[weight == 0 for weight in pruned],
+                           scheme=quantization.scheme, blocksize=quantization.blocksize,
+                           dampening=quantization.dampening)

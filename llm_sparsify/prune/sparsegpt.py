@@ -4,16 +4,22 @@ With H = 2XXᵀ/n the layer-wise Hessian of ‖WX − ŴX‖², columns are swep
 Removing w_q (or keeping it) costs w_q² / [H⁻¹]_qq; the error it leaves is spread over the columns not yet
 visited through the row q of the upper Cholesky factor of H⁻¹, so only one factorization is needed.
 The mask is chosen adaptively inside each block (unstructured) or every M columns (N:M).
+
+Given a quantization grid, the same sweep rounds each column as it passes it and spreads the rounding error by
+the same update: GPTQ (Frantar et al., 2023), jointly with the mask choice (the SparseGPT paper's §"Joint
+sparsification & quantization") or on the kept weights of a fixed mask (after Wanda or magnitude).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import Tensor
 
 from llm_sparsify.prune.masks import Pattern, nm_mask, unstructured_mask
+from llm_sparsify.quantize.grid import Grid, QuantScheme, dequantize, fit_scale, quantize
 
 log = logging.getLogger(__name__)
 
@@ -39,54 +45,85 @@ def prune_sparsegpt(
     weight: Tensor, hessian: Tensor, pattern: Pattern, blocksize: int = 128, dampening: float = 0.01
 ) -> Tensor:
     """The pruned and OBS-updated weight (same shape and dtype), computed in float32 on weight.device."""
-    return prune_sparsegpt_together([weight], hessian, pattern, blocksize, dampening)[0]
+    return sparsegpt_sweep([weight], hessian, pattern, blocksize=blocksize, dampening=dampening)[0][0]
 
 
 def prune_sparsegpt_together(
     weights: list[Tensor], hessian: Tensor, pattern: Pattern, blocksize: int = 128, dampening: float = 0.01
 ) -> list[Tensor]:
-    """SparseGPT on weights that read the same input (q/k/v, gate/up): one factorization of H and one
-    sweep over their stacked rows. Rows are independent given H⁻¹, and each weight still chooses its
-    unstructured mask among its own rows, so the result equals pruning them one by one."""
-    rows = [w.shape[0] for w in weights]
-    # Updates inside a block are applied lazily too, every `step` columns (a multiple of M, so an N:M
-    # group always sees up-to-date weights): the same arithmetic as column by column, in fewer passes.
-    step = 32 if not isinstance(pattern, tuple) else pattern[1] * max(1, 32 // pattern[1])
-    W = torch.cat([w.detach().float() for w in weights])
-    H = hessian.detach().float().to(W.device).clone()
-    columns = W.shape[1]
+    """SparseGPT on weights that read the same input (q/k/v, gate/up): see sparsegpt_sweep."""
+    return sparsegpt_sweep(weights, hessian, pattern, blocksize=blocksize, dampening=dampening)[0]
 
+
+def sparsegpt_sweep(
+    weights: list[Tensor], hessian: Tensor, pattern: Pattern | None = None, mask: list[Tensor] | None = None,
+    scheme: QuantScheme | None = None, blocksize: int = 128, dampening: float = 0.01,
+) -> tuple[list[Tensor], list[Grid] | None]:
+    """The OBS sweep of SparseGPT and GPTQ: each column is pruned (mask chosen by `pattern` as the sweep goes, or a
+    fixed `mask`, True = removed) and rounded to `scheme`'s grid, its error spread over the columns not yet visited.
+    Returns the weights (removed ones exactly 0, the rest on the grid before the cast to their dtype) and grids.
+
+    Weights that read the same input (q/k/v, gate/up) share one factorization of H and one sweep over their stacked
+    rows: rows are independent given H⁻¹, and each weight chooses its unstructured mask among its own rows.
+    """
+    if pattern is not None and mask is not None:
+        raise ValueError("give a pattern (the sweep chooses the mask) or a fixed mask, not both")
+    rows = [w.shape[0] for w in weights]
+    W = torch.cat([w.detach().float() for w in weights])
+    columns = W.shape[1]
+    M = torch.cat(mask).to(W.device) if mask is not None else torch.zeros_like(W, dtype=torch.bool)
+    nm = pattern if isinstance(pattern, tuple) else None
+    # Updates inside a block are applied lazily too, every `step` columns (a multiple of M, so an N:M group
+    # always sees up-to-date weights): the same arithmetic as column by column, in fewer passes. A grid group
+    # starts a block or a step, so every weight it covers is up to date then.
+    step = 32 if nm is None else nm[1] * max(1, 32 // nm[1])
+    width = scheme.group_width(columns) if scheme is not None else columns
+    if width < blocksize:
+        step = math.gcd(step, width)
+    if width < columns and blocksize % width and width % blocksize or nm and step % nm[1]:
+        raise ValueError(f"group size {width} must divide blocksize {blocksize} or be a multiple of it (and of M)")
+    H = hessian.detach().float().to(W.device).clone()
     dead = H.diagonal() == 0  # inputs that were always zero: prune them, keep H invertible
     H[dead, dead] = 1
     W[:, dead] = 0
     Hinv = inverse_hessian_factor(H, dampening)
+    grid: list[tuple[Tensor, Tensor]] = []  # (scale, zero point) of each group of columns, [rows] each
 
     # The sweep works on the transpose, so that a column of W is a contiguous row.
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
-        W1 = W[:, i1:i2].T.contiguous()  # [block columns, rows]
+        W1, mask1 = W[:, i1:i2].T.contiguous(), M[:, i1:i2].T.contiguous()  # [block columns, rows]
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = Hinv1.diagonal()
         Err1 = torch.zeros_like(W1)
-        if isinstance(pattern, tuple):
-            n, m = pattern
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        else:  # saliency w²/[H⁻¹]²_qq, lowest `sparsity` share of each weight's part of the block
+        if pattern is not None and nm is None:  # saliency w²/[H⁻¹]²_qq, lowest share of each weight's block part
             saliency = (W1**2 / d[:, None] ** 2).T
             mask1 = torch.cat([unstructured_mask(part, pattern, per_row=False) for part in saliency.split(rows)]).T
-        scale = mask1 / d[:, None]  # 1/[H⁻¹]_qq where pruned, 0 where kept
 
         for j1 in range(0, i2 - i1, step):  # column by column, in sub-blocks of `step` columns
             j2 = min(j1 + step, i2 - i1)
             for i in range(j1, j2):
-                if isinstance(pattern, tuple) and i % m == 0:
-                    mask1[i : i + m] = nm_mask((W1[i : i + m] ** 2 / d[i : i + m, None] ** 2).T, n, m).T
-                    scale[i : i + m] = mask1[i : i + m] / d[i : i + m, None]
-                err = torch.mul(W1[i], scale[i], out=Err1[i])  # (w − q) / [H⁻¹]_qq
-                W1[i:j2].addr_(Hinv1[i, i:j2], err, alpha=-1)
+                if nm is not None and i % nm[1] == 0:
+                    g = slice(i, i + nm[1])
+                    mask1[g] = nm_mask((W1[g] ** 2 / d[g, None] ** 2).T, *nm).T
+                if scheme is not None and (i1 + i) % width == 0:  # fit per row on the group's current weights,
+                    end = i1 + i + width  # past the block too, those known to be removed set to 0
+                    current = torch.cat([W1[i : i + width].masked_fill(mask1[i : i + width], 0).T,
+                                         W[:, i2:end].masked_fill(M[:, i2:end], 0)], dim=1)
+                    grid.append(fit_scale(current, scheme))
+                q = W1[i].masked_fill(mask1[i], 0)
+                if scheme is not None:
+                    q = dequantize(quantize(q, *grid[-1], scheme), *grid[-1])
+                torch.mul(W1[i] - q, 1 / d[i], out=Err1[i])  # (w − q) / [H⁻¹]_qq
+                W1[i:j2].addr_(Hinv1[i, i:j2], Err1[i], alpha=-1)
+                W1[i] = q
             W1[j2:].addmm_(Hinv1[j1:j2, j2:].T, Err1[j1:j2], alpha=-1)  # the rest of the block, at once
 
-        W[:, i1:i2] = W1.masked_fill(mask1, 0).T
+        W[:, i1:i2] = W1.T
         W[:, i2:].addmm_(Err1.T, Hinv[i1:i2, i2:], alpha=-1)  # lazy batch update of the columns after this block
 
-    return [part.to(w.dtype) for part, w in zip(W.split(rows), weights, strict=True)]
+    out = [part.to(w.dtype) for part, w in zip(W.split(rows), weights, strict=True)]
+    if scheme is None:
+        return out, None
+    scale, zero = (torch.stack(values, dim=1).split(rows) for values in zip(*grid, strict=True))
+    return out, [Grid(scheme, s, z) for s, z in zip(scale, zero, strict=True)]

@@ -1,0 +1,147 @@
+"""The model card (README.md with Hub metadata) of a finished checkpoint, written from its llm_sparsify record."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llm_sparsify.export.hf import RECORD, read_record
+from llm_sparsify.export.plot import PlotError, per_type, plot_layers
+from llm_sparsify.files import atomic_file, disk_size
+from llm_sparsify.zero_shot import markdown_table
+
+log = logging.getLogger(__name__)
+
+CARD = "README.md"
+PLOT = "llm_sparsify_layers.png"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class CardError(ValueError):
+    """A directory that has no llm_sparsify record to describe."""
+
+
+def write_model_card(checkpoint: str | Path, *, command: str | None = None) -> Path:
+    """Write README.md (and the per-layer plot it shows) into a checkpoint directory, from its record."""
+    checkpoint = Path(checkpoint)
+    try:
+        record = read_record(checkpoint)
+    except ValueError as error:  # malformed JSON
+        raise CardError(f"{checkpoint / RECORD} is not valid JSON: {error}") from error
+    if record is None:
+        raise CardError(f"{checkpoint} has no {RECORD}: not an llm_sparsify checkpoint")
+    try:
+        plot_layers(record, checkpoint / PLOT)
+        plot = PLOT
+    except PlotError as error:
+        log.info("no per-layer plot in the card: %s", error)
+        plot = None
+    text = model_card(record, stored_sizes(checkpoint), command=command, plot=plot)
+    with atomic_file(checkpoint / CARD, overwrite=True) as tmp:
+        tmp.write_text(text)
+    return checkpoint / CARD
+
+
+def stored_sizes(checkpoint: Path) -> dict[str, int]:
+    """Bytes of the safetensors files, how many there are, and bytes of everything but the card and its plot."""
+    weights = sorted(checkpoint.glob("*.safetensors"))
+    card = sum(disk_size(f) for f in (checkpoint / CARD, checkpoint / PLOT) if f.exists())
+    return {"weights": sum(map(disk_size, weights)), "weight_files": len(weights),
+            "total": disk_size(checkpoint) - card}
+
+
+def front_matter(record: dict[str, Any]) -> dict[str, Any]:
+    """The card's metadata for the Hub: base model (when it is a Hub id), library, task and tags."""
+    pruning = record["recipe"]["pruning"]
+    pattern = "semi-structured" if ":" in str(pruning["sparsity"]) else "unstructured"
+    tags = ["llm-sparsify", "sparse", "pruned", pruning["method"], f"{pattern}-sparsity"]
+    if record.get("quantization"):
+        tags += ["quantized", f"int{record['quantization']['bits']}"]
+    meta: dict[str, Any] = {}
+    base = str(record.get("base_model", ""))
+    if _HUB_ID.fullmatch(base) and not Path(base).exists():  # a local path is no Hub metadata
+        meta["base_model"] = base
+    meta.update(library_name="transformers", pipeline_tag="text-generation", tags=tags)
+    return meta
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_number(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def evaluation_table(evaluation: dict[str, Any]) -> str:
+    """The record's evaluation, one row per task and metric, one column per model (dense, pruned, ...); a bare
+    number (e.g. "wikitext2_ppl": 29.9) is a task with one metric, "value"."""
+    results = {model: {task: metrics if isinstance(metrics, dict) else {"value": metrics}
+                       for task, metrics in tasks.items()}
+               for model, tasks in evaluation["models"].items()}
+    return markdown_table(results, list(results))
+
+
+def sparsity_table(record: dict[str, Any]) -> str:
+    """Share of zeros per module type, and the mean relative reconstruction error where the record has it."""
+    by_type = record["sparsity"]["by_type"]
+    errors = per_type(record.get("layers") or [], "error")
+    header = ["module type", "share of zeros"] + (["mean relative error ‖ΔW X‖²/‖W X‖²"] if errors else [])
+    rows = []
+    for kind, share in by_type.items():
+        known = [e for e in errors.get(kind, []) if not math.isnan(e)]
+        rows.append([kind, f"{share:.2%}"] + ([f"{sum(known) / len(known):.3g}" if known else "–"] if errors else []))
+    return _table(header, rows)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def model_card(record: dict[str, Any], size: dict[str, int], *, command: str | None = None,
+               plot: str | None = None) -> str:
+    """The card's Markdown: front matter, then what was done, measured and stored."""
+    pruning = record["recipe"]["pruning"]
+    base = record.get("base_model", "unknown")
+    calibration = record.get("calibration") or {}
+    command = command or record.get("command")
+    parts = [
+        "---\n" + yaml.safe_dump(front_matter(record), sort_keys=False) + "---",
+        f"# {Path(str(base)).name} pruned with {record.get('recipe_name', pruning['method'])}",
+        f"One-shot {pruning['method']} pruning of `{base}` to sparsity {pruning['sparsity']} by llm_sparsify "
+        f"{record.get('llm_sparsify_version', '')}. Pruned weights are exact zeros in ordinary safetensors files: "
+        "the checkpoint loads with `transformers` as it is.",
+        f"## Base model\n\n`{base}`",
+        "## Recipe\n\n```yaml\n" + yaml.safe_dump(record["recipe"], sort_keys=False) + "```",
+    ]
+    if calibration:
+        parts.append("## Calibration\n\n" + _table(
+            ["source", "samples", "tokens per sample", "seed"],
+            [[calibration.get(k, "–") for k in ("source", "nsamples", "seqlen", "seed")]]))
+    else:
+        parts.append("## Calibration\n\nNone: the method needs no data.")
+    parts.append(f"## Sparsity\n\n{record['sparsity']['overall']:.2%} of the targeted weights are zero.\n\n"
+                 + sparsity_table(record))
+    if quantization := record.get("quantization"):
+        parts.append("## Quantization\n\n" + _table(
+            ["method", "bits", "group size", "symmetric"],
+            [[quantization.get(k, "–") for k in ("method", "bits", "group_size", "symmetric")]]))
+    if (evaluation := record.get("evaluation")) and evaluation.get("models"):
+        parts.append("## Evaluation\n\n" + evaluation_table(evaluation))
+    files = f"{size['weight_files']} safetensors file" + ("s" if size["weight_files"] != 1 else "")
+    parts.append(f"## Size on disk\n\n{_size(size['weights'])} of weights in {files}, {_size(size['total'])} in all.")
+    if plot:
+        parts.append(f"## Per layer\n\n![Per-layer sparsity and reconstruction error]({plot})")
+    made = (f"Pruned on {record.get('device', '?')} in {record.get('dtype', '?')} in "
+            f"{record.get('seconds', '?')} s.")
+    if command:
+        made = f"```bash\n{command}\n```\n\n{made}"
+    parts.append(f"## How it was made\n\n{made}")
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,299 @@
+"""GGUF files for llama.cpp from Llama-architecture checkpoints, with F32, F16, BF16, Q8_0 or Q4_0 weights.
+
+llama.cpp's layout: tensors under its own names (blk.N.attn_q, ...), 2-D weights row-major [out, in] with
+quantization blocks of 32 along the input, the rows of each q/k head reordered from Hugging Face's two
+rotary halves to interleaved pairs, norms in F32, the tokenizer as metadata. Tensors are read, converted and
+written one at a time, so memory holds one tensor. Pruned zeros stay exactly zero in Q8_0 and Q4_0: a block's
+zero quantizes to the code of zero, whatever the block's scale.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import Tensor
+from tqdm import tqdm
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
+
+from llm_sparsify.export import ExportError
+from llm_sparsify.export.hf import read_record
+from llm_sparsify.files import atomic_file
+from llm_sparsify.models import ModelError
+from llm_sparsify.stream import read_tensors, weight_map
+
+log = logging.getLogger(__name__)
+
+QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")  # one layout; llama.cpp calls both "llama"
+_FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+               "BF16": gguf.LlamaFileType.MOSTLY_BF16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+               "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+_BLOCKED = ("Q8_0", "Q4_0")
+_ROPE_AS_FACTORS = ("linear", "llama3")  # scalings that only divide each rotary frequency: llama.cpp's rope_freqs
+# The split pattern of Llama 3's pre-tokenizer as its tokenizer.json spells it (llama.cpp calls it "llama-bpe").
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def export_gguf(checkpoint: str | Path, output: str | Path, *, qtype: str = "Q8_0", overwrite: bool = False) -> Path:
+    """Write a Llama/Mistral checkpoint as one GGUF file for llama.cpp and return its path.
+
+    `qtype` is the type of the 2-D weights (F32, F16, BF16, Q8_0, Q4_0); norms stay F32. With Q4_0 the token
+    embedding (which is also the output layer when they are tied) and a separate output layer are Q8_0, as
+    llama.cpp's own quantizer keeps that layer at a higher precision. A row length that is not a multiple of
+    32 falls back to F16. The file appears only once complete.
+    """
+    checkpoint, output = Path(checkpoint), Path(output)
+    qtype = qtype.upper()
+    if qtype not in QTYPES:
+        raise ExportError(f"GGUF type {qtype!r} is not supported; choose one of {', '.join(QTYPES)}")
+    config = _llama_config(checkpoint)
+    try:
+        files = weight_map(checkpoint)
+    except ModelError as error:
+        raise ExportError(str(error)) from error
+    plan = _tensor_plan(checkpoint, files, config, qtype)
+    rope_freqs = rope_factors(config)
+
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    _add_metadata(writer, checkpoint, config, qtype)
+    _add_tokenizer(writer, checkpoint, config)
+    for _, gguf_name, shape, kind in plan:  # the header lists every tensor before any data is written
+        byte_shape = gguf.quant_shape_to_byte_shape(shape, kind)
+        writer.add_tensor_info(gguf_name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=kind)
+    if rope_freqs is not None:
+        writer.add_tensor_info("rope_freqs.weight", list(rope_freqs.shape), np.dtype(np.float32), rope_freqs.nbytes)
+    with atomic_file(output, overwrite=overwrite) as tmp:
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for name, gguf_name, _, kind in tqdm(plan, desc=f"GGUF {qtype}", unit="tensor"):
+                tensor = read_tensors(checkpoint, files, [name])[name]
+                writer.write_tensor_data(_convert(tensor, gguf_name, config, kind))
+            if rope_freqs is not None:
+                writer.write_tensor_data(rope_freqs.numpy())
+        finally:
+            writer.close()
+    log.info("wrote %s (%s, %.1f MB)", output, qtype, output.stat().st_size / 1e6)
+    return output
+
+
+def read_gguf(path: str | Path) -> dict[str, Any]:
+    """A GGUF file's metadata (key -> value) and tensors (name -> type and shape in PyTorch order [out, in])."""
+    reader = gguf.GGUFReader(str(path))
+    metadata = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    tensors = {t.name: {"type": t.tensor_type.name, "shape": [int(d) for d in reversed(t.shape)]}
+               for t in reader.tensors}
+    return {"metadata": metadata, "tensors": tensors}
+
+
+def interleave_rotary_halves(weight: Tensor, heads: int) -> Tensor:
+    """q/k rows reordered for llama.cpp: Hugging Face keeps each head's rotary pairs as two halves of its rows
+    (all first members, then all second members); llama.cpp wants the two members of a pair side by side."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def rope_factors(config: PretrainedConfig) -> Tensor | None:
+    """llama.cpp's rope_freqs tensor (each rotary frequency's divisor) for linear and llama3 rope scaling;
+    None without scaling. Other scalings change more than the frequencies: an ExportError."""
+    theta, kind = _rope(config)
+    if kind == "default":
+        return None
+    if kind not in _ROPE_AS_FACTORS:
+        raise ExportError(f"rope scaling {kind!r} cannot be written for llama.cpp here (supported: default, "
+                          f"{', '.join(_ROPE_AS_FACTORS)})")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, attention_factor = ROPE_INIT_FUNCTIONS[kind](config, torch.device("cpu"))
+    if attention_factor != 1.0:
+        raise ExportError(f"rope scaling {kind!r} with an attention factor of {attention_factor} is not supported")
+    dim = _head_dim(config)
+    base = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    return (base / scaled).float()
+
+
+def _llama_config(checkpoint: Path) -> PretrainedConfig:
+    """The checkpoint's config, if it describes a model llama.cpp's "llama" architecture runs exactly."""
+    if not (checkpoint / "config.json").is_file():
+        raise ExportError(f"{checkpoint} is not a checkpoint directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(checkpoint)
+    except (OSError, ValueError, KeyError) as error:
+        raise ExportError(f"could not read the config of {checkpoint}: {error}") from error
+    architectures = config.architectures or []
+    if not set(architectures) & set(ARCHITECTURES):
+        raise ExportError(f"{checkpoint} is a {', '.join(architectures) or config.model_type} model; GGUF export "
+                          f"supports {' and '.join(ARCHITECTURES)}")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ExportError(f"{checkpoint} has attention or MLP biases, which the GGUF export does not write")
+    if config.hidden_act != "silu":
+        raise ExportError(f"{checkpoint} uses the {config.hidden_act!r} activation; llama.cpp's llama runs SiLU")
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < config.max_position_embeddings:
+        log.warning("%s attends within a sliding window of %d tokens; llama.cpp's llama architecture attends to "
+                    "the whole context, so outputs differ beyond %d tokens", checkpoint, window, window)
+    return config
+
+
+def _rope(config: PretrainedConfig) -> tuple[float, str]:
+    """(theta, rope type) from either the transformers 5 `rope_parameters` or the older `rope_scaling`."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return float(theta), params.get("rope_type", params.get("type", "default"))
+
+
+def _head_dim(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _tensor_plan(checkpoint: Path, files: dict[str, str], config: PretrainedConfig,
+                 qtype: str) -> list[tuple[str, str, list[int], gguf.GGMLQuantizationType]]:
+    """(checkpoint name, GGUF name, shape, GGML type) of every tensor to write, from the shards' headers."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    plan = []
+    for name in sorted(files):
+        if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+            continue  # recomputed by llama.cpp / the embedding serves as the output layer
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ExportError(f"{checkpoint}: tensor {name} has no llama.cpp counterpart")
+        with safe_open(checkpoint / files[name], "pt") as f:
+            shape = list(f.get_slice(name).get_shape())
+        plan.append((name, gguf_name, shape, _ggml_type(gguf_name, shape, qtype, tied)))
+    if not tied and "output.weight" not in {p[1] for p in plan}:
+        raise ExportError(f"{checkpoint} has untied embeddings but no lm_head.weight")
+    return plan
+
+
+def _ggml_type(gguf_name: str, shape: list[int], qtype: str, tied: bool) -> gguf.GGMLQuantizationType:
+    types = gguf.GGMLQuantizationType
+    if len(shape) == 1:
+        return types.F32
+    if qtype in _BLOCKED and shape[-1] % gguf.GGML_QUANT_SIZES[types[qtype]][0] != 0:
+        log.warning("%s: rows of %d values do not split into %s blocks; writing F16", gguf_name, shape[-1], qtype)
+        return types.F16
+    output_layer = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
+    if qtype == "Q4_0" and output_layer:
+        return types.Q8_0
+    return types[qtype]
+
+
+def _convert(tensor: Tensor, gguf_name: str, config: PretrainedConfig, kind: gguf.GGMLQuantizationType) -> np.ndarray:
+    """The tensor as llama.cpp stores it: q/k rows reordered, then converted or quantized to `kind`."""
+    if gguf_name.endswith("attn_q.weight"):
+        tensor = interleave_rotary_halves(tensor, config.num_attention_heads)
+    elif gguf_name.endswith("attn_k.weight"):
+        tensor = interleave_rotary_halves(tensor, config.num_key_value_heads or config.num_attention_heads)
+    data = gguf.quants.quantize(tensor.float().numpy(), kind)
+    if kind == gguf.GGMLQuantizationType.F16 and not np.isfinite(data).all():
+        raise ExportError(f"{gguf_name} has values beyond float16's range; export as BF16 or F32")
+    return data
+
+
+def _add_metadata(writer: gguf.GGUFWriter, checkpoint: Path, config: PretrainedConfig, qtype: str) -> None:
+    """general.* and the llama.* hyperparameters llama.cpp reads."""
+    record = read_record(checkpoint) or {}
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(str(record.get("base_model") or checkpoint.name))
+    if "recipe_name" in record:
+        overall = record.get("sparsity", {}).get("overall")
+        share = f", {overall:.1%} of the pruned modules' weights zero" if overall is not None else ""
+        writer.add_description(f"pruned with llm_sparsify ({record['recipe_name']}{share})")
+    writer.add_file_type(_FILE_TYPES[qtype])
+    if qtype in _BLOCKED:
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    heads, head_dim = config.num_attention_heads, _head_dim(config)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.num_key_value_heads or heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(_rope(config)[0])
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
+def _pre_tokenizer_name(pre: dict | None) -> str:
+    """llama.cpp's name for a byte-level BPE pre-tokenizer of tokenizer.json, or an ExportError."""
+    steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
+    kinds = [step["type"] for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == _LLAMA3_SPLIT:
+        return "llama-bpe"
+    raise ExportError(f"the tokenizer's pre-tokenizer ({json.dumps(pre)[:200]}) has no known llama.cpp name; "
+                      "supported: GPT-2 byte level, SmolLM (digits split), Llama 3")
+
+
+def _first(*values: Any) -> int | None:
+    """The first value that is set (the first id of a list of ids)."""
+    for value in values:
+        if isinstance(value, list | tuple):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return None
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, checkpoint: Path, config: PretrainedConfig) -> None:
+    """The vocabulary, merges, token types, special ids and chat template, as llama.cpp's gpt2 tokenizer."""
+    path = checkpoint / "tokenizer.json"
+    if not path.is_file():
+        raise ExportError(f"{checkpoint} has no tokenizer.json; llama.cpp needs the vocabulary inside the GGUF")
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    model, decoder = spec.get("model", {}), spec.get("decoder") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
+        raise ExportError(f"{checkpoint}: only byte-level BPE tokenizers (GPT-2 style) are exported to GGUF so far")
+    pre = _pre_tokenizer_name(spec.get("pre_tokenizer"))
+    added = spec.get("added_tokens", [])
+    vocab = {**model["vocab"], **{token["content"]: token["id"] for token in added}}
+    if max(vocab.values()) >= config.vocab_size:
+        raise ExportError(f"{checkpoint}: the tokenizer has ids up to {max(vocab.values())} but the model embeds "
+                          f"only {config.vocab_size}")
+    tokens = [f"[PAD{i}]" for i in range(config.vocab_size)]  # llama.cpp's filler for unused embedding rows
+    types = [gguf.TokenType.UNUSED] * config.vocab_size
+    for text, index in vocab.items():
+        tokens[index], types[index] = text, gguf.TokenType.NORMAL
+    for token in added:
+        types[token["id"]] = gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    generation = GenerationConfig.from_pretrained(checkpoint) if (checkpoint / "generation_config.json").exists() \
+        else None
+    eos = _first(getattr(generation, "eos_token_id", None), config.eos_token_id, tokenizer.eos_token_id)
+    ids = {"bos": _first(config.bos_token_id, tokenizer.bos_token_id),
+           "eos": eos,
+           "unk": _first(tokenizer.unk_token_id),
+           "pad": _first(getattr(generation, "pad_token_id", None), config.pad_token_id, tokenizer.pad_token_id)}
+    for kind, index in ids.items():
+        if index is not None:
+            getattr(writer, f"add_{kind}_token_id")(index)
+    marked = tokenizer("a").input_ids
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    writer.add_add_bos_token(len(marked) > len(plain) and marked[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(len(marked) > len(plain) and marked[-1] == tokenizer.eos_token_id)
+    writer.add_add_space_prefix(False)
+    if isinstance(tokenizer.chat_template, str):
+        writer.add_chat_template(tokenizer.chat_template)
