@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from llm_sparsify.export.hf import RECORD, read_record
+from llm_sparsify.export.hf import require_record
 from llm_sparsify.export.plot import PlotError, per_type, plot_layers
 from llm_sparsify.files import atomic_file, disk_size
 from llm_sparsify.zero_shot import markdown_table
@@ -29,12 +29,7 @@ class CardError(ValueError):
 def write_model_card(checkpoint: str | Path, *, command: str | None = None) -> Path:
     """Write README.md (and the per-layer plot it shows) into a checkpoint directory, from its record."""
     checkpoint = Path(checkpoint)
-    try:
-        record = read_record(checkpoint)
-    except ValueError as error:  # malformed JSON
-        raise CardError(f"{checkpoint / RECORD} is not valid JSON: {error}") from error
-    if record is None:
-        raise CardError(f"{checkpoint} has no {RECORD}: not an llm_sparsify checkpoint")
+    record = require_record(checkpoint, CardError)
     try:
         plot_layers(record, checkpoint / PLOT)
         plot = PLOT

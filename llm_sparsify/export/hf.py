@@ -53,6 +53,17 @@ def read_record(checkpoint: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def require_record(checkpoint: str | Path, error: type[ValueError]) -> dict[str, Any]:
+    """The record of a finished llm_sparsify output, or `error` saying it has none or a malformed one."""
+    try:
+        record = read_record(checkpoint)
+    except ValueError as reason:  # malformed JSON
+        raise error(f"{Path(checkpoint) / RECORD} is not valid JSON: {reason}") from reason
+    if record is None:
+        raise error(f"{checkpoint} has no {RECORD}: not a finished llm_sparsify output")
+    return record
+
+
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 
 

@@ -28,7 +28,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from safetensors import safe_open
 
 from llm_sparsify.export.card import CARD, write_model_card
-from llm_sparsify.export.hf import RECORD, read_record
+from llm_sparsify.export.hf import require_record
 from llm_sparsify.stream import PROGRESS, weight_map
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,7 @@ def finished_files(folder: Path) -> list[Path]:
     half_written = sorted(p.name for p in [*folder.glob("*.tmp"), *folder.glob(".*.partial-*")])
     if half_written:
         raise PushError(f"{folder} holds half-written files ({', '.join(half_written)}): is something writing it?")
-    try:
-        record = read_record(folder)
-    except ValueError as error:  # malformed JSON
-        raise PushError(f"{folder / RECORD} is not valid JSON: {error}") from error
-    if record is None:
-        raise PushError(f"{folder} has no {RECORD}: not a finished llm_sparsify output")
+    require_record(folder, PushError)
     if not (folder / "config.json").is_file():
         raise PushError(f"{folder} has no config.json")
     try:
