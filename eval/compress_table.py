@@ -17,10 +17,13 @@ import argparse
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 from llm_sparsify import load_model, perplexity, prune_checkpoint
 from llm_sparsify.data import evaluation_ids
+from llm_sparsify.export import ExportError
+from llm_sparsify.export.bitsandbytes import export_bitsandbytes
 from llm_sparsify.export.compact import save_compact
 from llm_sparsify.export.compressed_tensors import export_compressed_tensors
 from llm_sparsify.export.gguf import export_gguf
@@ -45,32 +48,39 @@ def build(name: str, workdir: Path, nsamples: int, seqlen: int) -> Path:
     return output
 
 
-def score(checkpoint: Path, tasks: list[str], limit: int | None, data_dir: str, windows: int) -> dict:
+def score(checkpoint: Path, tasks: list[str], limit: int | None, data_dir: str, windows: int, cache: Path) -> dict:
+    """WikiText-2 perplexity and zero-shot metrics, kept in `cache` for a second run with the same settings."""
+    key = {"tasks": tasks, "limit": limit, "windows": windows}
+    if cache.exists() and (saved := json.loads(cache.read_text()))["settings"] == key:
+        return saved["result"]
     model, tokenizer = load_model(str(checkpoint), device="cpu")
     ids = evaluation_ids("wikitext2", tokenizer)
     result = {"wikitext2": {"perplexity": perplexity(model, ids, seqlen=512, max_windows=windows)}}
     if tasks:
         result.update(evaluate_tasks(model, tokenizer, tasks, limit=limit, data_dir=data_dir))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"settings": key, "result": result}))
     return result
 
 
-def export_sizes(name: str, checkpoint: Path, workdir: Path) -> dict[str, int]:
-    """Bytes on disk of the checkpoint and of each export format it supports."""
-    sizes = {"hf safetensors": disk_size(checkpoint)}
+def export_sizes(name: str, checkpoint: Path, workdir: Path) -> dict[str, int | str]:
+    """Bytes on disk of the checkpoint and of each export format it supports (the refusal, where one refuses)."""
     exports = workdir / "exports" / name
-    for qtype in GGUF_TYPES:
-        path = exports / f"model-{qtype}.gguf"
-        if not path.exists():
-            export_gguf(checkpoint, path, qtype=qtype)
-        sizes[f"gguf {qtype}"] = disk_size(path)
+    formats = {f"gguf {qtype}": (f"model-{qtype}.gguf", partial(export_gguf, qtype=qtype)) for qtype in GGUF_TYPES}
+    formats["bnb nf4"] = ("bnb-nf4", partial(export_bitsandbytes, mode="nf4"))
     if name != "dense":
-        if not (exports / "compact").exists():
-            save_compact(checkpoint, exports / "compact")
-        sizes["compact"] = disk_size(exports / "compact")
+        formats["compact"] = ("compact", save_compact)
     if (checkpoint / "quantization.safetensors").exists():
-        if not (exports / "compressed-tensors").exists():
-            export_compressed_tensors(checkpoint, exports / "compressed-tensors")
-        sizes["compressed-tensors"] = disk_size(exports / "compressed-tensors")
+        formats["compressed-tensors"] = ("compressed-tensors", export_compressed_tensors)
+    sizes: dict[str, int | str] = {"hf safetensors": disk_size(checkpoint)}
+    for label, (target, export) in formats.items():
+        try:
+            if not (exports / target).exists():
+                export(checkpoint, exports / target)
+            sizes[label] = disk_size(exports / target)
+        except ExportError as error:
+            logging.warning("%s: %s refused: %s", name, label, error)
+            sizes[label] = f"refused: {error}"
     return sizes
 
 
@@ -92,7 +102,8 @@ def main() -> None:
     for name in names:
         checkpoint = build(name, args.workdir, args.nsamples, args.seqlen)
         start = time.perf_counter()
-        results[name] = score(checkpoint, tasks, args.limit, args.data_dir, args.max_windows)
+        results[name] = score(checkpoint, tasks, args.limit, args.data_dir, args.max_windows,
+                              args.workdir / "scores" / f"{name}.json")
         logging.info("%s scored in %.1f s", name, time.perf_counter() - start)
         sizes[name] = export_sizes(name, checkpoint, args.workdir)
 
@@ -108,7 +119,7 @@ def main() -> None:
     formats = list(dict.fromkeys(f for name in names for f in sizes[name]))
     print("\n| model (MiB on disk) | " + " | ".join(formats) + " |\n|---|" + "---|" * len(formats))
     for name in names:
-        cells = [f"{sizes[name][f] / 2**20:.1f}" if f in sizes[name] else "–" for f in formats]
+        cells = [f"{sizes[name][f] / 2**20:.1f}" if isinstance(sizes[name].get(f), int) else "–" for f in formats]
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(json.dumps({"settings": vars(args) | {"workdir": str(args.workdir)}, "results": results, "sizes": sizes}))
 

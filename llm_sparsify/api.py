@@ -11,14 +11,16 @@ from typing import Any
 import torch
 import transformers
 from torch import Tensor
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_sparsify import __version__, distributed
 from llm_sparsify.data import calibration_ids
-from llm_sparsify.engine import LayerReport, prune_layers, prune_model
+from llm_sparsify.engine import LayerReport, prune_layers
+from llm_sparsify.export.hf import save_checkpoint
 from llm_sparsify.files import check_output
-from llm_sparsify.models import DEFAULT_MODEL, ModelError, default_dtype
-from llm_sparsify.recipe import Recipe, load_recipe
+from llm_sparsify.models import DEFAULT_MODEL, ModelError, default_dtype, load_model
+from llm_sparsify.pipeline import run_recipe
+from llm_sparsify.recipe import Recipe, RecipeError, load_recipe
 from llm_sparsify.stream import PartialOutput, StreamedLayers, fingerprint, resolve_checkpoint, skeleton
 
 
@@ -53,7 +55,8 @@ def compress(
     recipe = load_recipe(recipe)
     device = device or default_device()
     ids, _ = prepare_calibration(model, recipe, calibration, tokenizer, device, nsamples, seqlen, seed)
-    prune_model(model, recipe, ids, device=device, batch_size=batch_size)
+    training = prepare_training(model, recipe, calibration, tokenizer, device, seed)
+    run_recipe(model, recipe, ids, training=training, tokenizer=tokenizer, device=device, batch_size=batch_size)
     return model
 
 
@@ -68,7 +71,7 @@ def prepare_calibration(
     seed: int,
 ) -> tuple[Tensor | None, dict[str, Any]]:
     """Calibration token ids for `recipe` (None if it needs no data) and a description of them."""
-    if recipe.statistic is None:
+    if not recipe.needs_calibration:
         return None, {}
     default_n, default_len = default_calibration_size(device)
     source = "c4" if calibration is None else calibration
@@ -81,6 +84,23 @@ def prepare_calibration(
     ids = calibration_ids(source, tokenizer, nsamples or default_n, seqlen or default_len, seed)
     name = "tensor" if isinstance(source, Tensor) else str(source)
     return ids, {"source": name, "nsamples": ids.shape[0], "seqlen": ids.shape[1], "seed": seed}
+
+
+def prepare_training(
+    model: PreTrainedModel,
+    recipe: Recipe,
+    calibration: Tensor | str | Path | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    device: str,
+    seed: int,
+) -> Tensor | None:
+    """Fine-tuning windows for the recipe's recovery stage (None without one): other windows of the calibration
+    source (seed + 1), or the calibration tensor itself when token ids were given."""
+    if recipe.recovery is None:
+        return None
+    recovery = recipe.recovery
+    return prepare_calibration(model, recipe, calibration, tokenizer, device, recovery.nsamples, recovery.seqlen,
+                               seed + 1)[0]
 
 
 def measured_sparsity(reports: list[LayerReport], model: PreTrainedModel) -> dict[str, Any]:
@@ -129,6 +149,9 @@ def prune_checkpoint(
     device = distributed.init_from_environment(device) or default_device()
     dtype = dtype or default_dtype(device)
     checkpoint = resolve_checkpoint(model_name)
+    if not recipe.streams:
+        return _prune_in_memory(model_name, checkpoint, recipe, output, calibration, device, dtype, nsamples, seqlen,
+                                seed, batch_size, overwrite)
     model = skeleton(checkpoint, dtype)
     layers = StreamedLayers(model, checkpoint, dtype)
     ids, calibration_info = prepare_calibration(model, recipe, calibration, None, device, nsamples, seqlen, seed)
@@ -147,6 +170,17 @@ def prune_checkpoint(
     start = time.perf_counter()
     own_ids = distributed.samples_of_this_rank(ids, batch_size) if ids is not None else None
     reports = prune_layers(model, layers, recipe, own_ids, device, batch_size, finished)
+    record = run_record(model_name, recipe, calibration_info, device, dtype, start, reports, model)
+    record |= {"processes": world_size, "resumed_after_layers": len(finished)}
+    if rank == 0:
+        layers.output.finish(layers.copy_other_tensors(), checkpoint, record)
+    distributed.barrier()
+    return record
+
+
+def run_record(model_name: str | None, recipe: Recipe, calibration_info: dict[str, Any], device: str,
+               dtype: torch.dtype, start: float, reports: list[LayerReport], model: PreTrainedModel) -> dict[str, Any]:
+    """What a run did, saved as the output's llm_sparsify.json: recipe, data, measured sparsity per layer, versions."""
     record = {
         "llm_sparsify_version": __version__,
         "base_model": model_name or DEFAULT_MODEL,
@@ -155,9 +189,7 @@ def prune_checkpoint(
         "calibration": calibration_info,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "processes": world_size,
         "seconds": round(time.perf_counter() - start, 2),
-        "resumed_after_layers": len(finished),
         "sparsity": measured_sparsity(reports, model),
         "layers": [asdict(r) for r in reports],
         **({"quantization": recipe.quantization.record()} if recipe.quantization else {}),
@@ -166,7 +198,25 @@ def prune_checkpoint(
     }
     if torch.cuda.is_available() and torch.device(device).type == "cuda":
         record["peak_device_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    if rank == 0:
-        layers.output.finish(layers.copy_other_tensors(), checkpoint, record)
-    distributed.barrier()
+    return record
+
+
+def _prune_in_memory(model_name: str | None, checkpoint: Path, recipe: Recipe, output: Path,
+                     calibration: str | Path | Tensor | None, device: str, dtype: torch.dtype, nsamples: int | None,
+                     seqlen: int | None, seed: int, batch_size: int, overwrite: bool) -> dict[str, Any]:
+    """The whole-model path (depth, width, OWL, OBD, recovery; see pipeline.py): load, run, save atomically.
+
+    Nothing is resumable here: an interrupted run leaves no output, and the same command starts it again."""
+    if distributed.rank_and_size()[1] > 1:
+        raise RecipeError("depth, width, OWL, OBD and recovery run in one process; start it without torchrun")
+    model, tokenizer = load_model(str(checkpoint), dtype=dtype, device=device)
+    stored_dtype = AutoConfig.from_pretrained(checkpoint).dtype or dtype
+    ids, calibration_info = prepare_calibration(model, recipe, calibration, tokenizer, device, nsamples, seqlen, seed)
+    training = prepare_training(model, recipe, calibration, tokenizer, device, seed)
+    start = time.perf_counter()
+    reports, stages = run_recipe(model, recipe, ids, training=training, tokenizer=tokenizer, device=device,
+                                 batch_size=batch_size)
+    record = run_record(model_name, recipe, calibration_info, device, dtype, start, reports, model)
+    record |= {"processes": 1, "stages": stages}
+    save_checkpoint(model.to(stored_dtype), tokenizer, output, record, overwrite=overwrite)
     return record

@@ -22,7 +22,7 @@ from llm_sparsify.export.hf import RECORD, read_record
 from llm_sparsify.export.hub import PushError, push_to_hub
 from llm_sparsify.files import OutputExistsError, atomic_file, disk_size
 from llm_sparsify.models import DEFAULT_MODEL, ModelError, load_model
-from llm_sparsify.recipe import RecipeError, builtin_recipes
+from llm_sparsify.recipe import Evaluation, RecipeError, builtin_recipes, load_recipe
 from llm_sparsify.zero_shot import DATA_ENV, check_tasks, evaluate_tasks, known_tasks, markdown_table
 
 log = logging.getLogger("llm_sparsify")
@@ -171,15 +171,22 @@ def _perplexity_of(model, tokenizer, dataset: str, seqlen: int | None, max_windo
 
 def run_prune(args: argparse.Namespace) -> None:
     device = args.device or default_device()
+    recipe = load_recipe(args.recipe)
+    evaluation = recipe.evaluate
+    if evaluation and evaluation.tasks:
+        check_tasks(list(evaluation.tasks))  # before the work, not after
     recipe_name = Path(args.recipe).name.removesuffix(".yaml")
     output = args.output or Path(f"{Path(args.model or DEFAULT_MODEL).name}-{recipe_name}")
     record = prune_checkpoint(
-        args.model, args.recipe, output, args.calibration, device=device, dtype=DTYPES.get(args.dtype),
+        args.model, recipe, output, args.calibration, device=device, dtype=DTYPES.get(args.dtype),
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
         overwrite=args.overwrite,
     )
     if distributed.rank_and_size()[0] != 0:  # under torchrun, rank 0 reports
         return
+    stages = record.get("stages", {})
+    if "parameters_before" in stages:
+        print(f"parameters: {stages['parameters_before']:,} -> {stages['parameters_after']:,}")
     print(f"pruned {record['base_model']} with {record['recipe_name']} in {record['seconds']:.1f} s: "
           f"{record['sparsity']['overall']:.2%} of the targeted weights are zero")
     print(f"saved to {output}")
@@ -190,9 +197,27 @@ def run_prune(args: argparse.Namespace) -> None:
         print(f"WikiText-2 perplexity (seqlen {base['seqlen']}, {base['windows']} windows): "
               f"base {base['perplexity']:.3f} -> pruned {pruned['perplexity']:.3f}")
         _add_evaluation(output, {"base": {"wikitext2": base}, "pruned": {"wikitext2": pruned}})
+    if evaluation:
+        models = {label: _evaluate_section(name, evaluation, args.dtype, device)
+                  for label, name in (("base", args.model), ("pruned", str(output)))}
+        print(markdown_table(models, list(models)))
+        _add_evaluation(output, models)
     write_model_card(output, command=args.command_line)
+    for name in recipe.export.formats if recipe.export else ():
+        export_checkpoint(output, name, recipe.export.qtype, None, args.overwrite, device)
     if args.push_to_hub:
         _push(output, args.push_to_hub, args)
+
+
+def _evaluate_section(model_name: str | None, evaluation: Evaluation, dtype: str | None, device: str) -> dict:
+    """What a recipe's `evaluate:` section asks of one model: {dataset or task: {metric: value}}."""
+    model, tokenizer = load_model(model_name, dtype=DTYPES.get(dtype), device=device)
+    result = {dataset: {"perplexity": _perplexity_of(model, tokenizer, dataset, None, evaluation.max_windows,
+                                                     device)["perplexity"]}
+              for dataset in evaluation.perplexity}
+    if evaluation.tasks:
+        result |= evaluate_tasks(model, tokenizer, list(evaluation.tasks), limit=evaluation.limit, device=device)
+    return result
 
 
 def _add_evaluation(output: Path, models: dict) -> None:
@@ -247,26 +272,31 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
+    export_checkpoint(args.checkpoint, args.format, args.qtype, args.output, args.overwrite, args.device)
+
+
+def export_checkpoint(source: Path, format: str, qtype: str, output: Path | None, overwrite: bool,
+                      device: str | None) -> Path:
+    """Write `source` as `format` to `output` (default: SOURCE-FORMAT beside it) and print the sizes."""
     from llm_sparsify.export.bitsandbytes import export_bitsandbytes
     from llm_sparsify.export.compact import save_compact
     from llm_sparsify.export.compressed_tensors import export_compressed_tensors
     from llm_sparsify.export.gguf import export_gguf
 
-    source = args.checkpoint
-    suffix = f"{args.qtype}.gguf" if args.format == "gguf" else args.format
-    output = args.output or source.with_name(f"{source.name}-{suffix}")
-    if args.format == "gguf":
-        export_gguf(source, output, qtype=args.qtype, overwrite=args.overwrite)
-    elif args.format == "compressed-tensors":
-        export_compressed_tensors(source, output, overwrite=args.overwrite)
-    elif args.format == "compact":
-        save_compact(source, output, overwrite=args.overwrite)
+    suffix = f"{qtype}.gguf" if format == "gguf" else format
+    output = output or source.with_name(f"{source.name}-{suffix}")
+    if format == "gguf":
+        export_gguf(source, output, qtype=qtype, overwrite=overwrite)
+    elif format == "compressed-tensors":
+        export_compressed_tensors(source, output, overwrite=overwrite)
+    elif format == "compact":
+        save_compact(source, output, overwrite=overwrite)
     else:
-        export_bitsandbytes(source, output, mode=args.format.removeprefix("bnb-"), device=args.device,
-                            overwrite=args.overwrite)
+        export_bitsandbytes(source, output, mode=format.removeprefix("bnb-"), device=device, overwrite=overwrite)
     size, base = disk_size(output), disk_size(source)
-    print(f"exported {source} as {args.format} to {output}: {size / 2**20:.1f} MiB ({size / base:.1%} of the "
+    print(f"exported {source} as {format} to {output}: {size / 2**20:.1f} MiB ({size / base:.1%} of the "
           f"checkpoint's {base / 2**20:.1f} MiB)")
+    return output
 
 
 def _push(folder: Path, repo: str, args: argparse.Namespace) -> None:

@@ -22,7 +22,7 @@ import fnmatch
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -294,16 +294,22 @@ def prune_layers(
     device: str | torch.device = "cpu",
     batch_size: int = 8,
     finished: list[LayerReport] | None = None,
+    sparsities: list[float] | None = None,
+    fisher: dict[str, Tensor] | None = None,
 ) -> list[LayerReport]:
     """Prune the decoder layers that `layers` hands out, one at a time on `device`.
 
     `finished` holds the reports of layers already pruned by an earlier, interrupted run: those are
     only run forward (from their saved, pruned weights) to rebuild the next layer's inputs.
+    `sparsities` gives each layer its own (e.g. OWL's), instead of the recipe's. `fisher` holds the diagonal
+    Fisher of each target weight, for OBD (prune/fisher.py).
     Under torch.distributed each rank brings its share of `calibration` (see llm_sparsify.distributed).
     """
     device = torch.device(device)
     targets = target_modules(model, recipe)
-    statistic = recipe.statistic
+    statistic = None if recipe.statistic == "fisher" else recipe.statistic  # OBD: gradients, taken before
+    if recipe.method == "obd" and fisher is None:
+        raise ValueError("OBD needs the Fisher diagonal of every target weight (prune/fisher.fisher_diagonal)")
     reports = list(finished or [])
     if statistic is not None:
         check_calibration(model, calibration, recipe.method if STATISTIC[recipe.method] else "gptq")
@@ -328,16 +334,17 @@ def prune_layers(
         layer = layers.load(i, device)
         last = i + 1 == len(layers)
         outputs = None
+        recipe_i = recipe if sparsities is None else replace(recipe, pattern=sparsities[i])
         if not resumed:
             if targets[i] and statistic is not None and recipe.inputs == "pruned":
-                report, outputs = prune_interleaved(i, layer, targets[i], hidden, kwargs, recipe, layers,
-                                                    device, not last, groups, threshold)
+                report, outputs = prune_interleaved(i, layer, targets[i], hidden, kwargs, recipe_i, layers,
+                                                    device, not last, groups, threshold, fisher)
             else:
                 stats = {}
                 if targets[i] and statistic is not None:
                     stats = collect_statistics(layer, targets[i], hidden, kwargs, statistic == "hessian", device)
                     distributed.sum_statistics(stats.values())
-                report = prune_modules(i, targets[i], stats, recipe, threshold)
+                report = prune_modules(i, targets[i], stats, recipe_i, threshold, fisher=fisher)
                 del stats
             layers.save(i, layer, report)
         if statistic is not None and not last:  # the pruned layer's outputs feed the next layer
@@ -355,6 +362,7 @@ def prune_interleaved(
     index: int, layer: nn.Module, modules: dict[str, nn.Linear], hidden: list[Tensor], kwargs: list[dict],
     recipe: Recipe, layers: LayerSource, device: torch.device, outputs: bool,
     groups: dict[tuple[str, ...], list[list[str]]], threshold: float | None = None,
+    fisher: dict[str, Tensor] | None = None,
 ) -> tuple[LayerReport, list[Tensor] | None]:
     """Prune one layer's modules group by group during its one forward (see interleaved.py); return the
     report and the pruned layer's outputs. `groups` caches the grouping found for each layer structure."""
@@ -368,7 +376,7 @@ def prune_interleaved(
 
     def prune_group(g: int, names: list[str], stats: InputStatistics) -> None:
         done = prune_modules(index, {name: modules[name] for name in names}, dict.fromkeys(names, stats), recipe,
-                             threshold, first_group=g)
+                             threshold, first_group=g, fisher=fisher)
         report.sparsity.update(done.sparsity)
         report.error.update(done.error)
         # later modules must see the values that are saved
@@ -384,7 +392,7 @@ def prune_interleaved(
 
 def prune_modules(
     index: int, modules: dict[str, nn.Linear], stats: dict[str, InputStatistics], recipe: Recipe,
-    threshold: float | None = None, first_group: int = 0,
+    threshold: float | None = None, first_group: int = 0, fisher: dict[str, Tensor] | None = None,
 ) -> LayerReport:
     """Prune (and quantize) one layer's target modules in place, modules that share an input together; each
     quantized module keeps its grid as `module.quantization_grid`.
@@ -406,6 +414,7 @@ def prune_modules(
                                              recipe.quantization)
         else:
             pruned, grids = prune_weights(recipe.method, weights, group_stats, recipe.pattern, recipe.quantization,
+                                          fisher=[fisher[name] for name in names] if fisher else None,
                                           **recipe.options)
         for name, weight, grid in zip(names, pruned, grids or [None] * len(names), strict=True):
             modules[name].weight.data = weight
@@ -437,9 +446,13 @@ def prune_model(
     calibration: Tensor | None,
     device: str | torch.device = "cpu",
     batch_size: int = 8,
+    sparsities: list[float] | None = None,
+    fisher: dict[str, Tensor] | None = None,
 ) -> list[LayerReport]:
     """Prune a model held in memory, in place, layer by layer on `device`; each layer returns to where it was.
 
-    `calibration` holds token ids [nsamples, seqlen]; magnitude pruning needs none.
+    `calibration` holds token ids [nsamples, seqlen]; magnitude pruning needs none. `sparsities` and `fisher`:
+    see prune_layers.
     """
-    return prune_layers(model, ResidentLayers(model), recipe, calibration, device, batch_size)
+    return prune_layers(model, ResidentLayers(model), recipe, calibration, device, batch_size,
+                        sparsities=sparsities, fisher=fisher)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_sparsify.files import atomic_directory
 
@@ -136,7 +136,12 @@ def load_model(
     dtype = dtype or default_dtype(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, low_cpu_mem_usage=True)
+        if getattr(AutoConfig.from_pretrained(source), "layer_widths", None):  # width-pruned, unequal layers
+            from llm_sparsify.structure.width import load_width_pruned
+
+            model = load_width_pruned(source, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, low_cpu_mem_usage=True)
     except (OSError, ValueError, KeyError) as error:
         raise ModelError(f"could not load model {source!r}: {error}") from error
     decoder_layers(model)

@@ -1,7 +1,7 @@
 """Recipes: what to prune, how, and how much, read from YAML and validated with clear errors.
 
     pruning:
-      method: sparsegpt        # magnitude | wanda | sparsegpt
+      method: sparsegpt        # magnitude | wanda | sparsegpt | obd (½·F·w², F the diagonal Fisher)
       sparsity: "2:4"          # a fraction in (0, 1) such as 0.5 or "50%", or N:M (keep N of every M)
       targets: ["*"]           # fnmatch globs on module names, e.g. "*.self_attn.*" (default: every
       ignore: ["*.down_proj"]  #   Linear inside the decoder layers; never embeddings or lm_head)
@@ -21,12 +21,54 @@
       symmetric: true
       dampening: 0.01          # gptq: λ as a share of mean(diag H) (default: sparsegpt's, else 0.01)
       blocksize: 128           # gptq: columns per lazy batch (with sparsegpt: its own, one sweep)
+      actorder: true           # gptq: visit columns by decreasing H_qq, grids fitted before the sweep (static
+                               #   groups); default on, except with N:M chosen in the same sweep (its groups
+                               #   need their columns in order)
+
+Stages that change the model's shape or train it run on the whole model in memory, in this order:
+depth -> width -> pruning (+ quantization) -> recovery; then evaluate and export the saved output. Every section
+is optional, but a recipe needs at least one of depth, width, pruning.
+
+    depth:                     # remove whole decoder blocks (structure/depth.py)
+      blocks: 4                #   how many spans of `interval` blocks to remove (or max_parameters: a budget)
+      interval: 1
+      score: cosine            #   cosine: 1 − |cos(input, output)| on calibration data; last | random: baselines
+      iterative: false         #   re-score after each removal
+      sources: {c4: 1.0}       #   calibration sources and their weights in the fused score
+    width:                     # remove attention KV groups or MLP channels (structure/width.py)
+      unit: mlp                #   mlp | heads
+      amount: 0.3              #   share of the units removed
+      score: activation        #   weight (‖W‖) | activation (|W|·‖X‖)
+      scope: layer             #   layer: the same share in every layer | global: ranked across the model
+    pruning:
+      allocation: owl          # per-layer sparsity from outlier ratios (prune/owl.py), wanda and sparsegpt only
+      owl_threshold: 5         #   M: a score is an outlier above M × its matrix's mean
+      owl_lambda: 0.08         #   λ: layer sparsities lie within target ± λ
+    recovery:                  # fine-tune with the masks frozen (recover.py)
+      steps: 100               #   optimizer steps (per stage with a schedule)
+      lr: 1.0e-4
+      batch_size: 4
+      lora: null               #   LoRA rank, or null: full fine-tuning of the decoder Linears
+      schedule: [0.2, 0.5]     #   gradual: prune to each sparsity, fine-tune, ..., then pruning.sparsity
+      rewind: false            #   restart the learning-rate schedule at every stage
+      group_lasso: 0.0         #   λ of Σ‖W_g‖₂ over `lasso_unit` groups (mlp | heads), so width pruning
+      lasso_unit: mlp          #   afterwards removes groups that have gone quiet
+      nsamples: 64             #   fine-tuning windows drawn from the calibration source (other windows)
+      seqlen: 256
+    evaluate:                  # after saving; results go to the record and the model card
+      perplexity: [wikitext2]
+      max_windows: 64
+      tasks: [piqa, arc_easy]  #   lm-eval zero-shot tasks (see eval/tasks)
+      limit: 200
+    export:                    # after saving, beside the output: OUTPUT-<format>
+      formats: [gguf, compact] #   gguf | compact | compressed-tensors | bnb-nf4 | bnb-fp4 | bnb-int8
+      qtype: Q8_0              #   gguf tensor type
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -41,11 +83,12 @@ OPTIONS: dict[str, dict[str, Any]] = {  # method -> its options and their defaul
     "magnitude": {"scope": "layer"},
     "wanda": {},
     "sparsegpt": {"blocksize": 128, "dampening": 0.01},
+    "obd": {},
 }
 _COMMON = {"method", "sparsity", "targets", "ignore"}
 INPUTS = ("pruned", "dense")
 QUANTIZERS: dict[str, set[str]] = {  # quantization method -> its keys
-    "gptq": {"method", "bits", "group_size", "symmetric", "dampening", "blocksize"},
+    "gptq": {"method", "bits", "group_size", "symmetric", "dampening", "blocksize", "actorder"},
     "rtn": {"method", "bits", "group_size", "symmetric"},
 }
 
@@ -73,34 +116,118 @@ class Quantization:
     scheme: QuantScheme
     blocksize: int = 128  # gptq
     dampening: float = 0.01  # gptq
+    actorder: bool = False  # gptq: columns by decreasing H_qq, static groups
 
     def to_dict(self) -> dict[str, Any]:
         section = {"method": self.method, "bits": self.scheme.bits, "group_size": self.scheme.group_size,
                    "symmetric": self.scheme.symmetric}
-        return section | ({"dampening": self.dampening, "blocksize": self.blocksize} if self.method == "gptq" else {})
+        gptq = {"dampening": self.dampening, "blocksize": self.blocksize, "actorder": self.actorder}
+        return section | (gptq if self.method == "gptq" else {})
 
     def record(self) -> dict[str, Any]:
         """What a checkpoint's llm_sparsify.json says about its grids."""
-        return {key: value for key, value in self.to_dict().items() if key not in ("dampening", "blocksize")}
+        return {key: value for key, value in self.to_dict().items() if key not in ("dampening", "blocksize",
+                                                                                  "actorder")}
+
+
+@dataclass(frozen=True)
+class Depth:
+    """Remove `blocks` spans of `interval` decoder blocks (or as many as `max_parameters` requires)."""
+
+    blocks: int | None = None
+    max_parameters: int | None = None
+    interval: int = 1
+    score: str = "cosine"
+    iterative: bool = False
+    sources: dict[str, float] = field(default_factory=lambda: {"c4": 1.0})
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Width:
+    """Remove `amount` of the MLP channels or attention KV groups, ranked by `score` per layer or globally."""
+
+    unit: str = "mlp"
+    amount: float = 0.2
+    score: str = "activation"
+    scope: str = "layer"
+
+
+@dataclass(frozen=True)
+class Owl:
+    """Outlier-weighted layer-wise sparsity: M (threshold) and λ (the spread around the target)."""
+
+    threshold: float = 5.0
+    lam: float = 0.08
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """Fine-tuning with the masks frozen, optionally gradual (prune to each `schedule` step, fine-tune, ...)."""
+
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 4
+    lora: int | None = None
+    schedule: tuple[float, ...] = ()
+    rewind: bool = False
+    group_lasso: float = 0.0
+    lasso_unit: str = "mlp"
+    nsamples: int = 64
+    seqlen: int = 256
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What to measure on the saved output: perplexity datasets and lm-eval tasks."""
+
+    perplexity: tuple[str, ...] = ("wikitext2",)
+    max_windows: int | None = 64
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class Export:
+    """Formats written beside the saved output."""
+
+    formats: tuple[str, ...] = ()
+    qtype: str = "Q8_0"
 
 
 @dataclass(frozen=True)
 class Recipe:
-    method: str
-    pattern: Pattern
+    method: str | None  # None: no pruning section (depth or width only)
+    pattern: Pattern | None
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
     name: str = "custom"
     inputs: str = "pruned"  # calibrate each module on the pruned (or the dense) layer's activations
     quantization: Quantization | None = None
+    owl: Owl | None = None
+    depth: Depth | None = None
+    width: Width | None = None
+    recovery: Recovery | None = None
+    evaluate: Evaluation | None = None
+    export: Export | None = None
+
+    @property
+    def streams(self) -> bool:
+        """Whether the recipe can run one decoder layer at a time from disk (else the whole model is loaded)."""
+        return not (self.depth or self.width or self.recovery or self.owl or self.method == "obd")
+
+    @property
+    def needs_calibration(self) -> bool:
+        needs = self.depth and self.depth.score == "cosine" or self.width and self.width.score != "weight"
+        return bool(needs or self.recovery or self.owl or self.statistic is not None)
 
     @property
     def statistic(self) -> str | None:
         """The input statistic the recipe needs: the method's, or the Hessian for GPTQ (None: no data)."""
         if self.quantization is not None and self.quantization.method == "gptq":
             return "hessian"
-        return STATISTIC[self.method]
+        return STATISTIC[self.method] if self.method else None
 
     @property
     def sparsity(self) -> float:
@@ -109,18 +236,31 @@ class Recipe:
 
     @property
     def pattern_text(self) -> str:
+        if self.pattern is None:
+            return "none"
         return f"{self.pattern[0]}:{self.pattern[1]}" if isinstance(self.pattern, tuple) else f"{self.pattern:g}"
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe in the YAML file format, so a saved record can be run again with load_recipe."""
-        sparsity = self.pattern_text if isinstance(self.pattern, tuple) else self.pattern
-        section = {"method": self.method, "sparsity": sparsity, "targets": list(self.targets),
-                   "ignore": list(self.ignore), **self.options}
-        if self.statistic is not None:
-            section["inputs"] = self.inputs
-        if self.quantization is None:
-            return {"pruning": section}
-        return {"pruning": section, "quantization": self.quantization.to_dict()}
+        sections: dict[str, Any] = {}
+        for key in ("depth", "width"):
+            if (stage := getattr(self, key)) is not None:
+                sections[key] = asdict(stage)
+        if self.method is not None:
+            sparsity = self.pattern_text if isinstance(self.pattern, tuple) else self.pattern
+            section = {"method": self.method, "sparsity": sparsity, "targets": list(self.targets),
+                       "ignore": list(self.ignore), **self.options}
+            if self.statistic is not None:
+                section["inputs"] = self.inputs
+            if self.owl is not None:
+                section |= {"allocation": "owl", "owl_threshold": self.owl.threshold, "owl_lambda": self.owl.lam}
+            sections["pruning"] = section
+        if self.quantization is not None:
+            sections["quantization"] = self.quantization.to_dict()
+        for key in ("recovery", "evaluate", "export"):
+            if (stage := getattr(self, key)) is not None:
+                sections[key] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(stage).items()}
+        return sections
 
 
 def parse_pattern(value: Any) -> Pattern:
@@ -190,24 +330,149 @@ def parse_quantization(section: Any, method: str, pattern: Pattern, options: dic
                           "a multiple of it (each group's grid is fitted on up-to-date weights)")
     if joint and isinstance(pattern, tuple) and group_size is not None and group_size % pattern[1]:
         raise RecipeError(f"quantization.group_size {group_size} must be a multiple of M={pattern[1]} (one sweep)")
-    return Quantization("gptq", scheme, **sweep)
+    actorder = section.get("actorder", not (joint and isinstance(pattern, tuple)))  # on, unless N:M in the sweep
+    if not isinstance(actorder, bool):
+        raise RecipeError(f"quantization.actorder must be true or false, got {actorder!r}")
+    if actorder and isinstance(pattern, tuple) and joint:
+        raise RecipeError("quantization.actorder visits columns out of order, but N:M sparsity chosen in the same "
+                          "sweep needs them in order; leave actorder out for N:M")
+    return Quantization("gptq", scheme, **sweep, actorder=actorder)
 
 
-def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
-    """Validate a parsed recipe (the whole document: its `pruning:` section, and `quantization:` if any)."""
-    if not isinstance(data, dict) or not isinstance(data.get("pruning"), dict):
-        raise RecipeError("a recipe needs a `pruning:` section with at least `method` and `sparsity`")
-    if unknown := set(data) - {"pruning", "quantization"}:
-        raise RecipeError(f"unknown recipe section(s): {', '.join(sorted(unknown))}; known: pruning, quantization")
-    section = data["pruning"]
+SECTIONS = ("depth", "width", "pruning", "quantization", "recovery", "evaluate", "export")
+SCORES = {"depth": ("cosine", "last", "random"), "width": ("weight", "activation")}
+EXPORT_FORMATS = ("gguf", "compact", "compressed-tensors", "bnb-nf4", "bnb-fp4", "bnb-int8")
+
+
+def _keys(section: Any, name: str, stage: type) -> dict[str, Any]:
+    """A section's keys, checked against the fields of its dataclass."""
+    if not isinstance(section, dict):
+        raise RecipeError(f"{name} must be a mapping of options, got {section!r}")
+    allowed = {f.name for f in fields(stage)}
+    if unknown := set(section) - allowed:
+        raise RecipeError(f"unknown {name} key(s): {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
+    return section
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise RecipeError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _flag(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise RecipeError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _fraction(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise RecipeError(f"{key} must be a fraction strictly between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def _names(value: Any, key: str) -> tuple[str, ...]:
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list | tuple) or not all(isinstance(v, str) and v for v in values):
+        raise RecipeError(f"{key} must be a name or a list of names, got {value!r}")
+    return tuple(values)
+
+
+def parse_depth(section: Any) -> Depth:
+    """Validate a `depth:` section: a count of spans or a parameter budget, never a score threshold."""
+    section = _keys(section, "depth", Depth)
+    blocks, budget = section.get("blocks"), section.get("max_parameters")
+    if (blocks is None) == (budget is None):
+        raise RecipeError("depth needs exactly one of `blocks` (how many spans to remove) or `max_parameters`")
+    for key, value in (("blocks", blocks), ("max_parameters", budget)):
+        if value is not None:
+            _positive(value, f"depth.{key}", integer=True)
+    _positive(interval := section.get("interval", 1), "depth.interval", integer=True)
+    sources = section.get("sources", {"c4": 1.0})
+    if not isinstance(sources, dict) or not sources or not all(
+            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+            for k, v in sources.items()):
+        raise RecipeError(f"depth.sources maps calibration sources to positive weights, e.g. {{c4: 1.0}}; "
+                          f"got {sources!r}")
+    seed = section.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise RecipeError(f"depth.seed must be an integer, got {seed!r}")
+    if section.get("iterative") and (blocks is None or section.get("score", "cosine") != "cosine" or len(sources) > 1):
+        raise RecipeError("depth.iterative re-scores after each removal: it needs `blocks`, the cosine score and "
+                          "one source")
+    return Depth(blocks, budget, interval, _choice(section.get("score", "cosine"), "depth.score", SCORES["depth"]),
+                 _flag(section.get("iterative", False), "depth.iterative"),
+                 {k: float(v) for k, v in sources.items()}, seed)
+
+
+def parse_width(section: Any) -> Width:
+    section = _keys(section, "width", Width)
+    return Width(_choice(section.get("unit", "mlp"), "width.unit", ("mlp", "heads")),
+                 _fraction(section.get("amount", 0.2), "width.amount"),
+                 _choice(section.get("score", "activation"), "width.score", SCORES["width"]),
+                 _choice(section.get("scope", "layer"), "width.scope", ("layer", "global")))
+
+
+def parse_recovery(section: Any, pattern: Pattern | None) -> Recovery:
+    """Validate a `recovery:` section; a schedule must climb to (and below) the pruning sparsity."""
+    section = _keys(section, "recovery", Recovery)
+    for key in ("steps", "batch_size", "nsamples", "seqlen"):
+        _positive(section.get(key, getattr(Recovery, key)), f"recovery.{key}", integer=True)
+    _positive(section.get("lr", Recovery.lr), "recovery.lr", integer=False)
+    if (lora := section.get("lora")) is not None:
+        _positive(lora, "recovery.lora (the LoRA rank; null: full fine-tuning)", integer=True)
+    lasso = section.get("group_lasso", 0.0)
+    if isinstance(lasso, bool) or not isinstance(lasso, int | float) or lasso < 0:
+        raise RecipeError(f"recovery.group_lasso must be a number ≥ 0, got {lasso!r}")
+    schedule = section.get("schedule", [])
+    if not isinstance(schedule, list | tuple):
+        raise RecipeError(f"recovery.schedule must be a list of sparsities, e.g. [0.2, 0.5], got {schedule!r}")
+    steps = tuple(_fraction(v, "recovery.schedule entries") for v in schedule)
+    if steps:
+        if pattern is None or isinstance(pattern, tuple):
+            raise RecipeError("recovery.schedule prunes gradually to pruning.sparsity, which must be a fraction")
+        if list(steps) != sorted(set(steps)) or steps[-1] >= pattern:
+            raise RecipeError(f"recovery.schedule must rise strictly and stay below pruning.sparsity ({pattern:g}), "
+                              f"got {list(steps)}")
+    return Recovery(section.get("steps", Recovery.steps), float(section.get("lr", Recovery.lr)),
+                    section.get("batch_size", Recovery.batch_size), lora, steps,
+                    _flag(section.get("rewind", False), "recovery.rewind"), float(lasso),
+                    _choice(section.get("lasso_unit", "mlp"), "recovery.lasso_unit", ("mlp", "heads")),
+                    section.get("nsamples", Recovery.nsamples), section.get("seqlen", Recovery.seqlen))
+
+
+def parse_evaluate(section: Any) -> Evaluation:
+    section = _keys(section, "evaluate", Evaluation)
+    for key in ("max_windows", "limit"):
+        if section.get(key) is not None:
+            _positive(section[key], f"evaluate.{key}", integer=True)
+    datasets, tasks = section.get("perplexity", ["wikitext2"]), section.get("tasks", [])
+    return Evaluation(_names(datasets, "evaluate.perplexity") if datasets else (), section.get("max_windows", 64),
+                      _names(tasks, "evaluate.tasks") if tasks else (), section.get("limit"))
+
+
+def parse_export(section: Any) -> Export:
+    section = _keys(section, "export", Export)
+    formats = _names(section.get("formats", []), "export.formats")
+    for name in formats:
+        _choice(name, "export.formats entries", EXPORT_FORMATS)
+    return Export(formats, section.get("qtype", "Q8_0"))
+
+
+def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
+    """Validate a `pruning:` section (and the `quantization:` that goes with it): the Recipe's pruning fields."""
+    if not isinstance(section, dict):
+        raise RecipeError(f"a recipe needs a `pruning:` section with at least `method` and `sparsity`, got {section!r}")
     method = section.get("method")
     if not isinstance(method, str) or method not in STATISTIC:
         raise RecipeError(f"unknown method {method!r}; choose one of: {', '.join(STATISTIC)}")
     if "sparsity" not in section:
         raise RecipeError("pruning.sparsity is required, e.g. 0.5 or \"2:4\"")
-    quantizer = data["quantization"].get("method") if isinstance(data.get("quantization"), dict) else None
-    needs_data = STATISTIC[method] is not None or quantizer == "gptq"
-    allowed = _COMMON | set(OPTIONS[method]) | ({"inputs"} if needs_data else set())
+    quantizer = quantization.get("method") if isinstance(quantization, dict) else None
+    needs_data = STATISTIC[method] not in (None, "fisher") or quantizer == "gptq"
+    owl_keys = {"allocation", "owl_threshold", "owl_lambda"} if method in ("wanda", "sparsegpt") else set()
+    allowed = _COMMON | set(OPTIONS[method]) | ({"inputs"} if needs_data else set()) | owl_keys
     if unknown := set(section) - allowed:
         known = ", ".join(sorted(allowed))
         raise RecipeError(f"unknown key(s) for {method}: {', '.join(sorted(unknown))}; allowed: {known}")
@@ -227,18 +492,54 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
     inputs = section.get("inputs", "pruned")
     if inputs not in INPUTS:
         raise RecipeError(f"inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")
-    quantization = None
-    if "quantization" in data:
-        quantization = parse_quantization(data["quantization"], method, pattern, options)
+    owl = None
+    if _choice(section.get("allocation", "uniform"), "pruning.allocation", ("uniform", "owl")) == "owl":
+        if isinstance(pattern, tuple):
+            raise RecipeError("allocation: owl varies the sparsity per layer, so it takes a fraction, not N:M")
+        owl = Owl(section.get("owl_threshold", 5.0), section.get("owl_lambda", 0.08))
+        _positive(owl.threshold, "pruning.owl_threshold", integer=False)
+        _positive(owl.lam, "pruning.owl_lambda", integer=False)
+        if not owl.lam < min(pattern, 1 - pattern):
+            raise RecipeError(f"pruning.owl_lambda {owl.lam} must be below min(sparsity, 1 − sparsity) so every "
+                              "layer's sparsity stays in (0, 1)")
+    elif {"owl_threshold", "owl_lambda"} & set(section):
+        raise RecipeError("owl_threshold and owl_lambda need `allocation: owl`")
+    return {
+        "method": method,
+        "pattern": pattern,
+        "targets": _globs(section.get("targets", "*"), "targets", allow_empty=False),
+        "ignore": _globs(section.get("ignore", []), "ignore", allow_empty=True),
+        "options": options,
+        "inputs": inputs,
+        "owl": owl,
+        "quantization": None if quantization is None else parse_quantization(quantization, method, pattern, options),
+    }
+
+
+def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
+    """Validate a parsed recipe: a mapping of sections (see the module docstring), each checked in full."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"a recipe is a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
+    if unknown := set(data) - set(SECTIONS):
+        raise RecipeError(f"unknown recipe section(s): {', '.join(sorted(unknown))}; known: {', '.join(SECTIONS)}")
+    if not {"pruning", "depth", "width"} & set(data):
+        raise RecipeError("a recipe needs a `pruning:` section with at least `method` and `sparsity` "
+                          "(or a `depth:` or `width:` section)")
+    if "quantization" in data and "pruning" not in data:
+        raise RecipeError("quantization applies to the pruned weights: it needs a `pruning:` section")
+    pruning = parse_pruning(data["pruning"], data.get("quantization")) if "pruning" in data else {
+        "method": None, "pattern": None}
+    if "recovery" in data and "quantization" in data:
+        raise RecipeError("recovery would move quantized weights off their grid: quantize the recovered model in a "
+                          "second recipe instead")
     return Recipe(
-        method=method,
-        pattern=pattern,
-        targets=_globs(section.get("targets", "*"), "targets", allow_empty=False),
-        ignore=_globs(section.get("ignore", []), "ignore", allow_empty=True),
-        options=options,
+        **pruning,
         name=name,
-        inputs=inputs,
-        quantization=quantization,
+        depth=parse_depth(data["depth"]) if "depth" in data else None,
+        width=parse_width(data["width"]) if "width" in data else None,
+        recovery=parse_recovery(data["recovery"], pruning["pattern"]) if "recovery" in data else None,
+        evaluate=parse_evaluate(data["evaluate"]) if "evaluate" in data else None,
+        export=parse_export(data["export"]) if "export" in data else None,
     )
 
 

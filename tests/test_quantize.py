@@ -186,6 +186,56 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs(scheme):
     assert output_error(pruned, gptq, x) < 0.8 * output_error(pruned, rtn(pruned, scheme)[0], x)
 
 
+@pytest.mark.parametrize("fixed", [False, True])
+def test_actorder_is_the_sweep_over_columns_by_decreasing_hessian_diagonal(fixed):
+    """Per channel, a grid fitted before the sweep is the one the plain sweep fits at column 0; so actorder must
+    equal the plain sweep run on the columns permuted by decreasing H_qq, with the result permuted back."""
+    torch.manual_seed(3)
+    weight, x = torch.randn(48, 256), correlated_inputs(features=256)
+    x[:, torch.randperm(256)[:64]] *= 3  # a spread of diagonal values, not in column order
+    H, scheme = hessian_of(x), QuantScheme(4, None, True)
+    pruned = prune_wanda(weight, x.norm(dim=0), 0.5) if fixed else weight
+    mask = [pruned == 0] if fixed else None
+    (ours,), (grid,) = sparsegpt_sweep([pruned], H, mask=mask, scheme=scheme, blocksize=64, actorder=True)
+    order = torch.argsort(H.diagonal(), descending=True)
+    (permuted,), (permuted_grid,) = sparsegpt_sweep([pruned[:, order]], H[order][:, order],
+                                                    mask=[m[:, order] for m in mask] if fixed else None,
+                                                    scheme=scheme, blocksize=64)
+    assert torch.allclose(ours, permuted[:, torch.argsort(order)], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(grid.scale, permuted_grid.scale) and not torch.equal(ours, permuted)
+    assert_on_grid(ours, grid)
+    assert (ours[pruned == 0] == 0).all()
+
+
+@pytest.mark.parametrize("pattern", [None, 0.5])
+def test_actorder_groups_are_static_and_beat_round_to_nearest(pattern):
+    """Grouped grids are fitted on the weights before the sweep, whatever the visiting order; GPTQ still beats RTN."""
+    torch.manual_seed(4)
+    weight, x = torch.randn(64, 256), correlated_inputs(features=256)
+    scheme = QuantScheme(4, 32, True)
+    (ours,), (grid,) = sparsegpt_sweep([weight], hessian_of(x), pattern, scheme=scheme, actorder=True)
+    expected = rtn(weight, scheme)[1]
+    assert torch.equal(grid.scale, expected.scale) and torch.equal(grid.zero_point, expected.zero_point)
+    assert_on_grid(ours, grid)
+    if pattern is None:
+        assert output_error(weight, ours, x) < 0.8 * output_error(weight, rtn(weight, scheme)[0], x)
+    else:
+        assert (ours == 0).float().mean() >= 0.5
+        sparse = sparsegpt_sweep([weight], hessian_of(x), 0.5)[0][0]
+        assert output_error(weight, ours, x) < 0.8 * output_error(weight, rtn(sparse, scheme)[0], x)
+
+
+def test_actorder_refuses_n_m_in_the_sweep_and_the_recipe():
+    with pytest.raises(ValueError, match="N:M sparsity needs them in order"):
+        sparsegpt_sweep([torch.randn(4, 8)], torch.eye(8), (2, 4), scheme=QuantScheme(4, None), actorder=True)
+    with pytest.raises(ValueError, match="leave actorder out for N:M"):
+        recipe_from_dict({"pruning": {"method": "sparsegpt", "sparsity": "2:4"},
+                          "quantization": {"method": "gptq", "actorder": True}})
+    recipe = recipe_from_dict({"pruning": {"method": "wanda", "sparsity": "2:4"},  # mask fixed first: fine
+                               "quantization": {"method": "gptq", "actorder": True}})
+    assert recipe.quantization.actorder and load_recipe(recipe.to_dict()).quantization == recipe.quantization
+
+
 def test_groups_that_straddle_blocks_are_refused():
     with pytest.raises(ValueError, match="group size 96 must divide blocksize 128"):
         sparsegpt_sweep([torch.randn(4, 256)], torch.eye(256), scheme=QuantScheme(4, 96), blocksize=128)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from llm_sparsify.prune.fisher import prune_obd
 from llm_sparsify.prune.magnitude import prune_magnitude
 from llm_sparsify.prune.masks import Pattern
 from llm_sparsify.prune.sparsegpt import prune_sparsegpt, sparsegpt_sweep
@@ -21,14 +22,18 @@ from llm_sparsify.stats import InputStatistics
 if TYPE_CHECKING:
     from llm_sparsify.recipe import Quantization
 
-# method -> the statistic of the Linear's input it needs (None: no calibration data)
-STATISTIC: dict[str, str | None] = {"magnitude": None, "wanda": "column_norms", "sparsegpt": "hessian"}
+# method -> the statistic it needs: of the Linear's input, or the Fisher diagonal of its weight (None: no data)
+STATISTIC: dict[str, str | None] = {"magnitude": None, "wanda": "column_norms", "sparsegpt": "hessian",
+                                    "obd": "fisher"}
 
 
 def prune_weight(
-    method: str, weight: Tensor, stats: InputStatistics | None, pattern: Pattern, **options: Any
+    method: str, weight: Tensor, stats: InputStatistics | None, pattern: Pattern, fisher: Tensor | None = None,
+    **options: Any,
 ) -> Tensor:
-    """Apply `method` to one weight matrix [out_features, in_features]."""
+    """Apply `method` to one weight matrix [out_features, in_features] (OBD: given its Fisher diagonal)."""
+    if method == "obd":
+        return prune_obd(weight, fisher, pattern)
     if method == "magnitude":
         return prune_magnitude(weight, pattern)
     if method == "wanda":
@@ -40,17 +45,18 @@ def prune_weight(
 
 def prune_weights(
     method: str, weights: list[Tensor], stats: InputStatistics | None, pattern: Pattern,
-    quantization: Quantization | None = None, **options: Any,
+    quantization: Quantization | None = None, fisher: list[Tensor] | None = None, **options: Any,
 ) -> tuple[list[Tensor], list[Grid] | None]:
     """Apply `method` (then `quantization`, if any) to weights that read the same input (q/k/v; gate/up); return
     them and their grids (None without quantization). SparseGPT factorizes their Hessian once and sweeps their
     stacked rows together, with GPTQ in that same sweep."""
     if method != "sparsegpt":
-        pruned = [prune_weight(method, weight, stats, pattern, **options) for weight in weights]
+        pruned = [prune_weight(method, weight, stats, pattern, fisher[i] if fisher else None, **options)
+                  for i, weight in enumerate(weights)]
         return quantize_weights(pruned, stats, quantization)
     joint = quantization is not None and quantization.method == "gptq"
     pruned, grids = sparsegpt_sweep(weights, stats.hessian(), pattern, scheme=quantization.scheme if joint else None,
-                                    **options)
+                                    actorder=joint and quantization.actorder, **options)
     return (pruned, grids) if joint else quantize_weights(pruned, stats, quantization)
 
 
@@ -66,4 +72,4 @@ def quantize_weights(
         return list(rounded), list(grids)
     return sparsegpt_sweep(pruned, stats.hessian(), mask=[weight == 0 for weight in pruned],
                            scheme=quantization.scheme, blocksize=quantization.blocksize,
-                           dampening=quantization.dampening)
+                           dampening=quantization.dampening, actorder=quantization.actorder)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from llm_sparsify.prune.masks import Pattern, nm_mask, unstructured_mask
-from llm_sparsify.quantize.grid import Grid, QuantScheme, dequantize, fit_scale, quantize
+from llm_sparsify.quantize.grid import Grid, QuantScheme, dequantize, fit_grid, fit_scale, quantize
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def prune_sparsegpt_together(
 
 def sparsegpt_sweep(
     weights: list[Tensor], hessian: Tensor, pattern: Pattern | None = None, mask: list[Tensor] | None = None,
-    scheme: QuantScheme | None = None, blocksize: int = 128, dampening: float = 0.01,
+    scheme: QuantScheme | None = None, blocksize: int = 128, dampening: float = 0.01, actorder: bool = False,
 ) -> tuple[list[Tensor], list[Grid] | None]:
     """The OBS sweep of SparseGPT and GPTQ: each column is pruned (mask chosen by `pattern` as the sweep goes, or a
     fixed `mask`, True = removed) and rounded to `scheme`'s grid, its error spread over the columns not yet visited.
@@ -65,6 +65,11 @@ def sparsegpt_sweep(
 
     Weights that read the same input (q/k/v, gate/up) share one factorization of H and one sweep over their stacked
     rows: rows are independent given H⁻¹, and each weight chooses its unstructured mask among its own rows.
+
+    `actorder` (GPTQ's activation order) visits the columns by decreasing [H]_qq, so the inputs that matter most
+    are rounded first, while the most columns are left to absorb their error. Its grids are static: each group's
+    (of consecutive original columns) is fitted on the weights before the sweep, so one group's scale never
+    depends on the visiting order. N:M groups need their columns in order, so it takes unstructured patterns only.
     """
     if pattern is not None and mask is not None:
         raise ValueError("give a pattern (the sweep chooses the mask) or a fixed mask, not both")
@@ -78,14 +83,22 @@ def sparsegpt_sweep(
     # starts a block or a step, so every weight it covers is up to date then.
     step = 32 if nm is None else nm[1] * max(1, 32 // nm[1])
     width = scheme.group_width(columns) if scheme is not None else columns
-    if width < blocksize:
+    if actorder and nm:
+        raise ValueError("actorder visits columns out of order; N:M sparsity needs them in order")
+    if width < blocksize and not actorder:
         step = math.gcd(step, width)
-    if width < columns and blocksize % width and width % blocksize or nm and step % nm[1]:
+    if not actorder and (width < columns and blocksize % width and width % blocksize or nm and step % nm[1]):
         raise ValueError(f"group size {width} must divide blocksize {blocksize} or be a multiple of it (and of M)")
     H = hessian.detach().float().to(W.device).clone()
     dead = H.diagonal() == 0  # inputs that were always zero: prune them, keep H invertible
     H[dead, dead] = 1
     W[:, dead] = 0
+    static = fit_grid(W.masked_fill(M, 0), scheme) if actorder and scheme is not None else None
+    order = torch.argsort(H.diagonal(), descending=True, stable=True) if actorder else None
+    if order is not None:
+        W, M, H = W[:, order], M[:, order], H[order][:, order]
+        if static is not None:  # scale and zero point of every (visited) column, [rows, columns] each
+            static_columns = [values[:, order].contiguous() for values in static.expand(columns)]
     Hinv = inverse_hessian_factor(H, dampening)
     grid: list[tuple[Tensor, Tensor]] = []  # (scale, zero point) of each group of columns, [rows] each
 
@@ -106,14 +119,17 @@ def sparsegpt_sweep(
                 if nm is not None and i % nm[1] == 0:
                     g = slice(i, i + nm[1])
                     mask1[g] = nm_mask((W1[g] ** 2 / d[g, None] ** 2).T, *nm).T
-                if scheme is not None and (i1 + i) % width == 0:  # fit per row on the group's current weights,
+                if static is not None:
+                    column_grid = (static_columns[0][:, i1 + i], static_columns[1][:, i1 + i])
+                elif scheme is not None and (i1 + i) % width == 0:  # fit per row on the group's current weights,
                     end = i1 + i + width  # past the block too, those known to be removed set to 0
                     current = torch.cat([W1[i : i + width].masked_fill(mask1[i : i + width], 0).T,
                                          W[:, i2:end].masked_fill(M[:, i2:end], 0)], dim=1)
                     grid.append(fit_scale(current, scheme))
+                    column_grid = grid[-1]
                 q = W1[i].masked_fill(mask1[i], 0)
                 if scheme is not None:
-                    q = dequantize(quantize(q, *grid[-1], scheme), *grid[-1])
+                    q = dequantize(quantize(q, *column_grid, scheme), *column_grid)
                 torch.mul(W1[i] - q, 1 / d[i], out=Err1[i])  # (w − q) / [H⁻¹]_qq
                 W1[i:j2].addr_(Hinv1[i, i:j2], Err1[i], alpha=-1)
                 W1[i] = q
@@ -122,8 +138,13 @@ def sparsegpt_sweep(
         W[:, i1:i2] = W1.T
         W[:, i2:].addmm_(Err1.T, Hinv[i1:i2, i2:], alpha=-1)  # lazy batch update of the columns after this block
 
+    if order is not None:
+        W = W[:, torch.argsort(order)]
     out = [part.to(w.dtype) for part, w in zip(W.split(rows), weights, strict=True)]
     if scheme is None:
         return out, None
+    if static is not None:
+        return out, [Grid(scheme, s, z) for s, z in zip(static.scale.split(rows), static.zero_point.split(rows),
+                                                              strict=True)]
     scale, zero = (torch.stack(values, dim=1).split(rows) for values in zip(*grid, strict=True))
     return out, [Grid(scheme, s, z) for s, z in zip(scale, zero, strict=True)]

@@ -1,0 +1,112 @@
+"""OWL, Outlier Weighed Layerwise sparsity (Yin et al., 2024): prune layers with more outliers less.
+
+For decoder layer ℓ, with Wanda scores A_ij = |W_ij| · ‖X_j‖₂ of all its Linear weights, the layer outlier
+distribution is
+
+    D_ℓ = #{A_ij > M · Ā_ℓ} / #{A_ij}
+
+where Ā_ℓ is the mean score of the layer: one mean over the scores of all its matrices pooled, as the paper's
+reference code computes it (it concatenates the layer's score matrices before taking the mean), not a mean per
+matrix. The layer sparsities S_ℓ are then linear in D_ℓ, spread over [S − λ, S + λ] (most outliers: S − λ)
+and shifted so that their mean is the target S. The paper uses M = 5 and λ = 0.08; the scores come from the
+dense model, every layer fed the dense model's own activations. OWL sets only how much each layer loses; which
+weights go is the pruning method's choice (Wanda, SparseGPT, magnitude), unstructured only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from llm_sparsify import distributed, engine
+from llm_sparsify.prune.wanda import wanda_scores
+from llm_sparsify.recipe import RecipeError
+
+log = logging.getLogger(__name__)
+
+
+def outlier_ratio(scores: list[Tensor], m: float = 5.0) -> float:
+    """Share (0 to 1, not percent) of the scores above m × their mean, the mean pooled over all the given matrices."""
+    if not scores:
+        raise ValueError("outlier_ratio needs at least one score matrix")
+    total = sum(s.double().sum() for s in scores)
+    count = sum(s.numel() for s in scores)
+    threshold = m * (total / count).item()
+    return sum(int((s > threshold).sum()) for s in scores) / count
+
+
+def owl_sparsities(ratios: list[float], target: float, lam: float = 0.08) -> list[float]:
+    """Per-layer sparsity from layer outlier ratios: mean exactly `target`, layers with more outliers pruned less.
+
+    S_ℓ = S + λ − 2λ (D_ℓ − min D) / (max D − min D), then all shifted by one constant so that their mean is S. So
+    max S_ℓ − min S_ℓ = 2λ (unless all ratios are equal: then every layer gets S), every S_ℓ lies in
+    [S − 2λ, S + 2λ], and S_ℓ falls as D_ℓ grows. The mean is over layers, each weighted alike: it is the sparsity
+    of the whole model when every layer has the same number of target weights (as in Llama or Mistral).
+    """
+    if not 0 <= target < 1:
+        raise RecipeError(f"OWL target sparsity must lie in [0, 1), got {target}")
+    if lam < 0:
+        raise RecipeError(f"OWL lambda must be >= 0, got {lam}")
+    if not ratios or not all(math.isfinite(r) for r in ratios):
+        raise RecipeError(f"OWL needs a finite outlier ratio for every layer, got {ratios}")
+    low, high = min(ratios), max(ratios)
+    if high == low:
+        return [target] * len(ratios)
+    spread = [target + lam - 2 * lam * (r - low) / (high - low) for r in ratios]
+    shift = target - sum(spread) / len(spread)
+    sparsities = [s + shift for s in spread]
+    if min(sparsities) < 0 or max(sparsities) >= 1:
+        raise RecipeError(f"OWL with target {target} and lambda {lam} gives layer sparsities from "
+                          f"{min(sparsities):.3f} to {max(sparsities):.3f}, outside [0, 1); use a smaller lambda")
+    return sparsities
+
+
+def _output(output: Tensor | tuple) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def layer_outlier_ratios(
+    model: PreTrainedModel,
+    calibration: Tensor,
+    m: float = 5.0,
+    targets: list[dict[str, nn.Linear]] | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+) -> list[float]:
+    """Outlier ratio D_ℓ of every decoder layer's Wanda scores, streaming `calibration` through the dense model.
+
+    One decoder layer at a time is on `device` (as in the engine); each layer's inputs are the dense outputs of the
+    layer before, so nothing is pruned here. `targets` (default: every Linear of each decoder layer) picks the
+    matrices scored; a layer with none gets NaN (leave it out before owl_sparsities).
+    """
+    device = torch.device(device)
+    engine.check_calibration(model, calibration, "OWL")
+    targets = engine.layer_linears(model) if targets is None else targets
+    layers = engine.ResidentLayers(model)
+    if len(targets) != len(layers):
+        raise ValueError(f"targets lists {len(targets)} layers, the model has {len(layers)}")
+    with layers.stem(device):
+        hidden, kwargs = engine.capture_layer_inputs(model, calibration, device, batch_size)
+    ratios = []
+    for i in tqdm(range(len(layers)), desc="OWL outlier ratios", unit="layer"):
+        layer = layers.load(i, device)
+        if targets[i]:
+            stats = engine.collect_statistics(layer, targets[i], hidden, kwargs, hessian=False, device=device)
+            distributed.sum_statistics(stats.values())
+            ratios.append(outlier_ratio([wanda_scores(mod.weight, stats[name].column_norms())
+                                         for name, mod in targets[i].items()], m))
+            del stats
+        else:
+            ratios.append(math.nan)
+        if i + 1 < len(layers):
+            hidden = [_output(layer(h.to(device), **kw)).to(h.device) for h, kw in zip(hidden, kwargs, strict=True)]
+        layers.unload(i, layer)
+    log.info("OWL outlier ratios (M=%g): %s", m, ", ".join(f"{r:.4f}" for r in ratios))
+    return ratios
+

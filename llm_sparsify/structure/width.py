@@ -1,0 +1,366 @@
+"""Width pruning: remove whole MLP channels or attention KV groups, so the saved model is physically smaller.
+
+A unit is either
+  - an MLP intermediate channel c: row c of gate_proj and up_proj and column c of down_proj, or
+  - an attention KV group g: KV head g of k_proj and v_proj (rows g·d … (g+1)·d, d = head_dim), the
+    r = num_attention_heads / num_key_value_heads query heads that read it (rows g·r·d … (g+1)·r·d of q_proj,
+    with their biases where the model has them) and the same columns of o_proj. Under grouped-query attention a
+    query head cannot outlive its KV head, so whole groups go; per-head_dim norms (Qwen3 q_norm/k_norm) stay.
+
+Score of a unit u (as in structured-pruning work such as LLM-Pruner, Ma et al. 2023, and FLAP, An et al. 2024):
+S_u = ‖(I_ij)_{(i,j) ∈ u}‖₂, the L2 norm of the per-weight importance I of every weight that belongs to the unit,
+across all its matrices. I = |W| (magnitude), or the activation-aware Wanda score (Sun et al., 2023)
+I_ij = |W_ij|·‖X_j‖₂, with ‖X_j‖₂ the norm of input feature j of that Linear over the calibration tokens, or any
+other per-weight saliency (e.g. OBD's ½·F_ii·w_i²) passed as `importance`.
+
+The units with the lowest scores are removed, the same share in every layer (scope "layer") or ranked across
+the whole model (scope "global"). Removing a unit is exact on the remaining computation: the smaller model
+computes what the full model computes with those units' output weights (down_proj / o_proj columns) zeroed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+
+from llm_sparsify.engine import ResidentLayers, capture_layer_inputs, check_calibration, collect_statistics
+from llm_sparsify.models import ModelError, decoder_layers
+
+log = logging.getLogger(__name__)
+
+MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+UNITS = {"mlp": MLP, "heads": ATTENTION}
+SCORES = ("weight", "activation")
+SCOPES = ("layer", "global")
+
+
+class WidthError(ValueError):
+    """A width-pruning request that cannot be carried out (bad amount, scope, unit, keep masks, ...)."""
+
+
+def _linear(layer: nn.Module, name: str) -> nn.Linear:
+    try:
+        module = layer.get_submodule(name)
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear):
+        raise ModelError(f"width pruning needs a Llama-style decoder layer with {name} as nn.Linear "
+                         f"({type(layer).__name__} has none)")
+    return module
+
+
+def _head_layout(layer: nn.Module) -> tuple[int, int, int]:
+    """(head_dim, query heads per KV group, KV groups) of a decoder layer's attention."""
+    attention = layer.self_attn
+    head_dim = attention.head_dim
+    groups = _linear(layer, "self_attn.k_proj").out_features // head_dim
+    return head_dim, attention.num_key_value_groups, groups
+
+
+def _importance(layer: nn.Module, names: tuple[str, ...], importance: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    """The per-weight importance of each named Linear: the given one, or |W| when none is given."""
+    if importance is None:
+        return {name: _linear(layer, name).weight.detach().float().abs() for name in names}
+    missing = [name for name in names if name not in importance]
+    if missing:
+        raise WidthError(f"importance has no entry for {missing} (keys: {sorted(importance)})")
+    for name in names:
+        shape = _linear(layer, name).weight.shape
+        if importance[name].shape != shape:
+            raise WidthError(f"importance of {name} has shape {tuple(importance[name].shape)}, "
+                             f"its weight {tuple(shape)}")
+    return {name: importance[name].detach().float() for name in names}
+
+
+def channel_scores(layer: nn.Module, importance: dict[str, Tensor] | None = None) -> Tensor:
+    """Score of each MLP intermediate channel: L2 norm of its gate/up rows and down column of importance (|W|)."""
+    gate, up, down = _importance(layer, MLP, importance).values()
+    squares = gate.square().sum(1) + up.square().sum(1) + down.square().sum(0).to(gate.device)
+    return squares.sqrt().cpu()
+
+
+def group_scores(layer: nn.Module, importance: dict[str, Tensor] | None = None) -> Tensor:
+    """Score of each attention KV group: L2 norm of its k/v rows, its query heads' q rows and o columns."""
+    head_dim, _, groups = _head_layout(layer)
+    q, k, v, o = (t.cpu() for t in _importance(layer, ATTENTION, importance).values())
+    queries = q.square().sum(1) + o.square().sum(0)  # per query row / o column, grouped by KV head below
+    keys = k.square().sum(1) + v.square().sum(1)
+    return (queries.reshape(groups, -1).sum(1) + keys.reshape(groups, head_dim).sum(1)).sqrt()
+
+
+def _layer_output(output: Tensor | tuple) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def _activation_importance_layers(model: PreTrainedModel, calibration: Tensor, device: str | torch.device,
+                                  batch_size: int, names: tuple[str, ...] | None = None):
+    """Yield per decoder layer the Wanda importance |W|·‖X‖ of its Linears (relative names), dense inputs."""
+    check_calibration(model, calibration, "activation-aware width scores")
+    device = torch.device(device)
+    layers = ResidentLayers(model)
+    with layers.stem(device):
+        hidden, kwargs = capture_layer_inputs(model, calibration, device, batch_size)
+    for i in tqdm(range(len(layers)), desc="activation norms", unit="layer"):
+        layer = layers.load(i, device)
+        try:
+            modules = {n: m for n, m in layer.named_modules()
+                       if isinstance(m, nn.Linear) and (names is None or n in names)}
+            stats = collect_statistics(layer, modules, hidden, kwargs, hessian=False, device=device)
+            yield {name: (module.weight.detach().float().abs() * stats[name].column_norms().reshape(1, -1)).cpu()
+                   for name, module in modules.items()}
+            del stats
+            if i + 1 < len(layers):  # the dense layer's outputs feed the next layer
+                hidden = [_layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
+        finally:
+            layers.unload(i, layer)
+
+
+def activation_importance(model: PreTrainedModel, calibration: Tensor, device: str | torch.device = "cpu",
+                          batch_size: int = 8) -> list[dict[str, Tensor]]:
+    """Per decoder layer, Wanda importance |W_ij|·‖X_j‖₂ of every Linear (by relative name), from dense inputs."""
+    return list(_activation_importance_layers(model, calibration, device, batch_size))
+
+
+def _check_amount_scope(amount: float, scope: str) -> None:
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 < amount < 1:
+        raise WidthError(f"amount must be a fraction in (0, 1) of the units to remove, not {amount!r}")
+    if scope not in SCOPES:
+        raise WidthError(f"scope must be one of {SCOPES}, not {scope!r}")
+
+
+def choose_units(scores: list[Tensor], amount: float, scope: str = "layer") -> list[Tensor]:
+    """Per layer, the bool mask of units to keep after removing the `amount` share with the lowest scores.
+
+    Scope "layer" removes round(amount·n) units from every layer of n. Scope "global" ranks all units of the
+    model together, after dividing each layer's scores by that layer's mean score: raw scores differ in scale
+    from layer to layer (weight and activation norms grow along the residual stream), so an unnormalised ranking
+    would empty the layers with small numbers rather than drop the units that matter least within their layer.
+    Every layer keeps at least its best unit.
+    """
+    _check_amount_scope(amount, scope)
+    if not scores:
+        raise WidthError("no layer scores to choose from")
+    if scope == "layer":
+        keep = []
+        for i, s in enumerate(scores):
+            remove = int(amount * s.numel() + 0.5)
+            if remove >= s.numel():
+                raise WidthError(f"amount {amount} removes all {s.numel()} units of layer {i}; use a smaller amount")
+            mask = torch.ones(s.numel(), dtype=torch.bool)
+            mask[torch.argsort(s.float(), stable=True)[:remove]] = False
+            keep.append(mask)
+        return keep
+    normalised = []
+    for s in scores:
+        s = s.float() / s.float().mean().clamp_min(torch.finfo(torch.float32).tiny)
+        s[s.argmax()] = float("inf")  # every layer keeps its best unit
+        normalised.append(s)
+    flat = torch.cat(normalised)
+    remove = int(amount * flat.numel() + 0.5)
+    if remove > flat.numel() - len(scores):
+        raise WidthError(f"amount {amount} removes {remove} of {flat.numel()} units, leaving fewer than one per layer")
+    mask = torch.ones(flat.numel(), dtype=torch.bool)
+    mask[torch.argsort(flat, stable=True)[:remove]] = False
+    return list(mask.split([s.numel() for s in scores]))
+
+
+def _take(linear: nn.Linear, index: Tensor, dim: int) -> nn.Linear:
+    """A new Linear holding the rows (dim 0, with their biases) or the columns (dim 1) `index` of `linear`."""
+    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device))
+    bias = linear.bias
+    if bias is not None and dim == 0:
+        bias = bias.detach().index_select(0, index.to(bias.device))
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    new.weight = nn.Parameter(weight.clone(), requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+    return new
+
+
+def _check_keep(keep: list[Tensor], sizes: list[int], what: str) -> list[Tensor]:
+    if len(keep) != len(sizes):
+        raise WidthError(f"keep has {len(keep)} masks, the model {len(sizes)} decoder layers")
+    masks = []
+    for i, (mask, size) in enumerate(zip(keep, sizes, strict=True)):
+        mask = torch.as_tensor(mask).cpu()
+        if mask.dtype != torch.bool or mask.shape != (size,):
+            raise WidthError(f"keep mask of layer {i} must be a bool tensor of {size} {what}, "
+                             f"not {mask.dtype} {tuple(mask.shape)}")
+        if not mask.any():
+            raise WidthError(f"keep mask of layer {i} removes every {what[:-1]}; a layer needs at least one")
+        masks.append(mask)
+    return masks
+
+
+@torch.no_grad()
+def remove_mlp_channels(model: PreTrainedModel, keep: list[Tensor]) -> PreTrainedModel:
+    """Physically drop the MLP channels whose keep entry is False (smaller gate/up/down weights); in place."""
+    layers = decoder_layers(model)
+    sizes = [_linear(layer, "mlp.gate_proj").out_features for layer in layers]
+    for layer, mask in zip(layers, _check_keep(keep, sizes, "channels"), strict=True):
+        if mask.all():
+            continue
+        index = mask.nonzero().squeeze(1)
+        mlp = layer.mlp
+        mlp.gate_proj, mlp.up_proj = _take(mlp.gate_proj, index, 0), _take(mlp.up_proj, index, 0)
+        mlp.down_proj = _take(mlp.down_proj, index, 1)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = len(index)
+    record_widths(model)
+    return model
+
+
+@torch.no_grad()
+def remove_kv_groups(model: PreTrainedModel, keep: list[Tensor]) -> PreTrainedModel:
+    """Physically drop the KV groups whose keep entry is False, with their query heads and o_proj columns; in place."""
+    layers = decoder_layers(model)
+    layouts = [_head_layout(layer) for layer in layers]
+    for layer, mask, (head_dim, per_group, _) in zip(layers, _check_keep(keep, [g for *_, g in layouts], "groups"),
+                                                      layouts, strict=True):
+        if mask.all():
+            continue
+        groups = mask.nonzero().squeeze(1)
+        kv = (groups[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+        width = per_group * head_dim
+        queries = (groups[:, None] * width + torch.arange(width)).reshape(-1)
+        attention = layer.self_attn
+        attention.q_proj, attention.o_proj = _take(attention.q_proj, queries, 0), _take(attention.o_proj, queries, 1)
+        attention.k_proj, attention.v_proj = _take(attention.k_proj, kv, 0), _take(attention.v_proj, kv, 0)
+        heads = len(groups) * per_group
+        for attribute, value in (("num_heads", heads), ("num_attention_heads", heads),
+                                 ("num_key_value_heads", len(groups))):
+            if hasattr(attention, attribute):  # older transformers versions keep these on the module
+                setattr(attention, attribute, value)
+    record_widths(model)
+    return model
+
+
+def layer_widths(model: PreTrainedModel) -> dict[str, list[int]]:
+    """Per decoder layer, its MLP intermediate size and number of KV heads, read off the weights."""
+    layers = decoder_layers(model)
+    return {"intermediate_size": [_linear(layer, "mlp.gate_proj").out_features for layer in layers],
+            "num_key_value_heads": [_head_layout(layer)[2] for layer in layers]}
+
+
+def record_widths(model: PreTrainedModel) -> None:
+    """Write the model's widths into its config: the plain fields where all layers agree, else config.layer_widths.
+
+    With unequal widths the plain fields hold the largest layer's (the model is built at that size, then each
+    layer is cut to its recorded width by load_width_pruned).
+    """
+    config = model.config
+    widths = layer_widths(model)
+    head_dim, per_group, _ = _head_layout(decoder_layers(model)[0])
+    config.head_dim = head_dim  # hidden_size / num_attention_heads no longer gives it
+    config.intermediate_size = max(widths["intermediate_size"])
+    config.num_key_value_heads = max(widths["num_key_value_heads"])
+    config.num_attention_heads = config.num_key_value_heads * per_group
+    if all(len(set(sizes)) == 1 for sizes in widths.values()):
+        if hasattr(config, "layer_widths"):
+            del config.layer_widths
+    else:
+        config.layer_widths = widths
+
+
+def width_parameters(model: nn.Module) -> int:
+    """Number of parameters of the model, tied weights counted once (what the width pruning shrank)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _state_dict_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{path} holds no .safetensors weights; load_width_pruned reads save_pretrained output")
+    return files
+
+
+def load_width_pruned(path: str | Path, **from_config_kwargs: Any) -> PreTrainedModel:
+    """Load a width-pruned checkpoint, also one whose layers differ in width (which transformers cannot load).
+
+    Plain AutoModelForCausalLM.from_pretrained builds every Llama layer at the config's one intermediate_size and
+    head count, so a checkpoint with config.layer_widths (scope "global") fails there with size mismatches. Here the
+    model is built from its config (`from_config_kwargs`, e.g. dtype, go to AutoModelForCausalLM.from_config), each
+    layer cut to its recorded width, and the saved weights loaded strictly. Uniform checkpoints load the same way.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is not a saved model directory (no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, **from_config_kwargs)
+    widths = getattr(config, "layer_widths", None)
+    if widths is not None:
+        remove_mlp_channels(model, [torch.arange(max(widths["intermediate_size"])) < n
+                                    for n in widths["intermediate_size"]])
+        remove_kv_groups(model, [torch.arange(max(widths["num_key_value_heads"])) < n
+                                 for n in widths["num_key_value_heads"]])
+    state: dict[str, Tensor] = {}
+    for file in _state_dict_files(path):
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    aliases: dict[int, set[str]] = {}  # tied parameters: one saved name stands for all
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), set()).add(name)
+    by_name = {name: names for names in aliases.values() for name in names}
+    missing = [name for name in missing if not (by_name.get(name, set()) & state.keys())]
+    if missing or unexpected:
+        raise ModelError(f"{path}: weights do not match the recorded widths (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.eval()
+
+
+def prune_width(
+    model: PreTrainedModel,
+    unit: str,
+    amount: float,
+    score: str = "weight",
+    scope: str = "layer",
+    calibration: Tensor | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    importance: list[dict[str, Tensor]] | None = None,
+) -> dict[str, Any]:
+    """Score, choose and physically remove `amount` of the MLP channels ("mlp") or KV groups ("heads"); in place.
+
+    `importance`, when given (per layer, e.g. Fisher saliency), is used in place of `score`. Returns a report:
+    units kept per layer out of how many, and the parameter count before and after.
+    """
+    if unit not in UNITS:
+        raise WidthError(f"unit must be one of {tuple(UNITS)}, not {unit!r}")
+    if score not in SCORES:
+        raise WidthError(f"score must be one of {SCORES}, not {score!r}")
+    layers = decoder_layers(model)
+    if importance is not None and len(importance) != len(layers):
+        raise WidthError(f"importance has {len(importance)} entries, the model {len(layers)} decoder layers")
+    if importance is None and score == "activation" and calibration is None:
+        raise WidthError("score 'activation' needs calibration token ids (e.g. calibration_ids('c4', ...))")
+    _check_amount_scope(amount, scope)  # before any work
+    scorer = channel_scores if unit == "mlp" else group_scores
+    if importance is not None:
+        per_layer = importance
+    elif score == "activation":
+        per_layer = _activation_importance_layers(model, calibration, device, batch_size, UNITS[unit])
+    else:
+        per_layer = [None] * len(layers)
+    scores = [scorer(layer, imp) for layer, imp in zip(layers, per_layer, strict=True)]
+    keep = choose_units(scores, amount, scope)
+    before = width_parameters(model)
+    (remove_mlp_channels if unit == "mlp" else remove_kv_groups)(model, keep)
+    report = {"unit": unit, "amount": amount, "score": "importance" if importance is not None else score,
+              "scope": scope, "kept": [int(k.sum()) for k in keep], "of": [k.numel() for k in keep],
+              "parameters_before": before, "parameters_after": width_parameters(model)}
+    log.info("width pruning: %s %s of %d, %d -> %d parameters", unit, sum(report["kept"]), sum(report["of"]),
+             before, report["parameters_after"])
+    return report
+
