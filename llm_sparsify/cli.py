@@ -23,6 +23,9 @@ from llm_sparsify.export.hub import PushError, push_to_hub
 from llm_sparsify.files import OutputExistsError, atomic_file, disk_size
 from llm_sparsify.models import DEFAULT_MODEL, ModelError, load_model
 from llm_sparsify.recipe import Evaluation, RecipeError, builtin_recipes, load_recipe
+from llm_sparsify.recover import RecoveryError
+from llm_sparsify.structure.depth import DepthError
+from llm_sparsify.structure.width import WidthError
 from llm_sparsify.zero_shot import DATA_ENV, check_tasks, evaluate_tasks, known_tasks, markdown_table
 
 log = logging.getLogger("llm_sparsify")
@@ -319,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     try:
         {"prune": run_prune, "eval": run_eval, "export": run_export, "push": run_push}[args.command](args)
-    except (RecipeError, DataError, ModelError, OutputExistsError, ExportError, PushError, CardError) as error:
+    except (RecipeError, DataError, ModelError, OutputExistsError, ExportError, PushError, CardError, DepthError,
+            WidthError, RecoveryError) as error:
         print(f"llm-sparsify: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -143,3 +143,14 @@ def test_prune_command_runs_every_stage_and_saves_a_smaller_model(tmp_path, mode
     assert record["sparsity"]["overall"] >= 0.5
     assert set(record["evaluation"]["models"]) == {"base", "pruned"}
     assert (tmp_path / "out-compact").is_dir() and (output / "README.md").exists()
+
+
+def test_a_stage_that_cannot_run_exits_2_and_writes_nothing(tmp_path, model_dir, calib, capsys):  # noqa: F811
+    recipe = tmp_path / "too-deep.yaml"
+    recipe.write_text(yaml.safe_dump({"depth": {"blocks": 5}}))
+    output = tmp_path / "out"
+    assert main(["prune", str(model_dir), "--recipe", str(recipe), "--calibration", str(calib), "--output",
+                 str(output), "--device", "cpu", "-q"]) == 2
+    error = capsys.readouterr().err
+    assert "llm-sparsify: error: cannot remove 5 span(s)" in error and "Traceback" not in error
+    assert not output.exists() and not list(tmp_path.glob(".out*"))
