@@ -116,7 +116,7 @@ class Quantization:
     scheme: QuantScheme
     blocksize: int = 128  # gptq
     dampening: float = 0.01  # gptq
-    actorder: bool = False  # gptq: columns by decreasing H_qq, static groups
+    actorder: bool = True  # gptq: columns by decreasing H_qq, static groups (off for N:M in the same sweep)
 
     def to_dict(self) -> dict[str, Any]:
         section = {"method": self.method, "bits": self.scheme.bits, "group_size": self.scheme.group_size,
@@ -339,6 +339,7 @@ def parse_quantization(section: Any, method: str, pattern: Pattern, options: dic
     return Quantization("gptq", scheme, **sweep, actorder=actorder)
 
 
+_ABSENT = object()  # a recipe without a quantization section (`quantization: null` is an error)
 SECTIONS = ("depth", "width", "pruning", "quantization", "recovery", "evaluate", "export")
 SCORES = {"depth": ("cosine", "last", "random"), "width": ("weight", "activation")}
 EXPORT_FORMATS = ("gguf", "compact", "compressed-tensors", "bnb-nf4", "bnb-fp4", "bnb-int8")
@@ -512,14 +513,15 @@ def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
         "options": options,
         "inputs": inputs,
         "owl": owl,
-        "quantization": None if quantization is None else parse_quantization(quantization, method, pattern, options),
+        "quantization": None if quantization is _ABSENT else parse_quantization(quantization, method, pattern, options),
     }
 
 
 def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
     """Validate a parsed recipe: a mapping of sections (see the module docstring), each checked in full."""
     if not isinstance(data, dict):
-        raise RecipeError(f"a recipe is a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
+        raise RecipeError(f"a recipe needs a `pruning:` section with at least `method` and `sparsity` (or a `depth:` "
+                          f"or `width:` section); got {type(data).__name__}")
     if unknown := set(data) - set(SECTIONS):
         raise RecipeError(f"unknown recipe section(s): {', '.join(sorted(unknown))}; known: {', '.join(SECTIONS)}")
     if not {"pruning", "depth", "width"} & set(data):
@@ -527,7 +529,7 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
                           "(or a `depth:` or `width:` section)")
     if "quantization" in data and "pruning" not in data:
         raise RecipeError("quantization applies to the pruned weights: it needs a `pruning:` section")
-    pruning = parse_pruning(data["pruning"], data.get("quantization")) if "pruning" in data else {
+    pruning = parse_pruning(data["pruning"], data.get("quantization", _ABSENT)) if "pruning" in data else {
         "method": None, "pattern": None}
     if "recovery" in data and "quantization" in data:
         raise RecipeError("recovery would move quantized weights off their grid: quantize the recovered model in a "
