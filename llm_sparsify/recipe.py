@@ -32,13 +32,13 @@ is optional, but a recipe needs at least one of depth, width, pruning.
     depth:                     # remove whole decoder blocks (structure/depth.py)
       blocks: 4                #   how many spans of `interval` blocks to remove (or max_parameters: a budget)
       interval: 1
-      score: cosine            #   cosine: 1 − |cos(input, output)| on calibration data; last | random: baselines
+      score: cosine            #   cosine: 1 − cos(input, output) on calibration data; last | random: baselines
       iterative: false         #   re-score after each removal
       sources: {c4: 1.0}       #   calibration sources and their weights in the fused score
     width:                     # remove attention KV groups or MLP channels (structure/width.py)
       unit: mlp                #   mlp | heads
       amount: 0.3              #   share of the units removed
-      score: activation        #   weight (‖W‖) | activation (|W|·‖X‖)
+      score: activation        #   weight (‖W‖) | activation (|W|·‖X‖) | obd (Σ ½·F·w², F the Fisher)
       scope: layer             #   layer: the same share in every layer | global: ranked across the model
     pruning:
       allocation: owl          # per-layer sparsity from outlier ratios (prune/owl.py), wanda and sparsegpt only
@@ -341,7 +341,7 @@ def parse_quantization(section: Any, method: str, pattern: Pattern, options: dic
 
 _ABSENT = object()  # a recipe without a quantization section (`quantization: null` is an error)
 SECTIONS = ("depth", "width", "pruning", "quantization", "recovery", "evaluate", "export")
-SCORES = {"depth": ("cosine", "last", "random"), "width": ("weight", "activation")}
+SCORES = {"depth": ("cosine", "last", "random"), "width": ("weight", "activation", "obd")}
 EXPORT_FORMATS = ("gguf", "compact", "compressed-tensors", "bnb-nf4", "bnb-fp4", "bnb-int8")
 
 

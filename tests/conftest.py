@@ -38,5 +38,14 @@ def model(request):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny matrices: one thread is far faster than two contending on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def calibration():
     return torch.randint(0, TINY["vocab_size"], (6, 32), generator=torch.Generator().manual_seed(1))

@@ -242,11 +242,10 @@ def test_iterative_returns_original_indices(calibration):
 
 
 @pytest.mark.slow
-def test_smollm2_depth():
+def test_smollm2_depth(one_thread):
     from llm_sparsify.data import calibration_ids, evaluation_ids
     from llm_sparsify.models import load_model
 
-    torch.set_num_threads(1)
     model, tokenizer = load_model(None)
     calibration = calibration_ids("c4", tokenizer, 8, 256, 0)
     importance = block_importance(model, calibration)

@@ -9,14 +9,7 @@ from llm_sparsify.prune.fisher import fisher_diagonal, obd_scores, prune_obd, sa
 from llm_sparsify.prune.masks import select_mask
 from tests.conftest import TINY, tiny_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is far faster than two contending on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_fisher(model, calibration, names):

@@ -11,14 +11,7 @@ from llm_sparsify.prune.owl import layer_outlier_ratios, outlier_ratio, owl_spar
 from llm_sparsify.recipe import RecipeError
 from tests.conftest import tiny_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is far faster than two contending on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_outlier_ratio(scores, m):

@@ -76,9 +76,10 @@ def test_depth_stage_removes_a_block_that_adds_nothing(calibration):
     assert torch.allclose(model(calibration).logits, before, atol=1e-5)
 
 
-def test_width_stage_shrinks_every_mlp(calibration):
+@pytest.mark.parametrize("score", ["activation", "obd"])
+def test_width_stage_shrinks_every_mlp(calibration, score):
     model = tiny_model("mistral")
-    compress(model, {"width": {"unit": "mlp", "amount": 0.25}}, calibration, device="cpu")
+    compress(model, {"width": {"unit": "mlp", "amount": 0.25, "score": score}}, calibration, device="cpu")
     assert {layer.mlp.down_proj.in_features for layer in model.model.layers} == {96}
     assert model.config.intermediate_size == 96 and torch.isfinite(model(calibration).logits).all()
 

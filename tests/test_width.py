@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from llm_sparsify.structure.width import (
+    UNITS,
     WidthError,
     activation_importance,
     channel_scores,
@@ -20,6 +21,7 @@ from llm_sparsify.structure.width import (
     width_parameters,
 )
 from tests.conftest import TINY, tiny_model
+from tests.test_fisher import brute_fisher
 
 IDS = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(2))
 
@@ -211,6 +213,39 @@ def test_prune_width_with_given_importance_removes_its_lowest_channels():
         assert torch.equal(layer.mlp.gate_proj.weight, rows[mask])
 
 
+@pytest.mark.parametrize("unit", ["mlp", "heads"])
+def test_obd_width_removes_the_units_with_the_lowest_summed_saliency(unit, calibration, one_thread):
+    """score "obd": a unit's saliency is Σ ½·F·w² over its weights, F from per-sample autograd (test_fisher)."""
+    model = tiny_model("llama")
+    layers = model.model.layers
+    names = [f"model.layers.{i}.{name}" for i in range(len(layers)) for name in UNITS[unit]]
+    fisher = brute_fisher(model, calibration, names)
+    modules = dict(model.named_modules())
+    saliency = {name: 0.5 * fisher[name] * modules[name].weight.detach().square() for name in names}
+    expected = []
+    for i, layer in enumerate(layers):
+        s = {name: saliency[f"model.layers.{i}.{name}"] for name in UNITS[unit]}
+        if unit == "mlp":  # channel c: gate/up row c, down column c
+            per_unit = s["mlp.gate_proj"].sum(1) + s["mlp.up_proj"].sum(1) + s["mlp.down_proj"].sum(0)
+        else:  # KV group g: its k/v rows, its query heads' q rows and o columns
+            head_dim, groups = layer.self_attn.head_dim, TINY["num_key_value_heads"]
+            per_unit = torch.stack([
+                s["self_attn.q_proj"][head_columns(layer, g)].sum()
+                + s["self_attn.o_proj"][:, head_columns(layer, g)].sum()
+                + s["self_attn.k_proj"][g * head_dim:(g + 1) * head_dim].sum()
+                + s["self_attn.v_proj"][g * head_dim:(g + 1) * head_dim].sum() for g in range(groups)])
+        expected.append(per_unit.argsort(descending=True)[: per_unit.numel() // 2].sort().values)
+    first = UNITS[unit][0]
+    rows = [layer.get_submodule(first).weight.detach().clone() for layer in layers]
+    report = prune_width(model, unit, 0.5, score="obd", calibration=calibration)
+    assert report["score"] == "obd"
+    for layer, before, keep in zip(layers, rows, expected, strict=True):
+        if unit == "heads":
+            keep = torch.cat([torch.arange(head_columns(layer, int(g)).start, head_columns(layer, int(g)).stop)
+                              for g in keep])
+        assert torch.equal(layer.get_submodule(first).weight, before[keep])
+
+
 def test_uniform_widths_reload_with_plain_transformers(tmp_path, calibration):
     model = tiny_model("qwen2")
     prune_width(model, "heads", 0.5, score="activation", calibration=calibration)
@@ -244,11 +279,10 @@ def test_unequal_widths_load_with_load_width_pruned(tmp_path, tied):
 
 
 @pytest.mark.slow
-def test_mlp_width_pruning_on_the_real_model(tmp_path):
+def test_mlp_width_pruning_on_the_real_model(tmp_path, one_thread):
     from llm_sparsify import load_model, perplexity
     from llm_sparsify.data import calibration_ids, evaluation_ids
 
-    torch.set_num_threads(1)
     model, tokenizer = load_model(None)
     ids = evaluation_ids("wikitext2", tokenizer)
     dense = perplexity(model, ids, seqlen=256, max_windows=4)

@@ -11,7 +11,8 @@ Score of a unit u (as in structured-pruning work such as LLM-Pruner, Ma et al. 2
 S_u = ‖(I_ij)_{(i,j) ∈ u}‖₂, the L2 norm of the per-weight importance I of every weight that belongs to the unit,
 across all its matrices. I = |W| (magnitude), or the activation-aware Wanda score (Sun et al., 2023)
 I_ij = |W_ij|·‖X_j‖₂, with ‖X_j‖₂ the norm of input feature j of that Linear over the calibration tokens, or any
-other per-weight saliency (e.g. OBD's ½·F_ii·w_i²) passed as `importance`.
+OBD's I_ij = (½·F_ij·W_ij²)^½ with F the diagonal Fisher (score "obd"), so that S_u² = Σ_u ½·F·w² is the
+unit's second-order saliency, or any other per-weight importance passed as `importance`.
 
 The units with the lowest scores are removed, the same share in every layer (scope "layer") or ranked across
 the whole model (scope "global"). Removing a unit is exact on the remaining computation: the smaller model
@@ -31,13 +32,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 
 from llm_sparsify.engine import ResidentLayers, capture_layer_inputs, check_calibration, collect_statistics
 from llm_sparsify.models import ModelError, decoder_layers
+from llm_sparsify.prune.fisher import fisher_diagonal, obd_scores
 
 log = logging.getLogger(__name__)
 
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 UNITS = {"mlp": MLP, "heads": ATTENTION}
-SCORES = ("weight", "activation")
+SCORES = ("weight", "activation", "obd")
 SCOPES = ("layer", "global")
 
 
@@ -127,6 +129,17 @@ def activation_importance(model: PreTrainedModel, calibration: Tensor, device: s
                           batch_size: int = 8) -> list[dict[str, Tensor]]:
     """Per decoder layer, Wanda importance |W_ij|·‖X_j‖₂ of every Linear (by relative name), from dense inputs."""
     return list(_activation_importance_layers(model, calibration, device, batch_size))
+
+
+def obd_importance(model: PreTrainedModel, calibration: Tensor, names: tuple[str, ...],
+                   device: str | torch.device = "cpu") -> list[dict[str, Tensor]]:
+    """Per decoder layer, (½·F·w²)^½ of the named Linears (relative names), F their diagonal Fisher on `calibration`."""
+    layers = decoder_layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is layers)
+    modules = {f"{prefix}.{i}.{name}": _linear(layer, name) for i, layer in enumerate(layers) for name in names}
+    fisher = fisher_diagonal(model, calibration, modules, device)
+    return [{name: obd_scores(_linear(layer, name).weight, fisher[f"{prefix}.{i}.{name}"]).sqrt().cpu()
+             for name in names} for i, layer in enumerate(layers)]
 
 
 def _check_amount_scope(amount: float, scope: str) -> None:
@@ -343,14 +356,16 @@ def prune_width(
     layers = decoder_layers(model)
     if importance is not None and len(importance) != len(layers):
         raise WidthError(f"importance has {len(importance)} entries, the model {len(layers)} decoder layers")
-    if importance is None and score == "activation" and calibration is None:
-        raise WidthError("score 'activation' needs calibration token ids (e.g. calibration_ids('c4', ...))")
+    if importance is None and score != "weight" and calibration is None:
+        raise WidthError(f"score {score!r} needs calibration token ids (e.g. calibration_ids('c4', ...))")
     _check_amount_scope(amount, scope)  # before any work
     scorer = channel_scores if unit == "mlp" else group_scores
     if importance is not None:
         per_layer = importance
     elif score == "activation":
         per_layer = _activation_importance_layers(model, calibration, device, batch_size, UNITS[unit])
+    elif score == "obd":
+        per_layer = obd_importance(model, calibration, UNITS[unit], device)
     else:
         per_layer = [None] * len(layers)
     scores = [scorer(layer, imp) for layer, imp in zip(layers, per_layer, strict=True)]
