@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -30,10 +31,22 @@ from llm_sparsify.export.gguf import export_gguf
 from llm_sparsify.export.hf import read_record
 from llm_sparsify.files import disk_size
 from llm_sparsify.models import default_model_path
+from llm_sparsify.recipe import Recipe, load_recipe
 from llm_sparsify.zero_shot import evaluate_tasks
 
-MODELS = ["dense", "wanda-2of4", "sparsegpt-2of4", "sparsegpt-50", "sparsegpt-50-w4g128", "sparsegpt-50-rtn-w4g128"]
+MODELS = ["dense", "wanda-2of4", "sparsegpt-2of4", "sparsegpt-50", "sparsegpt-50-w4g128", "sparsegpt-50-rtn-w4g128",
+          "sparsegpt-50-w4g64"]
 GGUF_TYPES = ["F16", "Q8_0", "Q4_0"]
+
+
+def recipe_for(name: str) -> str | Recipe:
+    """A built-in recipe's name, or the table's one variant: w4g128 with groups of 64, which divide SmolLM2's 576
+    inputs as compressed-tensors (and vLLM) require."""
+    if name != "sparsegpt-50-w4g64":
+        return name
+    recipe = load_recipe("sparsegpt-50-w4g128")
+    scheme = replace(recipe.quantization.scheme, group_size=64)
+    return replace(recipe, name=name, quantization=replace(recipe.quantization, scheme=scheme))
 
 
 def build(name: str, workdir: Path, nsamples: int, seqlen: int) -> Path:
@@ -43,7 +56,8 @@ def build(name: str, workdir: Path, nsamples: int, seqlen: int) -> Path:
     output = workdir / name
     if read_record(output) is None:
         start = time.perf_counter()
-        prune_checkpoint(None, name, output, "c4", device="cpu", nsamples=nsamples, seqlen=seqlen, overwrite=True)
+        prune_checkpoint(None, recipe_for(name), output, "c4", device="cpu", nsamples=nsamples, seqlen=seqlen,
+                         overwrite=True)
         logging.info("%s pruned in %.1f s", name, time.perf_counter() - start)
     return output
 

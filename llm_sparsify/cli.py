@@ -199,12 +199,14 @@ def run_prune(args: argparse.Namespace) -> None:
         pruned = _perplexity(str(output), "wikitext2", None, windows, args.dtype, device)
         print(f"WikiText-2 perplexity (seqlen {base['seqlen']}, {base['windows']} windows): "
               f"base {base['perplexity']:.3f} -> pruned {pruned['perplexity']:.3f}")
-        _add_evaluation(output, {"base": {"wikitext2": base}, "pruned": {"wikitext2": pruned}})
+        _add_evaluation(output, {label: {"wikitext2": {"perplexity": result["perplexity"]}}
+                                 for label, result in (("base", base), ("pruned", pruned))},
+                        f"WikiText-2 test perplexity over {base['windows']} windows of {base['seqlen']} tokens")
     if evaluation:
         models = {label: _evaluate_section(name, evaluation, args.dtype, device)
                   for label, name in (("base", args.model), ("pruned", str(output)))}
         print(markdown_table(models, list(models)))
-        _add_evaluation(output, models)
+        _add_evaluation(output, models, _protocol(evaluation, device))
     write_model_card(output, command=args.command_line)
     for name in recipe.export.formats if recipe.export else ():
         export_checkpoint(output, name, recipe.export.qtype, None, args.overwrite, device)
@@ -223,10 +225,22 @@ def _evaluate_section(model_name: str | None, evaluation: Evaluation, dtype: str
     return result
 
 
-def _add_evaluation(output: Path, models: dict) -> None:
-    """Keep evaluation results in the output's record, where the model card finds them."""
+def _protocol(evaluation: Evaluation, device: str) -> str:
+    """The settings behind an `evaluate:` section's figures, in words, for the model card."""
+    windows = f"the first {evaluation.max_windows}" if evaluation.max_windows else "all"
+    words = []
+    if evaluation.perplexity:
+        words.append(f"perplexity over {windows} windows of {default_calibration_size(device)[1]} tokens")
+    if evaluation.tasks:
+        words.append("lm-eval zero-shot" + (f" on the first {evaluation.limit} items per task" if evaluation.limit
+                                            else ""))
+    return "; ".join(words)
+
+
+def _add_evaluation(output: Path, models: dict, protocol: str) -> None:
+    """Keep evaluation results (and how they were taken) in the output's record, where the model card finds them."""
     record = read_record(output)
-    record["evaluation"] = {"models": models}
+    record["evaluation"] = {"models": models, "protocol": protocol}
     with atomic_file(output / RECORD, overwrite=True) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
 

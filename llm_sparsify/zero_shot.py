@@ -169,8 +169,8 @@ def _cell(metrics: dict | None, name: str) -> str:
     if metrics is None or name not in metrics:
         return "–"
     value = metrics[name]
-    if name == "samples":
-        return str(int(value))
+    if name == "samples" or not isinstance(value, float):
+        return str(value)
     stderr = metrics.get(f"{name}_stderr")
     return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
 

@@ -309,6 +309,19 @@ def test_prune_writes_a_model_card_with_the_command(pruned):
     assert (pruned / "llm_sparsify_layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_prune_with_ppl_prints_both_perplexities_and_puts_them_in_the_card(tmp_path, model_dir, calib, capsys):
+    out = tmp_path / "out"
+    assert main(prune_args(model_dir, calib, out, "--ppl", "--ppl-windows", "2")) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("WikiText-2 perplexity"))
+    base, pruned = (float(x) for x in line.split(": base ")[1].split(" -> pruned "))
+    models = read_record(out)["evaluation"]["models"]
+    assert models["base"]["wikitext2"]["perplexity"] == pytest.approx(base, abs=1e-3)
+    assert models["pruned"]["wikitext2"]["perplexity"] == pytest.approx(pruned, abs=1e-3)
+    card = (out / "README.md").read_text()
+    base, pruned = (models[label]["wikitext2"]["perplexity"] for label in ("base", "pruned"))
+    assert "over 2 windows of" in card and f"| wikitext2 | perplexity | {base:.4f} | {pruned:.4f} |" in card
+
+
 def test_export_compact_restores_the_checkpoint_and_reports_sizes(tmp_path, pruned, capsys):
     from llm_sparsify.export.compact import load_compact
 

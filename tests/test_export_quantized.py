@@ -292,13 +292,19 @@ def bnb_dequantized(module: nn.Module, mode: str) -> torch.Tensor:
     return F.dequantize_4bit(module.weight.data, module.weight.quant_state)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_bitsandbytes_export_keeps_pruned_zeros(mode, tmp_path):
+def bitsandbytes_or_skip(mode: str):
+    """The bitsandbytes module, where it is installed and runs `mode` on this CPU; else the test is skipped."""
     bnb = pytest.importorskip("bitsandbytes")
     try:
         check_backend(mode, "cpu")
     except ExportError as error:
         pytest.skip(str(error))
+    return bnb
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bitsandbytes_export_keeps_pruned_zeros(mode, tmp_path):
+    bnb = bitsandbytes_or_skip(mode)
     model = pruned_model(64, 128)
     source = write_checkpoint(model, tmp_path / "source")
     output = export_bitsandbytes(source, tmp_path / "export", mode=mode, device="cpu")
@@ -363,10 +369,21 @@ def test_bitsandbytes_bad_input(tmp_path):
     source = write_checkpoint(pruned_model(64, 128), tmp_path / "source")
     with pytest.raises(ExportError, match="unknown bitsandbytes mode 'int4'; choose one of nf4, fp4, int8"):
         export_bitsandbytes(source, tmp_path / "export", mode="int4")
-    (source / RECORD).unlink()
-    with pytest.raises(ExportError, match="not an llm_sparsify checkpoint"):
+    (source / "config.json").unlink()
+    with pytest.raises(ExportError, match="not a Hugging Face checkpoint"):
         export_bitsandbytes(source, tmp_path / "export")
     assert leftovers(tmp_path, {"source"}) == []
+
+
+def test_bitsandbytes_exports_a_dense_checkpoint_without_a_record(tmp_path):
+    """The dense baseline (a plain HF checkpoint, no llm_sparsify.json) can be exported to compare sizes."""
+    bnb = bitsandbytes_or_skip("nf4")
+    source = write_checkpoint(pruned_model(64, 128), tmp_path / "source")
+    (source / RECORD).unlink()
+    output = export_bitsandbytes(source, tmp_path / "export", mode="nf4", device="cpu")
+    reloaded = AutoModelForCausalLM.from_pretrained(output, device_map="cpu")
+    assert isinstance(reloaded.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    assert not (output / RECORD).exists() and (output / TOKENIZER_FILE).exists()
 
 
 # --- the real model -------------------------------------------------------------------------------------------

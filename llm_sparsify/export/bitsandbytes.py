@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from llm_sparsify.api import default_device
 from llm_sparsify.export import ExportError
-from llm_sparsify.export.hf import RECORD, copy_side_files, read_record
+from llm_sparsify.export.hf import copy_side_files, read_record
 from llm_sparsify.files import atomic_directory, check_output
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def check_backend(mode: str, device: str) -> None:
 
 def export_bitsandbytes(checkpoint: str | Path, output: str | Path, *, mode: str = "nf4", device: str | None = None,
                         overwrite: bool = False) -> Path:
-    """Load the pruned `checkpoint` through transformers' BitsAndBytesConfig on `device` and save it to `output`.
+    """Load the (pruned) `checkpoint` through transformers' BitsAndBytesConfig on `device` and save it to `output`.
 
     `mode` is nf4, fp4 (4-bit) or int8 (LLM.int8). The tokenizer files and llm_sparsify.json are copied.
     """
@@ -76,9 +76,9 @@ def export_bitsandbytes(checkpoint: str | Path, output: str | Path, *, mode: str
         raise ExportError(f"unknown bitsandbytes mode {mode!r}; choose one of {', '.join(MODES)}")
     if output.resolve() == checkpoint.resolve():
         raise ExportError(f"the export would replace its own source {checkpoint}; choose another output")
-    record = read_record(checkpoint)
-    if record is None:
-        raise ExportError(f"{checkpoint} is not an llm_sparsify checkpoint (it has no {RECORD})")
+    if not (checkpoint / "config.json").is_file():
+        raise ExportError(f"{checkpoint} is not a Hugging Face checkpoint (it has no config.json)")
+    record = read_record(checkpoint) or {}  # a dense checkpoint (no record) exports too: the baseline to compare
     if record.get("quantization"):
         log.warning("%s is already quantized (%s); bitsandbytes quantizes its dequantized weights again with its "
                     "own codebook. compressed-tensors keeps the checkpoint's own grid.", checkpoint,

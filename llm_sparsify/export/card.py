@@ -129,7 +129,8 @@ def model_card(record: dict[str, Any], size: dict[str, int], *, command: str | N
             ["method", "bits", "group size", "symmetric"],
             [[quantization.get(k, "–") for k in ("method", "bits", "group_size", "symmetric")]]))
     if (evaluation := record.get("evaluation")) and evaluation.get("models"):
-        parts.append("## Evaluation\n\n" + evaluation_table(evaluation))
+        protocol = f"{evaluation['protocol']}.\n\n" if evaluation.get("protocol") else ""
+        parts.append("## Evaluation\n\n" + protocol + evaluation_table(evaluation))
     files = f"{size['weight_files']} safetensors file" + ("s" if size["weight_files"] != 1 else "")
     parts.append(f"## Size on disk\n\n{_size(size['weights'])} of weights in {files}, {_size(size['total'])} in all.")
     if plot:
