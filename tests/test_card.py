@@ -79,7 +79,9 @@ def test_card_holds_metadata_recipe_tables_plot_and_command(checkpoint):
     assert "| wikitext2_ppl | value | 29.9350 | 118.7200 |" in text and "| piqa | acc_norm | 0.6643 | 0.5925 |" in text
     weights = (checkpoint / "model.safetensors").stat().st_size
     assert f"{weights / 2**20:.1f} MiB of weights in 1 safetensors file," in text
-    assert f"![Per-layer sparsity and reconstruction error]({PLOT})" in text and png_size(checkpoint / PLOT)
+    assert f"![Per-layer sparsity, reconstruction error and block importance]({PLOT})" in text
+    assert png_size(checkpoint / PLOT)
+    assert ": one-shot sparsegpt pruning to sparsity 2:4; int4 rtn quantization. Pruned weights are exact" in text
     assert f"```bash\n{command}\n```" in text
     assert [p.name for p in checkpoint.iterdir() if p.name.startswith(".")] == []  # written atomically
 
@@ -108,6 +110,16 @@ def test_plot_with_and_without_errors(tmp_path):
         assert 10_000 < path.stat().st_size < 1_000_000
     (width, height), (width_only, height_only) = png_size(with_errors), png_size(sparsity_only)
     assert width == width_only and height > 1.5 * height_only  # a second panel for the errors
+
+
+def test_plot_of_a_depth_stage_adds_a_panel_of_block_importance(tmp_path):
+    depth = {"removed": [2, 5], "importance": [0.4, 0.05, 0.01, 0.02, 0.03, 0.008, 0.09]}
+    stages = {"parameters_before": 100, "parameters_after": 80, "depth": depth}
+    sparsity_only = plot_layers(make_record(layers=5, errors=False), tmp_path / "sparsity.png")
+    with_depth = plot_layers(make_record(layers=5, errors=False, stages=stages), tmp_path / "depth.png")
+    depth_only = plot_layers({"layers": [], "stages": stages}, tmp_path / "depth-only.png")
+    assert png_size(with_depth)[1] > 1.5 * png_size(sparsity_only)[1]
+    assert png_size(depth_only)[1] == png_size(sparsity_only)[1]  # one panel each
 
 
 def test_plot_needs_layers(tmp_path):

@@ -322,6 +322,24 @@ def test_prune_with_ppl_prints_both_perplexities_and_puts_them_in_the_card(tmp_p
     assert "over 2 windows of" in card and f"| wikitext2 | perplexity | {base:.4f} | {pruned:.4f} |" in card
 
 
+@pytest.mark.parametrize("pruning", ["", "pruning: {method: wanda, sparsity: 0.5}\n"])
+def test_prune_with_structure_stages_writes_a_card_that_says_what_was_removed(tmp_path, model_dir, calib, pruning):
+    """A recipe of depth and width stages, with and without a pruning stage: the model, the card, the plot."""
+    recipe = tmp_path / "structure.yaml"
+    recipe.write_text("depth: {blocks: 1}\nwidth: {unit: mlp, amount: 0.25}\n" + pruning)
+    out = tmp_path / "out"
+    assert main(prune_args(model_dir, calib, out, recipe=recipe)) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert len(model.model.layers) == 1 and model.model.layers[0].mlp.gate_proj.out_features == 48
+    stages = read_record(out)["stages"]
+    card = (out / "README.md").read_text()
+    assert f"removed decoder blocks {stages['depth']['removed'][0]} of the base model (cosine score)" in card
+    assert "removed 25% of the MLP channels" in card and "MLP channels kept per layer: 48/64." in card
+    assert f"Parameters: {stages['parameters_before']:,} → {stages['parameters_after']:,}" in card
+    assert ("## Sparsity" in card) == bool(pruning) and ("wanda" in card) == bool(pruning)
+    assert (out / "llm_sparsify_layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # at least the depth panel
+
+
 def test_export_compact_restores_the_checkpoint_and_reports_sizes(tmp_path, pruned, capsys):
     from llm_sparsify.export.compact import load_compact
 

@@ -52,9 +52,12 @@ def stored_sizes(checkpoint: Path) -> dict[str, int]:
 
 def front_matter(record: dict[str, Any]) -> dict[str, Any]:
     """The card's metadata for the Hub: base model (when it is a Hub id), library, task and tags."""
-    pruning = record["recipe"]["pruning"]
-    pattern = "semi-structured" if ":" in str(pruning["sparsity"]) else "unstructured"
-    tags = ["llm-sparsify", "sparse", "pruned", pruning["method"], f"{pattern}-sparsity"]
+    recipe, stages = record["recipe"], record.get("stages") or {}
+    tags = ["llm-sparsify"]
+    if pruning := recipe.get("pruning"):
+        pattern = "semi-structured" if ":" in str(pruning["sparsity"]) else "unstructured"
+        tags += ["sparse", "pruned", pruning["method"], f"{pattern}-sparsity"]
+    tags += [f"{stage}-pruned" for stage in ("depth", "width") if stage in stages]
     if record.get("quantization"):
         tags += ["quantized", f"int{record['quantization']['bits']}"]
     meta: dict[str, Any] = {}
@@ -63,6 +66,45 @@ def front_matter(record: dict[str, Any]) -> dict[str, Any]:
         meta["base_model"] = base
     meta.update(library_name="transformers", pipeline_tag="text-generation", tags=tags)
     return meta
+
+
+UNIT_NAMES = {"mlp": "MLP channels", "heads": "KV groups (with their query heads)"}
+
+
+def what_was_done(record: dict[str, Any]) -> list[str]:
+    """Each stage the recipe ran, in words, in the order it ran."""
+    recipe, stages = record["recipe"], record.get("stages") or {}
+    done = []
+    if depth := stages.get("depth"):
+        done.append(f"removed decoder blocks {', '.join(map(str, depth['removed']))} of the base model "
+                    f"({recipe['depth']['score']} score)")
+    if width := stages.get("width"):
+        done.append(f"removed {1 - sum(width['kept']) / sum(width['of']):.0%} of the {UNIT_NAMES[width['unit']]} "
+                    f"({width['score']} score, {width['scope']})")
+    if pruning := recipe.get("pruning"):
+        done.append(f"one-shot {pruning['method']} pruning to sparsity {pruning['sparsity']}")
+    if record.get("quantization"):
+        done.append(f"int{record['quantization']['bits']} {record['quantization']['method']} quantization")
+    if recovery := recipe.get("recovery"):
+        done.append(f"recovery fine-tuning ({recovery.get('steps', '?')} steps"
+                    + (", LoRA" if recovery.get("lora") else "") + ")")
+    return done
+
+
+def structure_section(stages: dict[str, Any]) -> str:
+    """Parameters before and after, the depth scores (removed blocks in bold) and the width kept per layer."""
+    before, after = stages["parameters_before"], stages["parameters_after"]
+    parts = [f"Parameters: {before:,} → {after:,} ({after / before - 1:+.1%})."]
+    if (depth := stages.get("depth")) and depth.get("importance"):
+        removed = set(depth["removed"])
+        scores = ", ".join(f"**{i}: {v:.4f}**" if i in removed else f"{i}: {v:.4f}"
+                           for i, v in enumerate(depth["importance"]))
+        parts.append("Block importance, 1 − cos(block input, block output) averaged over calibration tokens "
+                     f"(removed in bold): {scores}.")
+    if width := stages.get("width"):
+        kept = ", ".join(f"{k}/{n}" for k, n in zip(width["kept"], width["of"], strict=True))
+        parts.append(f"{UNIT_NAMES[width['unit']]} kept per layer: {kept}.")
+    return "\n\n".join(parts)
 
 
 def _number(value: Any) -> str:
@@ -103,16 +145,17 @@ def _size(n: int) -> str:
 def model_card(record: dict[str, Any], size: dict[str, int], *, command: str | None = None,
                plot: str | None = None) -> str:
     """The card's Markdown: front matter, then what was done, measured and stored."""
-    pruning = record["recipe"]["pruning"]
+    pruning = record["recipe"].get("pruning")
+    stages = record.get("stages") or {}
     base = record.get("base_model", "unknown")
     calibration = record.get("calibration") or {}
     command = command or record.get("command")
+    zeros = "Pruned weights are exact zeros in ordinary safetensors files: " if pruning else ""
     parts = [
         "---\n" + yaml.safe_dump(front_matter(record), sort_keys=False) + "---",
-        f"# {Path(str(base)).name} pruned with {record.get('recipe_name', pruning['method'])}",
-        f"One-shot {pruning['method']} pruning of `{base}` to sparsity {pruning['sparsity']} by llm_sparsify "
-        f"{record.get('llm_sparsify_version', '')}. Pruned weights are exact zeros in ordinary safetensors files: "
-        "the checkpoint loads with `transformers` as it is.",
+        f"# {Path(str(base)).name} compressed with {record.get('recipe_name', 'llm_sparsify')}",
+        f"Made from `{base}` by llm_sparsify {record.get('llm_sparsify_version', '')}: "
+        + "; ".join(what_was_done(record)) + f". {zeros}the checkpoint loads with `transformers` as it is.",
         f"## Base model\n\n`{base}`",
         "## Recipe\n\n```yaml\n" + yaml.safe_dump(record["recipe"], sort_keys=False) + "```",
     ]
@@ -122,8 +165,11 @@ def model_card(record: dict[str, Any], size: dict[str, int], *, command: str | N
             [[calibration.get(k, "–") for k in ("source", "nsamples", "seqlen", "seed")]]))
     else:
         parts.append("## Calibration\n\nNone: the method needs no data.")
-    parts.append(f"## Sparsity\n\n{record['sparsity']['overall']:.2%} of the targeted weights are zero.\n\n"
-                 + sparsity_table(record))
+    if "parameters_before" in stages:
+        parts.append("## Structure\n\n" + structure_section(stages))
+    if pruning:
+        parts.append(f"## Sparsity\n\n{record['sparsity']['overall']:.2%} of the targeted weights are zero.\n\n"
+                     + sparsity_table(record))
     if quantization := record.get("quantization"):
         parts.append("## Quantization\n\n" + _table(
             ["method", "bits", "group size", "symmetric"],
@@ -134,8 +180,8 @@ def model_card(record: dict[str, Any], size: dict[str, int], *, command: str | N
     files = f"{size['weight_files']} safetensors file" + ("s" if size["weight_files"] != 1 else "")
     parts.append(f"## Size on disk\n\n{_size(size['weights'])} of weights in {files}, {_size(size['total'])} in all.")
     if plot:
-        parts.append(f"## Per layer\n\n![Per-layer sparsity and reconstruction error]({plot})")
-    made = (f"Pruned on {record.get('device', '?')} in {record.get('dtype', '?')} in "
+        parts.append(f"## Per layer\n\n![Per-layer sparsity, reconstruction error and block importance]({plot})")
+    made = (f"Made on {record.get('device', '?')} in {record.get('dtype', '?')} in "
             f"{record.get('seconds', '?')} s.")
     if command:
         made = f"```bash\n{command}\n```\n\n{made}"

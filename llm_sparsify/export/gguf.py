@@ -207,7 +207,7 @@ def _add_metadata(writer: gguf.GGUFWriter, checkpoint: Path, config: PretrainedC
     writer.add_name(str(record.get("base_model") or checkpoint.name))
     if "recipe_name" in record:
         overall = record.get("sparsity", {}).get("overall")
-        share = f", {overall:.1%} of the pruned modules' weights zero" if overall is not None else ""
+        share = f", {overall:.1%} of the pruned modules' weights zero" if overall else ""
         writer.add_description(f"pruned with llm_sparsify ({record['recipe_name']}{share})")
     writer.add_file_type(_FILE_TYPES[qtype])
     if qtype in _BLOCKED:
