@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 import llm_sparsify.models
 from llm_sparsify.cli import main
 from llm_sparsify.export.hf import RECORD, read_record
+from llm_sparsify.recipe import builtin_recipes, load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -338,6 +339,39 @@ def test_prune_with_structure_stages_writes_a_card_that_says_what_was_removed(tm
     assert f"Parameters: {stages['parameters_before']:,} → {stages['parameters_after']:,}" in card
     assert ("## Sparsity" in card) == bool(pruning) and ("wanda" in card) == bool(pruning)
     assert (out / "llm_sparsify_layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # at least the depth panel
+
+
+@pytest.fixture(scope="module")
+def six_layer_dir(workdir):
+    """A tiny random Llama with six layers (so depth-cosine-4 has blocks to spare) and the default tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(llm_sparsify.models.default_model_path())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    path = workdir / "six-layers"
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("name", builtin_recipes())
+def test_every_shipped_recipe_runs_from_the_command_line(tmp_path, six_layer_dir, name, one_thread):
+    """Each recipe in recipes/, end to end on the bundled C4 sample: exit 0, a model that loads and runs, a card."""
+    out = tmp_path / "out"
+    assert main(["prune", str(six_layer_dir), "--recipe", name, "--output", str(out), "--nsamples", "4",
+                 "--seqlen", "32", "--device", "cpu", "-q"]) == 0
+    recipe = load_recipe(name)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.isfinite(model(torch.arange(16)[None]).logits).all()
+    assert len(model.model.layers) == 6 - (recipe.depth.blocks if recipe.depth else 0)
+    if recipe.width:
+        assert model.model.layers[0].mlp.gate_proj.out_features == round(128 * (1 - recipe.width.amount))
+    if recipe.method and recipe.method != "magnitude" and isinstance(recipe.pattern, float):
+        # per row, floor(sparsity × inputs) of 64 or 128 inputs; OWL's is a mean over layers
+        assert read_record(out)["sparsity"]["overall"] >= recipe.pattern - 1 / 64
+    assert f"compressed with {name}" in (out / "README.md").read_text()
+    for fmt in recipe.export.formats if recipe.export else ():
+        assert any(p.name.startswith(f"out-{fmt}") for p in tmp_path.iterdir()), fmt
 
 
 def test_export_compact_restores_the_checkpoint_and_reports_sizes(tmp_path, pruned, capsys):
