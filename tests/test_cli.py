@@ -22,18 +22,23 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("cli")
 
 
-@pytest.fixture(scope="module")
-def model_dir(workdir):
-    """A tiny random Llama saved with save_pretrained, with the real default tokenizer beside it."""
+def save_tiny_llama(path, hidden: int, layers: int):
+    """A random Llama (4 heads, 2 KV groups, MLP twice as wide) saved with save_pretrained, with the real default
+    tokenizer beside it."""
     tokenizer = AutoTokenizer.from_pretrained(llm_sparsify.models.default_model_path())
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256)
     assert len(tokenizer) <= config.vocab_size
-    path = workdir / "tiny-llama"
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(workdir):
+    return save_tiny_llama(workdir / "tiny-llama", hidden=32, layers=2)
 
 
 @pytest.fixture(scope="module")
@@ -343,15 +348,8 @@ def test_prune_with_structure_stages_writes_a_card_that_says_what_was_removed(tm
 
 @pytest.fixture(scope="module")
 def six_layer_dir(workdir):
-    """A tiny random Llama with six layers (so depth-cosine-4 has blocks to spare) and the default tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(llm_sparsify.models.default_model_path())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    path = workdir / "six-layers"
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    """Six layers, so that depth-cosine-4 has blocks to spare."""
+    return save_tiny_llama(workdir / "six-layers", hidden=64, layers=6)
 
 
 @pytest.mark.parametrize("name", builtin_recipes())
