@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from llm_sparsify.models import ModelError, decoder_layers
 from llm_sparsify.prune.wanda import prune_wanda
 from llm_sparsify.recipe import Recipe, RecipeError, load_recipe
 from llm_sparsify.stats import InputStatistics
-from tests.conftest import tiny_model
+from tests.conftest import TINY, tiny_model
 
 
 @torch.no_grad()
@@ -205,3 +207,18 @@ def test_a_failure_during_the_forward_leaves_no_paused_work_behind(calibration, 
     assert not any(m._forward_pre_hooks for m in model.modules())
     monkeypatch.undo()
     prune_model(model, load_recipe("wanda-50"), calibration, batch_size=2)  # the model is usable again
+
+
+@pytest.mark.parametrize(("recipe", "nsamples", "warns"), [
+    ("sparsegpt-50", 4, True),            # 4 × 32 = 128 tokens < 2 × 128 inputs of down_proj
+    ("sparsegpt-50", 8, False),           # 256 tokens: enough
+    ("sparsegpt-50-w4g128", 4, True),     # GPTQ needs the Hessian too
+    ("wanda-50", 4, False),               # column norms: no matrix to condition
+])
+def test_too_few_calibration_tokens_for_a_hessian_warn(caplog, recipe, nsamples, warns):
+    ids = torch.randint(0, TINY["vocab_size"], (nsamples, 32), generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.WARNING, logger="llm_sparsify.api"):
+        compress(tiny_model(), recipe, ids, device="cpu")
+    assert ("poorly conditioned" in caplog.text) == warns
+    if warns:
+        assert f"{nsamples * 32} calibration tokens for a Hessian of up to 128 inputs" in caplog.text
