@@ -144,6 +144,26 @@ def test_logits_equal_the_source_with_the_files_own_rounding(checkpoint, exporte
     assert correlation > (0.99 if qtype != "Q4_0" else 0.9)
 
 
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_0"])
+def test_llama_cpp_reads_the_export_and_computes_the_same_logits(checkpoint, exported, qtype):
+    """llama.cpp itself (llama-cpp-python, where it is installed: it builds llama.cpp from source) tokenizes like
+    the source tokenizer and gives the logits of the source model rounded as the file stores it. Measured error:
+    1e-4 (F32), 2e-4 (F16), 5e-3 (Q8_0, Q4_0: llama.cpp also rounds the activations to 8 bits)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ids = token_ids(checkpoint)
+    source = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    reference = logits(round_as_written(source, exported[qtype]), ids)
+    llm = llama_cpp.Llama(model_path=str(exported[qtype]), n_ctx=64, logits_all=True, verbose=False)
+    try:
+        assert llm.tokenize(" ".join(TEXTS).encode(), add_bos=False, special=True)[:48] == ids[0].tolist()
+        llm.eval(ids[0].tolist())
+        got = torch.from_numpy(np.array(llm.scores[: ids.shape[1]]))
+    finally:
+        llm.close()
+    bound = {"F32": 1e-3, "F16": 1e-3}.get(qtype, 2e-2)
+    assert (got - reference).abs().max() <= bound * reference.abs().max()
+
+
 @pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_0"])
 def test_tensors_match_gguf_dequantize_and_zeros_stay_zero(checkpoint, exported, qtype):
     """What transformers loads is gguf's dequantization of the written blocks (q/k rows put back in Hugging Face
