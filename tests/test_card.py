@@ -112,12 +112,28 @@ def test_plot_with_and_without_errors(tmp_path):
     assert width == width_only and height > 1.5 * height_only  # a second panel for the errors
 
 
-def test_plot_of_a_depth_stage_adds_a_panel_of_block_importance(tmp_path):
+def depth_record(record: dict, score: str = "cosine") -> dict:
+    """`record` after a depth stage that removed blocks 2 and 5 of 7."""
     depth = {"removed": [2, 5], "importance": [0.4, 0.05, 0.01, 0.02, 0.03, 0.008, 0.09]}
-    stages = {"parameters_before": 100, "parameters_after": 80, "depth": depth}
+    recipe = record.get("recipe", {}) | {"depth": {"blocks": 2, "score": score}}
+    return record | {"recipe": recipe, "stages": {"parameters_before": 100, "parameters_after": 80, "depth": depth}}
+
+
+@pytest.mark.parametrize("score", ["cosine", "random"])
+def test_card_of_a_depth_stage_lists_every_block_score_and_the_removed_ones(tmp_path, score):
+    record = depth_record(make_record(), score)
+    text = write_model_card(save_checkpoint(tiny_model(), None, tmp_path / "out", record)).read_text()
+    assert "removed decoder blocks 2, 5 of the base model" in text and "Parameters: 100 → 80 (-20.0%)." in text
+    assert "0: 0.4000, 1: 0.0500, **2: 0.0100**, 3: 0.0200, 4: 0.0300, **5: 0.0080**, 6: 0.0900." in text
+    assert ("1 − cos(block input, block output)" in text) == (score == "cosine")
+    assert ("by the random baseline" in text) == (score == "random")
+    assert "depth-pruned" in yaml.safe_load(re.match(r"---\n(.*?)\n---\n", text, re.DOTALL).group(1))["tags"]
+
+
+def test_plot_of_a_depth_stage_adds_a_panel_of_block_importance(tmp_path):
     sparsity_only = plot_layers(make_record(layers=5, errors=False), tmp_path / "sparsity.png")
-    with_depth = plot_layers(make_record(layers=5, errors=False, stages=stages), tmp_path / "depth.png")
-    depth_only = plot_layers({"layers": [], "stages": stages}, tmp_path / "depth-only.png")
+    with_depth = plot_layers(depth_record(make_record(layers=5, errors=False)), tmp_path / "depth.png")
+    depth_only = plot_layers(depth_record({"layers": []}), tmp_path / "depth-only.png")
     assert png_size(with_depth)[1] > 1.5 * png_size(sparsity_only)[1]
     assert png_size(depth_only)[1] == png_size(sparsity_only)[1]  # one panel each
 

@@ -91,16 +91,19 @@ def what_was_done(record: dict[str, Any]) -> list[str]:
     return done
 
 
-def structure_section(stages: dict[str, Any]) -> str:
+def structure_section(record: dict[str, Any]) -> str:
     """Parameters before and after, the depth scores (removed blocks in bold) and the width kept per layer."""
+    stages = record["stages"]
     before, after = stages["parameters_before"], stages["parameters_after"]
     parts = [f"Parameters: {before:,} → {after:,} ({after / before - 1:+.1%})."]
     if (depth := stages.get("depth")) and depth.get("importance"):
         removed = set(depth["removed"])
         scores = ", ".join(f"**{i}: {v:.4f}**" if i in removed else f"{i}: {v:.4f}"
                            for i, v in enumerate(depth["importance"]))
-        parts.append("Block importance, 1 − cos(block input, block output) averaged over calibration tokens "
-                     f"(removed in bold): {scores}.")
+        score = record["recipe"]["depth"]["score"]
+        meaning = (", 1 − cos(block input, block output) averaged over calibration tokens" if score == "cosine"
+                   else f" by the {score} baseline (not measured from data)")
+        parts.append(f"Block importance{meaning} (removed in bold): {scores}.")
     if width := stages.get("width"):
         kept = ", ".join(f"{k}/{n}" for k, n in zip(width["kept"], width["of"], strict=True))
         parts.append(f"{UNIT_NAMES[width['unit']]} kept per layer: {kept}.")
@@ -166,7 +169,7 @@ def model_card(record: dict[str, Any], size: dict[str, int], *, command: str | N
     else:
         parts.append("## Calibration\n\nNone: the method needs no data.")
     if "parameters_before" in stages:
-        parts.append("## Structure\n\n" + structure_section(stages))
+        parts.append("## Structure\n\n" + structure_section(record))
     if pruning:
         parts.append(f"## Sparsity\n\n{record['sparsity']['overall']:.2%} of the targeted weights are zero.\n\n"
                      + sparsity_table(record))

@@ -80,7 +80,8 @@ def plot_layers(record: dict[str, Any], path: str | Path) -> Path:
         axes["depth"].bar(range(len(importance)), importance,
                           color=["C3" if i in removed else "C7" for i in range(len(importance))])
         axes["depth"].set_yscale("log")
-        axes["depth"].set_ylabel("importance (1 − cos)")
+        score = record["recipe"]["depth"]["score"]
+        axes["depth"].set_ylabel("importance (1 − cos)" if score == "cosine" else f"importance ({score})")
         axes["depth"].set_xlabel("block of the base model (red: removed)")
     for axis in axes.values():
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
