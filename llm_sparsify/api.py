@@ -15,11 +15,12 @@ from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_sparsify import __version__, distributed
-from llm_sparsify.data import calibration_ids
-from llm_sparsify.engine import LayerReport, prune_layers
+from llm_sparsify.data import calibration_ids, check_count, is_token_ids, warn_long_windows
+from llm_sparsify.engine import LayerReport, count_zeros, prune_layers, untargeted_weights, warn_untargeted
+from llm_sparsify.errors import UserError
 from llm_sparsify.export.hf import save_checkpoint
-from llm_sparsify.files import check_output
-from llm_sparsify.models import DEFAULT_MODEL, ModelError, default_dtype, load_model
+from llm_sparsify.files import check_apart, check_output, check_writable
+from llm_sparsify.models import DEFAULT_MODEL, ModelError, decoder_layers, default_dtype, load_model
 from llm_sparsify.pipeline import run_recipe
 from llm_sparsify.recipe import Recipe, RecipeError, load_recipe
 from llm_sparsify.stream import PartialOutput, StreamedLayers, fingerprint, resolve_checkpoint, skeleton
@@ -27,8 +28,32 @@ from llm_sparsify.stream import PartialOutput, StreamedLayers, fingerprint, reso
 log = logging.getLogger(__name__)
 
 
+class DeviceError(UserError, ValueError):
+    """A device string torch does not know, or a device this machine (or this torch build) does not have."""
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str | None) -> str:
+    """`device` (default: cuda if available, else cpu) once it is known to exist here, or a DeviceError."""
+    device = device or default_device()
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"{device!r} is not a device; give one like cpu, cuda or cuda:1") from None
+    if kind.type == "cpu":
+        return device
+    backend = getattr(torch, kind.type, None)
+    if not getattr(backend, "is_available", lambda: False)():
+        built = kind.type != "cuda" or torch.backends.cuda.is_built()
+        why = "no such device is available" if built else f"this torch {torch.__version__} is a CPU-only build"
+        raise DeviceError(f"device {device!r}: {why}; use cpu, or a machine (or torch build) with {kind.type}")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if kind.index is not None and kind.index >= count:
+        raise DeviceError(f"device {device!r}: there are {count} {kind.type} devices, numbered from 0")
+    return device
 
 
 def default_calibration_size(device: str | torch.device) -> tuple[int, int]:
@@ -56,7 +81,8 @@ def compress(
     used, or loaded from the model's path); it defaults to "c4" for methods that need data.
     """
     recipe = load_recipe(recipe)
-    device = device or default_device()
+    device = check_device(device)
+    check_count(batch_size, "batch_size")
     ids, _ = prepare_calibration(model, recipe, calibration, tokenizer, device, nsamples, seqlen, seed)
     training = prepare_training(model, recipe, calibration, tokenizer, device, seed)
     run_recipe(model, recipe, ids, training=training, tokenizer=tokenizer, device=device, batch_size=batch_size)
@@ -76,18 +102,29 @@ def prepare_calibration(
     for_statistics: bool = True,
 ) -> tuple[Tensor | None, dict[str, Any]]:
     """Calibration token ids for `recipe` (None if it needs no data) and a description of them; a warning where
-    they are too few for the recipe's Hessian (`for_statistics`: False for fine-tuning windows)."""
+    they are too few for the recipe's Hessian (`for_statistics`: False for fine-tuning windows), or where given token
+    ids make `nsamples` and `seqlen` moot."""
+    check_count(nsamples, "nsamples")
+    check_count(seqlen, "seqlen")
     if not recipe.needs_calibration:
         return None, {}
     default_n, default_len = default_calibration_size(device)
     source = "c4" if calibration is None else calibration
-    if not isinstance(source, Tensor) and not str(source).endswith(".pt"):
+    token_ids = is_token_ids(source)
+    if not token_ids:
         try:
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(model.name_or_path)
         except (OSError, ValueError) as error:
             raise ModelError(f"{model.name_or_path} has no usable tokenizer for text calibration; give token ids "
                              f"as a .pt LongTensor [nsamples, seqlen] instead ({error})") from error
     ids = calibration_ids(source, tokenizer, nsamples or default_n, seqlen or default_len, seed)
+    warn_long_windows(ids.shape[1], model.config)
+    moot = [f"{name} {asked}" for name, asked, size in (("nsamples", nsamples, ids.shape[0]),
+                                                         ("seqlen", seqlen, ids.shape[1])) if asked not in (None, size)]
+    if token_ids and moot:
+        log.warning("the calibration token ids %s are %d x %d and are used as they are: %s %s not apply",
+                    "tensor" if isinstance(source, Tensor) else source, *ids.shape, " and ".join(moot),
+                    "does" if len(moot) == 1 else "do")
     widest = max(getattr(model.config, "intermediate_size", 0) or 0, model.config.hidden_size)
     if for_statistics and recipe.statistic == "hessian" and ids.numel() < 2 * widest:
         # measured on SmolLM2-135M (widest input 1,536), SparseGPT 50% + GPTQ int4 g128: with 1,024 tokens no better
@@ -117,8 +154,16 @@ def prepare_training(
 
 
 def measured_sparsity(reports: list[LayerReport], model: PreTrainedModel) -> dict[str, Any]:
-    """Share of zeros per pruned module, per module type (q_proj, ...) and over all pruned weights."""
+    """Share of zeros per pruned module, per module type (q_proj, ...) and over all pruned weights ("overall"); over
+    all decoder-layer weights of two or more dimensions, targeted or not ("decoder"); and the decoder weights that no
+    target covers, each with its share of the decoder-layer weights ("untargeted", see engine.untargeted_weights;
+    empty without a pruning stage)."""
     modules = {name: share for report in reports for name, share in report.sparsity.items()}
+    if reports:  # counted as each layer was saved: a streamed model is not in memory now
+        weights, zeros = sum(r.weights for r in reports), sum(r.zeros for r in reports)
+    else:  # no pruning stage (depth, width only): the model in memory as it is
+        counts = [count_zeros(layer) for layer in decoder_layers(model)]
+        weights, zeros = sum(w for w, _ in counts), sum(z for _, z in counts)
     sizes = {name: model.get_submodule(name).weight.numel() for name in modules}
     by_type: dict[str, list[str]] = {}
     for name in modules:
@@ -129,6 +174,8 @@ def measured_sparsity(reports: list[LayerReport], model: PreTrainedModel) -> dic
 
     return {
         "overall": weighted(list(modules)),
+        "decoder": zeros / max(weights, 1),
+        "untargeted": untargeted_weights(model, list(modules)) if reports else {},
         "by_type": {kind: weighted(names) for kind, names in by_type.items()},
         "modules": modules,
     }
@@ -158,15 +205,20 @@ def prune_checkpoint(
     """
     recipe = load_recipe(recipe)
     output = Path(output)
-    check_output(output, overwrite)  # before the work, not after
-    device = distributed.init_from_environment(device) or default_device()
+    local = Path(model_name) if model_name and Path(model_name).is_dir() else None
+    check_output(output, overwrite, source=local)  # before the work, not after
+    check_writable(output)
+    check_count(batch_size, "batch_size")
+    device = distributed.init_from_environment(check_device(device))
     dtype = dtype or default_dtype(device)
     checkpoint = resolve_checkpoint(model_name)
+    check_apart(output, checkpoint)  # a Hub model's or the default model's folder, known only now
     if not recipe.streams:
         return _prune_in_memory(model_name, checkpoint, recipe, output, calibration, device, dtype, nsamples, seqlen,
                                 seed, batch_size, overwrite)
     model = skeleton(checkpoint, dtype)
     layers = StreamedLayers(model, checkpoint, dtype)
+    warn_untargeted(model, recipe)
     ids, calibration_info = prepare_calibration(model, recipe, calibration, None, device, nsamples, seqlen, seed)
     rank, world_size = distributed.rank_and_size()
     key = fingerprint(checkpoint, recipe.to_dict(), ids, dtype, batch_size)

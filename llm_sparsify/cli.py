@@ -3,37 +3,61 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from llm_sparsify import distributed
-from llm_sparsify.api import default_calibration_size, default_device, prune_checkpoint
-from llm_sparsify.data import DataError, evaluation_ids
+from llm_sparsify import __version__, distributed
+from llm_sparsify.api import check_device, default_calibration_size, prune_checkpoint
+from llm_sparsify.data import (
+    DataError,
+    calibration_ids,
+    check_count,
+    check_evaluation_source,
+    evaluation_ids,
+    is_token_ids,
+)
+from llm_sparsify.errors import UserError
 from llm_sparsify.evaluate import perplexity
-from llm_sparsify.export import ExportError
-from llm_sparsify.export.card import CardError, write_model_card
+from llm_sparsify.export.card import removed_in_words, sparsity_summary, write_model_card
 from llm_sparsify.export.hf import RECORD, read_record
-from llm_sparsify.export.hub import PushError, push_to_hub
-from llm_sparsify.files import OutputExistsError, atomic_file, disk_size
-from llm_sparsify.models import DEFAULT_MODEL, ModelError, load_model
-from llm_sparsify.recipe import Evaluation, RecipeError, builtin_recipes, load_recipe
-from llm_sparsify.recover import RecoveryError
-from llm_sparsify.structure.depth import DepthError
-from llm_sparsify.structure.width import WidthError
+from llm_sparsify.export.hub import PushError, check_token, finished_files, push_to_hub
+from llm_sparsify.files import atomic_file, check_output, check_writable, disk_size
+from llm_sparsify.models import DEFAULT_MODEL, default_dtype, load_model
+from llm_sparsify.recipe import (
+    EXPORT_FORMATS,
+    GGUF_TYPES,
+    Evaluation,
+    Recipe,
+    builtin_recipes,
+    load_recipe,
+)
 from llm_sparsify.zero_shot import DATA_ENV, check_tasks, evaluate_tasks, known_tasks, markdown_table
 
 log = logging.getLogger("llm_sparsify")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
-FORMATS = ["gguf", "compressed-tensors", "compact", "bnb-nf4", "bnb-fp4", "bnb-int8"]
-GGUF_TYPES = ["F16", "BF16", "F32", "Q8_0", "Q4_0"]
+# I/O failures of the machine rather than bugs: one line and exit 2, like bad input
+OPERATIONAL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+CONTINUES = "the same command continues from the last finished layer"
+
+
+class StepError(UserError):
+    """A step after saving (evaluation, model card, export, push) failed; the saved output itself is complete."""
+
+
+def window_count(text: str) -> int | None:
+    """An argparse type: a number of windows (checked to be positive before any work), or "all" (None)."""
+    return None if text == "all" else int(text)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="One-shot pruning of Hugging Face causal LMs (Llama, Mistral, Qwen2/3 layouts), "
         "one decoder layer at a time on one device.",
     )
+    parser.add_argument("--version", action="version", version=f"llm-sparsify {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     prune = commands.add_parser(
@@ -78,12 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default: 0)")
     prune.add_argument("--batch-size", type=int, default=8, help="calibration samples per layer forward (default: 8)")
     prune.add_argument("--overwrite", action="store_true",
-                       help="replace an existing output directory, or start over an unfinished run made with "
-                       "other settings")
+                       help="replace an existing output that llm-sparsify wrote (one with llm_sparsify.json), or "
+                       "start over an unfinished run made with other settings or damaged; anything else is refused")
     prune.add_argument("--ppl", action="store_true",
                        help="also print WikiText-2 perplexity of the base and the pruned model")
-    prune.add_argument("--ppl-windows", type=int, default=64,
-                       help="with --ppl: score the first N windows of the test text, 0 for all (default: 64)")
+    prune.add_argument("--ppl-windows", type=window_count, default=64, metavar="N",
+                       help="with --ppl: score the first N windows of the test text, or 'all' (default: 64)")
     prune.add_argument("--push-to-hub", metavar="REPO", default=None,
                        help="upload the finished output (with its model card) to this Hub repo, e.g. me/model-2of4")
     _push_options(prune)
@@ -113,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "needs the Hub) or a text file")
     evaluate.add_argument("--seqlen", type=int, default=None,
                           help="perplexity window length (default: 2048 on an accelerator, 512 on the CPU)")
-    evaluate.add_argument("--max-windows", type=int, default=None,
-                          help="score only the first N perplexity windows, for quick runs (default: all)")
+    evaluate.add_argument("--max-windows", type=window_count, default=None, metavar="N",
+                          help="score only the first N perplexity windows, for quick runs, or 'all' (the default)")
     evaluate.add_argument("--no-perplexity", action="store_true", help="skip perplexity, only run the tasks")
     evaluate.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                           help="write all results as a JSON list (one record per model) to FILE; without FILE "
@@ -130,11 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         "transformers). Prints the size on disk against the checkpoint's.",
     )
     export.add_argument("checkpoint", type=Path, help="a finished llm-sparsify output directory")
-    export.add_argument("--format", required=True, choices=FORMATS, help="the output format")
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="the output format")
     export.add_argument("--qtype", default="Q8_0", choices=GGUF_TYPES, help="gguf: tensor type (default: Q8_0)")
     export.add_argument("--output", type=Path, default=None,
                         help="output file (gguf) or directory (default: CHECKPOINT-FORMAT beside the checkpoint)")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output that llm-sparsify wrote; anything else is refused")
     export.add_argument("--device", default=None, help="bnb-*: where bitsandbytes runs (default: cuda if available)")
     export.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result")
 
@@ -173,43 +199,128 @@ def _perplexity_of(model, tokenizer, dataset: str, seqlen: int | None, max_windo
 
 
 def run_prune(args: argparse.Namespace) -> None:
-    device = args.device or default_device()
+    device = check_device(args.device)
+    for option in ("nsamples", "seqlen", "batch_size", "ppl_windows"):
+        check_count(getattr(args, option), f"--{option.replace('_', '-')}")
     recipe = load_recipe(args.recipe)
-    evaluation = recipe.evaluate
-    if evaluation and evaluation.tasks:
-        check_tasks(list(evaluation.tasks))  # before the work, not after
     recipe_name = Path(args.recipe).name.removesuffix(".yaml")
     output = args.output or Path(f"{Path(args.model or DEFAULT_MODEL).name}-{recipe_name}")
-    record = prune_checkpoint(
-        args.model, recipe, output, args.calibration, device=device, dtype=DTYPES.get(args.dtype),
-        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
-        overwrite=args.overwrite,
-    )
+    record = _same_pruning(args, recipe, output, device)
+    _check_steps_after_saving(args, recipe, output, device, rerun=record is not None)  # before the work, not after
+    if record is None:
+        check_writable(output)  # a read-only output is no resume
+        args.resume_hint = CONTINUES if recipe.streams else ""
+        record = prune_checkpoint(
+            args.model, recipe, output, args.calibration, device=device, dtype=DTYPES.get(args.dtype),
+            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
+            overwrite=args.overwrite,
+        )
+    else:
+        log.info("%s already holds this command's pruned model (same model, recipe, calibration and dtype): doing "
+                 "only the steps after pruning that are not done yet", output)
     if distributed.rank_and_size()[0] != 0:  # under torchrun, rank 0 reports
         return
     stages = record.get("stages", {})
-    if "parameters_before" in stages:
-        print(f"parameters: {stages['parameters_before']:,} -> {stages['parameters_after']:,}")
+    done = [sparsity_summary(record["sparsity"])] if recipe.method is not None else []
+    if removed := removed_in_words(stages):  # depth, width: what went, not "0.00% of the targeted weights"
+        done.insert(0, f"removed {' and '.join(removed.values())} (parameters {stages['parameters_before']:,} -> "
+                       f"{stages['parameters_after']:,})")
     print(f"pruned {record['base_model']} with {record['recipe_name']} in {record['seconds']:.1f} s: "
-          f"{record['sparsity']['overall']:.2%} of the targeted weights are zero")
+          + "; ".join(done))
     print(f"saved to {output}")
-    if args.ppl:
-        windows = args.ppl_windows or None
-        base = _perplexity(args.model, "wikitext2", None, windows, args.dtype, device)
-        pruned = _perplexity(str(output), "wikitext2", None, windows, args.dtype, device)
-        print(f"WikiText-2 perplexity (seqlen {base['seqlen']}, {base['windows']} windows): "
-              f"base {base['perplexity']:.3f} -> pruned {pruned['perplexity']:.3f}")
-        _add_evaluation(output, {label: {"wikitext2": {"perplexity": result["perplexity"]}}
-                                 for label, result in (("base", base), ("pruned", pruned))},
-                        f"WikiText-2 test perplexity over {base['windows']} windows of {base['seqlen']} tokens")
-    if evaluation:
-        models = {label: _evaluate_section(name, evaluation, args.dtype, device)
-                  for label, name in (("base", args.model), ("pruned", str(output)))}
-        print(markdown_table(models, list(models)))
-        _add_evaluation(output, models, _protocol(evaluation, device))
-    write_model_card(output, command=args.command_line)
+    args.resume_hint = f"the pruned model in {output} is complete, and the same command does the remaining steps"
+    try:
+        _steps_after_saving(args, recipe, output, device)
+    except (UserError, OSError, SafetensorError) as error:
+        reason = _failure(error)
+        if reason is None:
+            raise
+        raise StepError(f"{reason}; {args.resume_hint}") from error
+
+
+def _same_pruning(args: argparse.Namespace, recipe: Recipe, output: Path, device: str) -> dict | None:
+    """The record of `output` if it is a finished output of this command's pruning (same model, recipe, calibration
+    and dtype), so that running the command again does only the steps after it; None otherwise, or with
+    --overwrite (which starts over)."""
+    if args.overwrite or not output.is_dir():
+        return None
+    try:
+        finished_files(output)
+    except PushError:  # not a finished output: prune_checkpoint says what is wrong
+        return None
+    calibration = {}
+    if recipe.needs_calibration:
+        if is_token_ids(args.calibration):
+            shape = tuple(calibration_ids(args.calibration, None, 1, 2).shape)  # token ids are used as they are
+        else:
+            default_n, default_len = default_calibration_size(device)
+            shape = (args.nsamples or default_n, args.seqlen or default_len)
+        calibration = {"source": args.calibration, "nsamples": shape[0], "seqlen": shape[1], "seed": args.seed}
+    this_run = {"base_model": args.model or DEFAULT_MODEL, "recipe": recipe.to_dict(), "calibration": calibration,
+                "dtype": str(DTYPES.get(args.dtype) or default_dtype(device)).removeprefix("torch.")}
+    record = read_record(output)
+    same = all(record.get(key) == value for key, value in json.loads(json.dumps(this_run)).items())
+    return record if same else None
+
+
+def _export_path(output: Path, format: str, qtype: str) -> Path:
+    """Where an export of `output` goes by default: OUTPUT-FORMAT (OUTPUT-QTYPE.gguf) beside it."""
+    suffix = f"{qtype}.gguf" if format == "gguf" else format
+    return output.with_name(f"{output.name}-{suffix}")
+
+
+def _check_steps_after_saving(args: argparse.Namespace, recipe: Recipe, output: Path, device: str,
+                              rerun: bool) -> None:
+    """What the steps after saving need, checked before the pruning: the evaluation's texts and tasks, free export
+    outputs (on a rerun, existing ones count as done) and a working bitsandbytes, a Hub token that may write."""
+    if evaluation := recipe.evaluate:
+        for dataset in evaluation.perplexity:
+            check_evaluation_source(dataset)
+        if evaluation.tasks:
+            check_tasks(list(evaluation.tasks))
     for name in recipe.export.formats if recipe.export else ():
-        export_checkpoint(output, name, recipe.export.qtype, None, args.overwrite, device)
+        path = _export_path(output, name, recipe.export.qtype)
+        if not (rerun and path.exists()):
+            check_output(path, args.overwrite)
+            check_writable(path)
+        if name.startswith("bnb-"):
+            from llm_sparsify.export.bitsandbytes import check_backend
+
+            check_backend(name.removeprefix("bnb-"), device)
+    if args.push_to_hub:
+        check_token(args.token, args.push_to_hub)
+
+
+def _steps_after_saving(args: argparse.Namespace, recipe: Recipe, output: Path, device: str) -> None:
+    """--ppl and the recipe's `evaluate:` section (into the record), the model card, the recipe's exports and
+    --push-to-hub; an evaluation with the same settings already in the record, or an export already there, is done."""
+    write_model_card(output, command=args.command_line)  # the output is complete with its card from here on
+    evaluation = recipe.evaluate
+    settings = {"ppl_windows": args.ppl_windows if args.ppl else False, "dtype": args.dtype, "device": device}
+    if (args.ppl or evaluation) and (read_record(output).get("evaluation") or {}).get("settings") == settings:
+        log.info("%s already holds this command's evaluation", output)
+    elif args.ppl or evaluation:
+        if args.ppl:
+            base = _perplexity(args.model, "wikitext2", None, args.ppl_windows, args.dtype, device)
+            pruned = _perplexity(str(output), "wikitext2", None, args.ppl_windows, args.dtype, device)
+            print(f"WikiText-2 perplexity (seqlen {base['seqlen']}, {base['windows']} windows): "
+                  f"base {base['perplexity']:.3f} -> pruned {pruned['perplexity']:.3f}")
+            _add_evaluation(output, {label: {"wikitext2": {"perplexity": result["perplexity"]}}
+                                     for label, result in (("base", base), ("pruned", pruned))},
+                            f"WikiText-2 test perplexity over {base['windows']} windows of {base['seqlen']} tokens",
+                            None if evaluation else settings)
+        if evaluation:
+            models = {label: _evaluate_section(name, evaluation, args.dtype, device)
+                      for label, name in (("base", args.model), ("pruned", str(output)))}
+            print(markdown_table(models, list(models)))
+            _add_evaluation(output, models, _protocol(evaluation, device), settings)
+        write_model_card(output, command=args.command_line)
+    for name in recipe.export.formats if recipe.export else ():
+        path = _export_path(output, name, recipe.export.qtype)
+        if path.exists() and not args.overwrite:  # a rerun's: the first run refused an existing one before work
+            log.info("%s is already there", path)
+            continue
+        export_checkpoint(output, name, recipe.export.qtype, path, args.overwrite, device)
     if args.push_to_hub:
         _push(output, args.push_to_hub, args)
 
@@ -237,10 +348,11 @@ def _protocol(evaluation: Evaluation, device: str) -> str:
     return "; ".join(words)
 
 
-def _add_evaluation(output: Path, models: dict, protocol: str) -> None:
-    """Keep evaluation results (and how they were taken) in the output's record, where the model card finds them."""
+def _add_evaluation(output: Path, models: dict, protocol: str, settings: dict | None = None) -> None:
+    """Keep evaluation results (and how they were taken) in the output's record, where the model card finds them;
+    `settings` (the command's, given once its evaluation is complete) let a rerun of the command skip it."""
     record = read_record(output)
-    record["evaluation"] = {"models": models, "protocol": protocol}
+    record["evaluation"] = {"models": models, "protocol": protocol} | ({"settings": settings} if settings else {})
     with atomic_file(output / RECORD, overwrite=True) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
 
@@ -265,13 +377,17 @@ def _table_entry(record: dict) -> dict:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    device = args.device or default_device()
+    device = check_device(args.device)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.no_perplexity and not tasks:
         raise DataError("nothing to evaluate: --no-perplexity needs --tasks")
-    if args.limit is not None and args.limit < 1:
-        raise DataError(f"--limit must be at least 1, got {args.limit}")
+    for option in ("limit", "batch_size", "seqlen", "max_windows"):
+        check_count(getattr(args, option), f"--{option.replace('_', '-')}")
     data_dir = check_tasks(tasks, args.data_dir) if tasks else None  # before any model is loaded
+    if not args.no_perplexity:
+        check_evaluation_source(args.dataset)
+    if args.json not in (None, "-"):
+        check_writable(args.json)
     records = [_evaluate_model(name, args, tasks, data_dir, device) for name in args.models or [None]]
 
     if args.json not in (None, "-"):
@@ -289,7 +405,8 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    export_checkpoint(args.checkpoint, args.format, args.qtype, args.output, args.overwrite, args.device)
+    device = check_device(args.device) if args.format.startswith("bnb-") else None
+    export_checkpoint(args.checkpoint, args.format, args.qtype, args.output, args.overwrite, device)
 
 
 def export_checkpoint(source: Path, format: str, qtype: str, output: Path | None, overwrite: bool,
@@ -300,8 +417,7 @@ def export_checkpoint(source: Path, format: str, qtype: str, output: Path | None
     from llm_sparsify.export.compressed_tensors import export_compressed_tensors
     from llm_sparsify.export.gguf import export_gguf
 
-    suffix = f"{qtype}.gguf" if format == "gguf" else format
-    output = output or source.with_name(f"{source.name}-{suffix}")
+    output = output or _export_path(source, format, qtype)
     if format == "gguf":
         export_gguf(source, output, qtype=qtype, overwrite=overwrite)
     elif format == "compressed-tensors":
@@ -325,26 +441,47 @@ def run_push(args: argparse.Namespace) -> None:
     _push(args.folder, args.repo, args)
 
 
+def _failure(error: BaseException) -> str | None:
+    """One line on bad input or an I/O failure of the machine (disk full, read-only, no permission, ...); None for
+    anything else, which is a bug and keeps its traceback. safetensors reports I/O errors as "... (os error N)"."""
+    if isinstance(error, UserError):
+        return re.sub(r"\s*\n\s*", " ", str(error))
+    if isinstance(error, OSError):
+        code, where = error.errno, error.filename
+    else:
+        code, where = int(match[1]) if (match := re.search(r"\(os error (\d+)\)", str(error))) else None, None
+    if code not in OPERATIONAL:
+        return None
+    return os.strerror(code) + (f": {where}" if where else "")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["llm-sparsify", *(sys.argv[1:] if argv is None else argv)])  # for the card
+    args.resume_hint = ""  # what the same command does next time, where it resumes (set by run_prune)
     quiet = args.quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 speaks
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
-    if quiet:
-        from transformers.utils import logging as hf_logging
-
+    bars = hf_logging.is_progress_bar_enabled()
+    if quiet:  # every progress bar: llm_sparsify's, transformers' and huggingface_hub's
         hf_logging.disable_progress_bar()
     try:
         {"prune": run_prune, "eval": run_eval, "export": run_export, "push": run_push}[args.command](args)
-    except (RecipeError, DataError, ModelError, OutputExistsError, ExportError, PushError, CardError, DepthError,
-            WidthError, RecoveryError) as error:
-        print(f"llm-sparsify: error: {error}", file=sys.stderr)
+    except (UserError, OSError, SafetensorError) as error:
+        reason = _failure(error)
+        if reason is None:
+            raise
+        hint = f"; {args.resume_hint}" if args.resume_hint and not isinstance(error, UserError) else ""
+        print(f"llm-sparsify: error: {reason}{hint}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        hint = "; the same command continues from the last finished layer" if args.command == "prune" else ""
+        hint = f"; {args.resume_hint}" if args.resume_hint else ""
         print(f"llm-sparsify: interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
+        if quiet and bars:  # as it was, for a caller that runs main() in its own process (tests)
+            hf_logging.enable_progress_bar()
         distributed.leave()
     return 0
 

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from llm_sparsify.errors import UserError
+
 log = logging.getLogger(__name__)
 
 _C4 = "c4-en-train.00000-of-01024.first1000.jsonl.gz"
@@ -30,8 +32,33 @@ _WIKITEXT2_TEST = "wikitext-2-raw-v1.test.raw.gz"
 _FILE_SUFFIXES = {".txt", ".jsonl", ".json", ".gz", ".pt", ".raw", ".md"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data source that cannot be read or is too small for the request."""
+
+
+def check_count(value: int | None, name: str) -> None:
+    """Refuse a count below 1 (samples, tokens, windows, batches); None means the default and passes."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise DataError(f"{name} must be a positive integer, got {value!r}")
+
+
+def warn_long_windows(seqlen: int, config) -> None:
+    """Say so when windows are longer than the model's context (config.max_position_embeddings): the positions
+    beyond it are ones the model was never trained on."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        log.warning("windows of %d tokens are longer than the model's context of %d tokens (max_position_embeddings): "
+                    "its outputs past position %d are out of distribution; a seqlen of at most %d avoids that",
+                    seqlen, limit, limit, limit)
+
+
+def is_token_ids(source: object) -> bool:
+    """Whether a calibration source is token ids (a tensor, or a .pt file of one) rather than text; a DataError for
+    anything that is neither a tensor nor a source name or path (e.g. a Python list)."""
+    if not isinstance(source, str | Path | Tensor):
+        raise DataError(f"calibration must be token ids as a LongTensor [nsamples, seqlen], a data source name or a "
+                        f"file path, not a {type(source).__name__}")
+    return isinstance(source, Tensor) or str(source).endswith(".pt")
 
 
 def _bundled(name: str) -> Path:
@@ -80,9 +107,14 @@ def load_documents(source: str | Path, split: str = "train") -> list[str]:
     """The documents of `source` for `split` ("train" for calibration, "test" for evaluation)."""
     path = Path(source)
     if path.is_file():
-        if path.name.endswith((".jsonl", ".jsonl.gz", ".json")):
-            return _read_jsonl(path)
-        return [path.read_text(encoding="utf-8")]
+        try:
+            if path.name.endswith((".jsonl", ".jsonl.gz", ".json")):
+                return _read_jsonl(path)
+            return [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        except (gzip.BadGzipFile, EOFError) as error:
+            raise DataError(f"{path}: not a complete gzip file ({error})") from None
     if str(source) == "c4":
         if split == "train":
             return _read_jsonl(_bundled(_C4))
@@ -118,10 +150,16 @@ def calibration_ids(
     Each sample picks a random document longer than `seqlen` and a random window inside it; if no
     document is that long, windows are cut from all documents joined by blank lines.
     """
-    if isinstance(source, Tensor) or str(source).endswith(".pt"):
+    if is_token_ids(source):
         ids = source if isinstance(source, Tensor) else _load_tensor(Path(source))
-        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
-            raise DataError("calibration ids must be a LongTensor [nsamples, seqlen]")
+        what = "the calibration tensor" if isinstance(source, Tensor) else str(source)
+        if not isinstance(ids, Tensor):
+            raise DataError(f"{what} holds a {type(ids).__name__}, not a LongTensor of token ids [nsamples, seqlen]")
+        if ids.dim() != 2 or ids.dtype != torch.long:
+            raise DataError(f"{what}: calibration ids must be a LongTensor [nsamples, seqlen], not "
+                            f"{str(ids.dtype).removeprefix('torch.')} of shape {list(ids.shape)}")
+        if ids.numel() == 0:
+            raise DataError(f"{what} is empty (shape {list(ids.shape)}): no calibration tokens")
         return ids
     if nsamples < 1 or seqlen < 2:
         raise DataError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
@@ -143,6 +181,12 @@ def calibration_ids(
         start = rng.randint(0, len(ids) - seqlen - 1)
         samples.append(ids[start : start + seqlen])
     return torch.tensor(samples, dtype=torch.long)
+
+
+def check_evaluation_source(source: str | Path) -> None:
+    """Read the test text of `source` now (bundled, a file, or the Hub), so that a bad name fails before any work."""
+    if not any(document.strip() for document in load_documents(source, "test")):
+        raise DataError(f"{source} holds no text")
 
 
 def evaluation_ids(source: str | Path, tokenizer: PreTrainedTokenizerBase) -> Tensor:

@@ -27,8 +27,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
+from transformers.utils.logging import tqdm
 
 from llm_sparsify import distributed
 from llm_sparsify.data import DataError
@@ -47,18 +47,26 @@ log = logging.getLogger(__name__)
 class LayerReport:
     """What happened to one decoder layer: share of zeros per pruned module, wall time, and per module the
     relative reconstruction error ‖(W−Ŵ)X‖²/‖WX‖² on its calibration inputs (see InputStatistics.relative_errors;
-    absent without calibration data)."""
+    absent without calibration data). `weights` counts every weight of two or more dimensions in the layer, targeted
+    or not (e.g. fused MoE experts), and `zeros` the zeros among them, as saved."""
 
     index: int
     seconds: float
     sparsity: dict[str, float] = field(default_factory=dict)
     error: dict[str, float] = field(default_factory=dict)
+    weights: int = 0
+    zeros: int = 0
+
+
+def layers_prefix(model: PreTrainedModel) -> str:
+    """The full name of the decoder layers' list, e.g. model.layers."""
+    layers = decoder_layers(model)
+    return next(name for name, module in model.named_modules() if module is layers)
 
 
 def layer_linears(model: PreTrainedModel) -> list[dict[str, nn.Linear]]:
     """For each decoder layer, its Linear modules by full name (e.g. model.layers.3.mlp.up_proj)."""
-    layers = decoder_layers(model)
-    prefix = next(name for name, module in model.named_modules() if module is layers)
+    layers, prefix = decoder_layers(model), layers_prefix(model)
     return [
         {f"{prefix}.{i}.{name}": m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
         for i, layer in enumerate(layers)
@@ -68,7 +76,8 @@ def layer_linears(model: PreTrainedModel) -> list[dict[str, nn.Linear]]:
 def target_modules(model: PreTrainedModel, recipe: Recipe) -> list[dict[str, nn.Linear]]:
     """For each decoder layer, the Linear modules that the recipe's globs select.
 
-    Every glob must match something, so a typo fails before any work instead of pruning nothing.
+    Every glob must match something, and something must be left once `ignore` is taken away, so a typo (or
+    `ignore: ["*"]`) fails before any work instead of pruning nothing.
     """
     per_layer = layer_linears(model)
     names = [name for linears in per_layer for name in linears]
@@ -85,6 +94,9 @@ def target_modules(model: PreTrainedModel, recipe: Recipe) -> list[dict[str, nn.
         }
         for linears in per_layer
     ]
+    if not any(selected):
+        raise RecipeError(f"targets {list(recipe.targets)} minus ignore {list(recipe.ignore)} leave no Linear to "
+                          "prune; nothing would be pruned")
     if isinstance(recipe.pattern, tuple):
         m = recipe.pattern[1]
         for name, module in ((n, mod) for layer in selected for n, mod in layer.items()):
@@ -92,6 +104,50 @@ def target_modules(model: PreTrainedModel, recipe: Recipe) -> list[dict[str, nn.
                 raise RecipeError(f"{recipe.pattern_text} needs in_features divisible by {m}; {name} has "
                                   f"{module.in_features} (leave it out with `ignore`)")
     return selected
+
+
+def layer_weights(layer: nn.Module) -> dict[str, Tensor]:
+    """A decoder layer's weights of two or more dimensions by name, Linear or not (e.g. mlp.experts.gate_up_proj,
+    the fused experts of a transformers 5 MoE layer); no norms or biases."""
+    return {name: p for name, p in layer.named_parameters() if p.dim() >= 2}
+
+
+def count_zeros(layer: nn.Module) -> tuple[int, int]:
+    """(weights, zeros) over the layer's weights of two or more dimensions."""
+    weights = layer_weights(layer).values()
+    return sum(w.numel() for w in weights), sum(int((w == 0).sum()) for w in weights)
+
+
+def untargeted_weights(model: PreTrainedModel, targets: list[str]) -> dict[str, float]:
+    """The decoder weights (two or more dimensions) that no target module covers, each with its share of all
+    decoder-layer weights. Shapes only: works on a meta skeleton. A weight left out in every decoder layer is named
+    once, with `*` for the layer index (model.layers.*.mlp.experts.gate_up_proj); any other by its full name."""
+    prefix, covered, layers = layers_prefix(model), {f"{name}.weight" for name in targets}, decoder_layers(model)
+    missed: dict[str, dict[str, int]] = {}  # name in the layer -> {full name: elements} of the uncovered ones
+    total = 0
+    for i, layer in enumerate(layers):
+        for name, weight in layer_weights(layer).items():
+            total += weight.numel()
+            if f"{prefix}.{i}.{name}" not in covered:
+                missed.setdefault(name, {})[f"{prefix}.{i}.{name}"] = weight.numel()
+    shares: dict[str, float] = {}
+    for name, full in missed.items():
+        if len(full) == len(layers):
+            shares[f"{prefix}.*.{name}"] = sum(full.values()) / total
+        else:
+            shares |= {full_name: n / total for full_name, n in full.items()}
+    return shares
+
+
+def warn_untargeted(model: PreTrainedModel, recipe: Recipe) -> None:
+    """Warn, before any work, when the recipe's targets leave more than half of the decoder-layer weights untouched
+    (only Linear modules are pruned: e.g. an MoE model's fused experts are not), naming what they miss."""
+    targets = [name for layer in target_modules(model, recipe) for name in layer]
+    missed = untargeted_weights(model, targets)
+    if sum(missed.values()) > 0.5:
+        names = ", ".join(f"{name} ({share:.1%})" for name, share in missed.items())
+        log.warning("the recipe's targets cover only %.1f%% of the decoder-layer weights; these are not pruned "
+                    "(share of the decoder-layer weights): %s", 100 * (1 - sum(missed.values())), names)
 
 
 class _Captured(Exception):
@@ -347,6 +403,7 @@ def prune_layers(
                 report = prune_modules(i, targets[i], stats, recipe_i, threshold, fisher=fisher)
                 del stats
             layers.save(i, layer, report)
+            report.weights, report.zeros = count_zeros(layer)  # as saved (streaming: in the checkpoint's dtypes)
         if statistic is not None and not last:  # the pruned layer's outputs feed the next layer
             hidden = outputs or [_forward(layer, h, kw, device) for h, kw in zip(hidden, kwargs, strict=True)]
         if not resumed:

@@ -7,10 +7,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
+from transformers.utils.logging import tqdm
 
-from llm_sparsify.data import DataError
+from llm_sparsify.data import DataError, check_count, warn_long_windows
 from llm_sparsify.models import home_device
 
 
@@ -25,10 +25,14 @@ def perplexity(
     """exp(mean negative log-likelihood) of the token stream `ids` [1, N].
 
     The stream is cut into N // seqlen windows (the last partial one is dropped); each is scored
-    on its own, every token but the first predicted from those before it in the window.
+    on its own, every token but the first predicted from those before it in the window. `max_windows`: score only
+    the first that many (None: all).
     """
+    check_count(seqlen, "seqlen")
+    check_count(max_windows, "max_windows")
+    warn_long_windows(seqlen, model.config)
     windows = ids.numel() // seqlen
-    if max_windows:
+    if max_windows is not None:
         windows = min(windows, max_windows)
     if windows == 0:
         raise DataError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")

@@ -16,9 +16,11 @@ import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from llm_sparsify.errors import UserError
 from llm_sparsify.files import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED = "Llama, Mistral, Qwen2, Qwen3 and other causal LMs whose decoder layers sit at model.model.layers"
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model that cannot be loaded or does not have a supported layout."""
 
 
@@ -142,7 +144,7 @@ def load_model(
             model = load_width_pruned(source, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, low_cpu_mem_usage=True)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, SafetensorError) as error:  # SafetensorError: a truncated or corrupt shard
         raise ModelError(f"could not load model {source!r}: {error}") from error
     decoder_layers(model)
     model.eval()

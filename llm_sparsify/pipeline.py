@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_sparsify.data import DataError, calibration_ids
-from llm_sparsify.engine import LayerReport, prune_model, target_modules
+from llm_sparsify.engine import LayerReport, prune_model, target_modules, warn_untargeted
 from llm_sparsify.models import decoder_layers
 from llm_sparsify.prune.fisher import fisher_diagonal
 from llm_sparsify.prune.owl import layer_outlier_ratios, owl_sparsities
@@ -36,7 +36,7 @@ from llm_sparsify.structure.depth import (
     prune_depth,
     remove_blocks,
 )
-from llm_sparsify.structure.width import prune_width
+from llm_sparsify.structure.width import UNIT_WORDS, check_amount, prune_width, units_per_layer
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,11 @@ def run_recipe(
 
     `calibration` [nsamples, seqlen] feeds the scores and statistics; `training` the recovery fine-tuning.
     """
+    if recipe.method is not None:
+        warn_untargeted(model, recipe)
+    if recipe.width is not None:  # an amount that removes nothing fails here, not after the depth stage
+        check_amount(units_per_layer(model, recipe.width.unit), recipe.width.amount, recipe.width.scope,
+                     UNIT_WORDS[recipe.width.unit])
     stages: dict[str, Any] = {"parameters_before": parameter_count(model)}
     if recipe.depth is not None:
         stages["depth"] = remove_depth(model, recipe.depth, calibration, tokenizer, device, batch_size)

@@ -75,6 +75,7 @@ from typing import Any
 
 import yaml
 
+from llm_sparsify.errors import UserError
 from llm_sparsify.prune import STATISTIC
 from llm_sparsify.prune.masks import Pattern
 from llm_sparsify.quantize.grid import QuantScheme
@@ -104,7 +105,7 @@ for _digit in "0123456789":
     )
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe that cannot be run, with the reason in words."""
 
 
@@ -343,6 +344,7 @@ _ABSENT = object()  # a recipe without a quantization section (`quantization: nu
 SECTIONS = ("depth", "width", "pruning", "quantization", "recovery", "evaluate", "export")
 SCORES = {"depth": ("cosine", "last", "random"), "width": ("weight", "activation", "obd")}
 EXPORT_FORMATS = ("gguf", "compact", "compressed-tensors", "bnb-nf4", "bnb-fp4", "bnb-int8")
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")  # what export/gguf.py writes
 
 
 def _keys(section: Any, name: str, stage: type) -> dict[str, Any]:
@@ -458,7 +460,8 @@ def parse_export(section: Any) -> Export:
     formats = _names(section.get("formats", []), "export.formats")
     for name in formats:
         _choice(name, "export.formats entries", EXPORT_FORMATS)
-    return Export(formats, section.get("qtype", "Q8_0"))
+    qtype = section.get("qtype", "Q8_0")
+    return Export(formats, _choice(qtype.upper() if isinstance(qtype, str) else qtype, "export.qtype", GGUF_TYPES))
 
 
 def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
@@ -531,6 +534,10 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
         raise RecipeError("quantization applies to the pruned weights: it needs a `pruning:` section")
     pruning = parse_pruning(data["pruning"], data.get("quantization", _ABSENT)) if "pruning" in data else {
         "method": None, "pattern": None}
+    export = parse_export(data["export"]) if "export" in data else None
+    if export and "compressed-tensors" in export.formats and "quantization" not in data:
+        raise RecipeError("export.formats: compressed-tensors stores integer weights, so it needs a `quantization:` "
+                          "section (e.g. {method: gptq, bits: 4}); for an unquantized model use compact or gguf")
     if "recovery" in data and "quantization" in data:
         raise RecipeError("recovery would move quantized weights off their grid: quantize the recovered model in a "
                           "second recipe instead")
@@ -541,7 +548,7 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
         width=parse_width(data["width"]) if "width" in data else None,
         recovery=parse_recovery(data["recovery"], pruning["pattern"]) if "recovery" in data else None,
         evaluate=parse_evaluate(data["evaluate"]) if "evaluate" in data else None,
-        export=parse_export(data["export"]) if "export" in data else None,
+        export=export,
     )
 
 

@@ -35,10 +35,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
+from transformers.utils.logging import tqdm
 
 from llm_sparsify.engine import check_calibration, layer_linears
+from llm_sparsify.errors import UserError
 from llm_sparsify.models import decoder_layers, home_device
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 LASSO_UNITS = ("mlp", "heads")
 
 
-class RecoveryError(ValueError):
+class RecoveryError(UserError, ValueError):
     """Arguments that recovery fine-tuning or gradual pruning cannot work with."""
 
 

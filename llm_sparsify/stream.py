@@ -21,21 +21,22 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from llm_sparsify.engine import LayerReport
-from llm_sparsify.files import OutputExistsError, _remove, replace_directory
+from llm_sparsify.files import MARKER, PROGRESS, RECORD, OutputExistsError, _remove, replace_directory, written_by_us
 from llm_sparsify.models import DEFAULT_MODEL, ModelError, decoder_layers, default_model_path
 from llm_sparsify.quantize.grid import GRIDS_FILE, Grid, load_grids, save_grids
 
 log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
-PROGRESS = "progress.json"
-_NOT_COPIED = {"README.md", ".gitattributes", "llm_sparsify.json"}  # besides weights and their indexes
+_NOT_COPIED = {"README.md", ".gitattributes", RECORD, MARKER}  # besides weights and their indexes
+_SAMPLE_BYTES = 4096  # read from each end of every tensor for the fingerprint of a checkpoint's content
+_LABELS = {"model": "model content", "calibration_sha256": "calibration tokens", "batch_size": "batch size"}
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
@@ -56,14 +57,36 @@ def resolve_checkpoint(name_or_path: str | None) -> Path:
 
 
 def weight_map(checkpoint: Path) -> dict[str, str]:
-    """Tensor name -> shard file name of a safetensors checkpoint (sharded with an index, or one file)."""
+    """Tensor name -> shard file name of a safetensors checkpoint (sharded with an index, or one file), once every
+    shard is known to be there, whole (its header covers the file) and to hold the tensors the index gives it."""
     if (checkpoint / INDEX).exists():
-        return json.loads((checkpoint / INDEX).read_text())["weight_map"]
-    if (checkpoint / "model.safetensors").exists():
-        with safe_open(checkpoint / "model.safetensors", "pt") as f:
-            return dict.fromkeys(f.keys(), "model.safetensors")
-    raise ModelError(f"{checkpoint} has no safetensors weights (model.safetensors or {INDEX}); "
-                     "convert it first, e.g. load and save_pretrained it with transformers")
+        try:
+            files = json.loads((checkpoint / INDEX).read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ModelError(f"{checkpoint / INDEX} is not a safetensors index ({error!r})") from None
+    elif (checkpoint / "model.safetensors").exists():
+        files = dict.fromkeys(_shard_keys(checkpoint / "model.safetensors"), "model.safetensors")
+    else:
+        raise ModelError(f"{checkpoint} has no safetensors weights (model.safetensors or {INDEX}); "
+                         "convert it first, e.g. load and save_pretrained it with transformers")
+    for shard in sorted(set(files.values())):
+        if not (checkpoint / shard).is_file():
+            raise ModelError(f"{checkpoint / shard} is missing: {INDEX} names it for "
+                             f"{next(n for n, f in files.items() if f == shard)} (an incomplete download or copy?)")
+        absent = set(n for n, f in files.items() if f == shard) - _shard_keys(checkpoint / shard)
+        if absent:
+            raise ModelError(f"{checkpoint / shard} lacks {len(absent)} tensors that {INDEX} places in it, "
+                             f"e.g. {min(absent)}")
+    return files
+
+
+def _shard_keys(path: Path) -> set[str]:
+    """The tensor names of a safetensors file, or a ModelError naming it when it is truncated or corrupt."""
+    try:
+        with safe_open(path, "pt") as f:
+            return set(f.keys())
+    except (SafetensorError, OSError) as error:
+        raise ModelError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
 
 
 def read_tensors(checkpoint: Path, files: dict[str, str], names: list[str]) -> dict[str, Tensor]:
@@ -73,8 +96,11 @@ def read_tensors(checkpoint: Path, files: dict[str, str], names: list[str]) -> d
         by_file.setdefault(files[name], []).append(name)
     tensors = {}
     for file, file_names in by_file.items():
-        with safe_open(checkpoint / file, "pt") as f:
-            tensors.update({name: f.get_tensor(name) for name in file_names})
+        try:
+            with safe_open(checkpoint / file, "pt") as f:
+                tensors.update({name: f.get_tensor(name) for name in file_names})
+        except (SafetensorError, FileNotFoundError) as error:  # changed or removed since weight_map looked
+            raise ModelError(f"could not read {checkpoint / file} (truncated, corrupt or removed?): {error}") from None
     return tensors
 
 
@@ -119,7 +145,12 @@ def _drop(module: nn.Module, names: list[str]) -> None:
 
 class PartialOutput:
     """An output directory under construction: one shard per finished layer (and one file of its quantization
-    grids, if any, merged into quantization.safetensors at the end) and a progress file."""
+    grids, if any, merged into quantization.safetensors at the end) and a progress file, written from the start.
+
+    The progress file holds the run's fingerprint, the finished layers and the size of every file written. A run
+    continues a partial output only if the fingerprints match and every file written is still there, whole (its
+    size, a readable safetensors header); otherwise it stops with one line that says why, or starts over with
+    `overwrite`. Only a directory that llm_sparsify wrote is ever removed."""
 
     def __init__(self, output: Path, fingerprint: dict[str, Any], shard_count: int, overwrite: bool,
                  finished: list[LayerReport] | None = None) -> None:
@@ -130,25 +161,65 @@ class PartialOutput:
         self.fingerprint = fingerprint
         self.shard_count = shard_count
         self.finished: list[LayerReport] = []
+        self.files: dict[str, int] = {}  # file name -> bytes, of every file written so far
         if finished is not None:
             self.finished = list(finished)
             return
-        progress = self.path / PROGRESS
-        if progress.exists():
-            saved = json.loads(progress.read_text())
-            if saved["fingerprint"] == fingerprint:
-                self.finished = [LayerReport(**r) for r in saved["layers"]]
-                log.info("resuming %s after %d finished layers", output, len(self.finished))
-            elif overwrite:
-                _remove(self.path)
-            else:
-                changed = sorted(k for k in fingerprint if saved["fingerprint"].get(k) != fingerprint[k])
-                raise OutputExistsError(
-                    f"{self.path} holds an unfinished run with other settings ({', '.join(changed)}); run "
-                    "its command again to finish it, or pass --overwrite to start over")
-        elif self.path.exists():
-            _remove(self.path)  # killed before its first layer: nothing to keep
+        if (self.path / PROGRESS).exists():
+            self._continue_or_start_over(overwrite)
+        elif self.path.exists():  # killed before its progress file was written, or while finishing
+            if not written_by_us(self.path):
+                raise OutputExistsError(f"{self.path}, where this run keeps its unfinished output, holds files "
+                                        "llm-sparsify did not write; remove it yourself or choose another output")
+            _remove(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self._save_progress()
+
+    def _continue_or_start_over(self, overwrite: bool) -> None:
+        """Take the finished layers of the partial output if it is this run's and whole; else remove it (with
+        `overwrite`) or refuse, naming the settings that differ or the damage."""
+        try:
+            saved = json.loads((self.path / PROGRESS).read_text())
+            fingerprint, layers, files = saved["fingerprint"], saved["layers"], saved.get("files", {})
+        except (ValueError, KeyError, TypeError) as error:
+            fingerprint, problem = None, f"its {PROGRESS} is unreadable ({error})"
+        else:
+            problem = self._damage(files) if fingerprint == self.fingerprint else None
+        if fingerprint == self.fingerprint and problem is None:
+            self.finished, self.files = [LayerReport(**r) for r in layers], files
+            log.info("resuming %s after %d finished layers", self.output, len(self.finished))
+        elif overwrite:
+            _remove(self.path)
+        elif problem is not None:
+            raise OutputExistsError(f"{self.path} holds an unfinished run that is damaged: {problem}; pass "
+                                    "--overwrite to start over")
+        else:
+            changed = sorted(_LABELS.get(k, k) for k in self.fingerprint
+                             if not isinstance(fingerprint, dict) or fingerprint.get(k) != self.fingerprint[k])
+            raise OutputExistsError(
+                f"{self.path} holds an unfinished run with other settings ({', '.join(changed)}); run "
+                "its command again to finish it, or pass --overwrite to start over")
+
+    def _damage(self, files: dict[str, int]) -> str | None:
+        """What is wrong with the files a progress file lists (missing, another size, not safetensors), or None."""
+        for name, size in files.items():
+            path = self.path / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, not the {size} written"
+            try:
+                with safe_open(path, "pt"):
+                    pass
+            except SafetensorError as error:
+                return f"{name} is not a readable safetensors file ({error})"
+        return None
+
+    def _save_progress(self) -> None:
+        state = {"fingerprint": self.fingerprint, "layers": [vars(r) for r in self.finished], "files": self.files}
+        tmp = self.path / f"{PROGRESS}.tmp"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.path / PROGRESS)
 
     def shard_name(self, number: int) -> str:
         return f"model-{number + 1:05d}-of-{self.shard_count:05d}.safetensors"
@@ -157,20 +228,19 @@ class PartialOutput:
         """Write a shard under a temporary name and rename it, so no half-written shard ever exists."""
         tmp = self.path / f"{self.shard_name(number)}.tmp"
         save_file({name: t.contiguous() for name, t in tensors.items()}, tmp, metadata={"format": "pt"})
+        self.files[self.shard_name(number)] = tmp.stat().st_size
         os.replace(tmp, self.path / self.shard_name(number))
 
     def write_grids(self, number: int, grids: dict[str, Grid]) -> None:
         """The quantization grids of one layer, beside its shard (merged into one file by `finish`)."""
         tmp = self.path / f"grids-{number + 1:05d}.safetensors.tmp"
         save_grids(grids, tmp)
+        self.files[tmp.with_suffix("").name] = tmp.stat().st_size
         os.replace(tmp, tmp.with_suffix(""))
 
     def layer_done(self, report: LayerReport) -> None:
         self.finished.append(report)
-        state = {"fingerprint": self.fingerprint, "layers": [vars(r) for r in self.finished]}
-        tmp = self.path / f"{PROGRESS}.tmp"
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.path / PROGRESS)
+        self._save_progress()
 
     def finish(self, files: dict[str, str], source: Path, record: dict[str, Any]) -> Path:
         """Index, config, tokenizer and record; then rename into place."""
@@ -185,7 +255,7 @@ class PartialOutput:
         for item in source.iterdir():  # config, generation config, tokenizer, chat template, ...
             if item.is_file() and item.name not in _NOT_COPIED and not item.name.endswith(_WEIGHTS):
                 shutil.copy(item, self.path / item.name)
-        (self.path / "llm_sparsify.json").write_text(json.dumps(record, indent=2) + "\n")
+        (self.path / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         (self.path / PROGRESS).unlink()
         replace_directory(self.path, self.output)
         return self.output
@@ -209,6 +279,9 @@ class StreamedLayers:
         self.names = [list(layer.state_dict()) for layer in layers]  # per layer, e.g. "mlp.up_proj.weight"
         missing = [f"{self.prefix}.{i}.{n}" for i, names in enumerate(self.names) for n in names
                    if f"{self.prefix}.{i}.{n}" not in self.files]
+        tied = getattr(model, "all_tied_weights_keys", None) or {}  # e.g. lm_head.weight: the embeddings'
+        missing += [name for name, _ in model.named_parameters()  # embeddings, norm, lm_head
+                    if not name.startswith(f"{self.prefix}.") and name not in self.files and name not in tied]
         if missing:
             raise ModelError(f"{checkpoint} lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
         self.others = sorted(n for n in self.files if not n.startswith(f"{self.prefix}."))  # embeddings, ...
@@ -299,9 +372,46 @@ class StreamedLayers:
 
 def fingerprint(checkpoint: Path, recipe: dict, calibration: Tensor | None, dtype: torch.dtype,
                 batch_size: int) -> dict[str, Any]:
-    """What must match for a partial output to be continued: same model, recipe, tokens and numerics."""
+    """What must match for a partial output to be continued: same model content, recipe, tokens and numerics."""
     digest = None
     if calibration is not None:
         digest = hashlib.sha256(calibration.contiguous().numpy().tobytes()).hexdigest()
-    return {"model": str(checkpoint.resolve()), "recipe": recipe, "calibration_sha256": digest,
+    return {"model": model_content(checkpoint), "recipe": recipe, "calibration_sha256": digest,
             "dtype": str(dtype).removeprefix("torch."), "batch_size": batch_size}
+
+
+def model_content(checkpoint: Path) -> dict[str, Any]:
+    """A cheap fingerprint of a checkpoint's content: the sha256 of config.json and, per safetensors shard, its
+    size and a sha256 of its header (names, dtypes, shapes, offsets) and of the first and last 4 KiB of every
+    tensor. That reads a few MiB even of a 70B model, and tells apart another model's shards, same shapes or not
+    (a fine-tune, a merge, a pruned copy change every tensor they touch at both ends); a change confined to the
+    middle of a tensor goes unseen. The path, modification times and a Hub commit are left out: a model copied
+    or moved continues, and so does a Hub model whose new commit changed only its card."""
+    config = checkpoint / "config.json"
+    content = {"config.json": hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else None}
+    for shard in sorted(set(weight_map(checkpoint).values())):
+        content[shard] = _shard_content(checkpoint / shard)
+    return content
+
+
+def _shard_content(path: Path) -> dict[str, Any]:
+    """Size and sampled sha256 of one safetensors file (see model_content), or a ModelError if it is damaged."""
+    with path.open("rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        length = int.from_bytes(file.read(8), "little")
+        try:
+            if size < 8 or 8 + length > size:
+                raise ValueError(f"a header of {length} bytes in a file of {size}")
+            header_bytes = file.read(length)
+            header = json.loads(header_bytes)
+            digest = hashlib.sha256(header_bytes)
+            for name, entry in sorted(header.items()):
+                if name == "__metadata__":
+                    continue
+                begin, end = entry["data_offsets"]
+                for offset in sorted({begin, max(begin, end - _SAMPLE_BYTES)}):
+                    file.seek(8 + length + offset)
+                    digest.update(file.read(min(_SAMPLE_BYTES, end - offset)))
+        except (ValueError, KeyError, TypeError) as error:
+            raise ModelError(f"{path} is not a readable safetensors file: {error}") from error
+    return {"bytes": size, "sha256": digest.hexdigest()}

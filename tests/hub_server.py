@@ -43,6 +43,7 @@ ROUTES = [  # (method, pattern on the raw path, kind)
     ("PUT", rf"/lfs/{_REPO}/(?P<oid>[0-9a-f]{{64}})", "lfs-upload"),
     ("POST", rf"/lfs/{_REPO}/(?P<oid>[0-9a-f]{{64}})/verify", "lfs-verify"),
     ("POST", r"/api/validate-yaml", "validate-yaml"),
+    ("GET", r"/api/whoami-v2", "whoami-v2"),
     ("GET", rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
     ("HEAD", rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
 ]
@@ -67,6 +68,7 @@ class HubServer:
 
     def __init__(self, root: Path, tokens: dict[str, str]) -> None:
         self.root, self.tokens = Path(root), dict(tokens)
+        self.read_only: set[str] = set()  # users whose tokens whoami-v2 reports as read-only
         (self.root / "lfs").mkdir(parents=True, exist_ok=True)
         (self.root / "blobs").mkdir(parents=True, exist_ok=True)
         self.repos: dict[str, dict[str, Any]] = {}
@@ -267,6 +269,13 @@ class HubServer:
                 raise HubError(400, f"unsupported commit operation {line['key']}")
         sha = self._new_commit(repo, branch, header["summary"], files)
         return {"success": True, "commitOid": sha, "commitUrl": f"{self.url}/{repo}/commit/{sha}", "hookOutput": ""}
+
+    def whoami_v2(self, user: str | None, groups: dict[str, str], body: bytes) -> dict[str, Any]:
+        """Who the token belongs to, and whether it may write (the tokens of users in `read_only` may not)."""
+        if user is None:
+            raise HubError(401, "You must be authenticated to call whoami")
+        role = "read" if user in self.read_only else "write"
+        return {"type": "user", "name": user, "auth": {"type": "access_token", "accessToken": {"role": role}}}
 
     def validate_yaml(self, user: str | None, groups: dict[str, str], body: bytes) -> dict[str, Any]:
         content = json.loads(body)["content"]

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from llm_sparsify.engine import prune_model
 from llm_sparsify.export.hf import RECORD, read_record, save_checkpoint
-from llm_sparsify.files import OutputExistsError, atomic_directory, check_output
+from llm_sparsify.files import MARKER, OutputExistsError, atomic_directory, check_output
 from llm_sparsify.recipe import load_recipe
 
 
@@ -67,10 +67,11 @@ def test_exception_while_overwriting_keeps_the_old_output(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    (out / RECORD).write_text("{}")  # an output of ours: --overwrite may replace it
     with pytest.raises(RuntimeError), atomic_directory(out, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
         raise RuntimeError("interrupted")
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [RECORD, "old.txt"]
     assert (out / "old.txt").read_text() == "old"
     assert leftovers(tmp_path) == []
 
@@ -101,6 +102,7 @@ def test_output_exists_error_is_a_file_exists_error(tmp_path):
     (tmp_path / "x").write_text("1")
     with pytest.raises(FileExistsError):
         check_output(tmp_path, overwrite=False)
+    (tmp_path / RECORD).write_text("{}")  # an output of ours: --overwrite may replace it
     check_output(tmp_path, overwrite=True)
     check_output(tmp_path / "missing", overwrite=False)
 
@@ -110,7 +112,7 @@ def test_existing_empty_directory_is_used(tmp_path):
     out.mkdir()
     with atomic_directory(out) as tmp:
         (tmp / "new.txt").write_text("new")
-    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "new.txt"]  # no record: the marker says it is ours
     assert leftovers(tmp_path) == []
 
 
@@ -119,10 +121,11 @@ def test_overwrite_replaces_the_old_output(tmp_path):
     out.mkdir()
     (out / "old.txt").write_text("old")
     (out / "shared.txt").write_text("old")
+    (out / RECORD).write_text("{}")  # an output of ours: --overwrite may replace it
     with atomic_directory(out, overwrite=True) as tmp:
         (tmp / "shared.txt").write_text("new")
         assert (out / "old.txt").exists()  # the old output stays until the new one is complete
-    assert sorted(p.name for p in out.iterdir()) == ["shared.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "shared.txt"]
     assert (out / "shared.txt").read_text() == "new"
     assert leftovers(tmp_path) == []
 
@@ -231,10 +234,10 @@ def test_output_directory_gets_normal_permissions(tmp_path):
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == stat.S_IMODE(reference.stat().st_mode)
 
 
-def test_overwriting_a_file_leaves_nothing_behind(tmp_path):
+def test_overwrite_refuses_a_file_it_did_not_write(tmp_path):
     out = tmp_path / "out"
     out.write_text("a file")
-    with atomic_directory(out, overwrite=True) as tmp:
-        (tmp / "x").write_text("1")
-    assert (out / "x").read_text() == "1"
+    with pytest.raises(OutputExistsError, match="did not write"), atomic_directory(out, overwrite=True):
+        pass
+    assert out.read_text() == "a file"
     assert leftovers(tmp_path) == []

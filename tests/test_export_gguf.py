@@ -309,9 +309,14 @@ def test_bad_input_is_refused_and_leaves_nothing(tmp_path, checkpoint):
 def test_an_existing_file_is_replaced_only_with_overwrite(tmp_path, checkpoint):
     path = tmp_path / "model.gguf"
     path.write_text("old")
+    for overwrite in (False, True):  # a file that llm-sparsify did not write stays, even with overwrite
+        with pytest.raises(OutputExistsError):
+            export_gguf(checkpoint, path, qtype="F16", overwrite=overwrite)
+    assert path.read_text() == "old"
+    path.unlink()
+    export_gguf(checkpoint, path, qtype="Q8_0")
     with pytest.raises(OutputExistsError):
         export_gguf(checkpoint, path, qtype="F16")
-    assert path.read_text() == "old"
     export_gguf(checkpoint, path, qtype="F16", overwrite=True)
     assert read_gguf(path)["metadata"]["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]

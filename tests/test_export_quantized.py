@@ -23,7 +23,7 @@ from llm_sparsify.export import ExportError
 from llm_sparsify.export.bitsandbytes import MODES, check_backend, export_bitsandbytes
 from llm_sparsify.export.compressed_tensors import export_compressed_tensors
 from llm_sparsify.export.hf import RECORD
-from llm_sparsify.files import OutputExistsError
+from llm_sparsify.files import OutputExistsError, OutputOverlapError
 from llm_sparsify.quantize.grid import GRIDS_FILE, QuantScheme, load_grids, quantize, rtn, save_grids
 from llm_sparsify.stream import INDEX
 from tests.conftest import TINY
@@ -265,8 +265,12 @@ def test_existing_output_and_the_source_itself_are_refused(tmp_path):
     with pytest.raises(OutputExistsError):
         export_compressed_tensors(source, tmp_path / "export")
     assert (tmp_path / "export" / "keep.txt").read_text() == "x"
-    with pytest.raises(ExportError, match="replace its own source"):
+    with pytest.raises(OutputOverlapError, match="is the input"):
         export_compressed_tensors(source, source, overwrite=True)
+    with pytest.raises(OutputExistsError, match="not an llm-sparsify output"):
+        export_compressed_tensors(source, tmp_path / "export", overwrite=True)
+    assert (tmp_path / "export" / "keep.txt").read_text() == "x"
+    (tmp_path / "export" / RECORD).write_text("{}")  # an output of ours: --overwrite replaces it
     export_compressed_tensors(source, tmp_path / "export", overwrite=True)
     assert not (tmp_path / "export" / "keep.txt").exists() and (tmp_path / "export" / "config.json").exists()
 

@@ -163,14 +163,21 @@ def test_a_killed_run_resumes_to_the_same_checkpoint(resumable):
 
 
 def test_a_finished_output_is_not_overwritten_by_running_again(resumable):
+    """The same command again prunes nothing (it only does the steps after pruning, none here); a command with other
+    settings is refused."""
     output = resumable / "uninterrupted"
     if not output.exists():
         run(prune_command(resumable, output))
     before = output_tensors(output)
-    result = subprocess.run(prune_command(resumable, output), cwd=REPO, env=ENV, capture_output=True, text=True)
-    assert result.returncode == 2 and "already exists" in result.stderr
+    written = {p.name: p.stat().st_mtime_ns for p in output.glob("*.safetensors")}
+    same = subprocess.run(prune_command(resumable, output), cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert same.returncode == 0, same.stderr
+    other = subprocess.run([*prune_command(resumable, output), "--seed", "1"], cwd=REPO, env=ENV,
+                           capture_output=True, text=True)
+    assert other.returncode == 2 and "already exists" in other.stderr
     after = output_tensors(output)
     assert all(torch.equal(before[n], after[n]) for n in before)
+    assert {p.name: p.stat().st_mtime_ns for p in output.glob("*.safetensors")} == written
 
 
 # --- torchrun ------------------------------------------------------------------------------------

@@ -74,8 +74,6 @@ def export_bitsandbytes(checkpoint: str | Path, output: str | Path, *, mode: str
     checkpoint, output = Path(checkpoint), Path(output)
     if mode not in MODES:
         raise ExportError(f"unknown bitsandbytes mode {mode!r}; choose one of {', '.join(MODES)}")
-    if output.resolve() == checkpoint.resolve():
-        raise ExportError(f"the export would replace its own source {checkpoint}; choose another output")
     if not (checkpoint / "config.json").is_file():
         raise ExportError(f"{checkpoint} is not a Hugging Face checkpoint (it has no config.json)")
     record = read_record(checkpoint) or {}  # a dense checkpoint (no record) exports too: the baseline to compare
@@ -83,7 +81,7 @@ def export_bitsandbytes(checkpoint: str | Path, output: str | Path, *, mode: str
         log.warning("%s is already quantized (%s); bitsandbytes quantizes its dequantized weights again with its "
                     "own codebook. compressed-tensors keeps the checkpoint's own grid.", checkpoint,
                     record["quantization"])
-    check_output(output, overwrite)  # before the work, not after
+    check_output(output, overwrite, source=checkpoint)  # before the work, not after
     device = device or default_device()
     check_backend(mode, device)
     dtype = AutoConfig.from_pretrained(checkpoint).dtype or torch.float32

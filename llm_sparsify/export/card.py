@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from llm_sparsify.errors import UserError
 from llm_sparsify.export.hf import require_record
 from llm_sparsify.export.plot import PlotError, per_type, plot_layers
 from llm_sparsify.files import atomic_file, disk_size
@@ -22,7 +23,7 @@ PLOT = "llm_sparsify_layers.png"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-class CardError(ValueError):
+class CardError(UserError, ValueError):
     """A directory that has no llm_sparsify record to describe."""
 
 
@@ -71,16 +72,28 @@ def front_matter(record: dict[str, Any]) -> dict[str, Any]:
 UNIT_NAMES = {"mlp": "MLP channels", "heads": "KV groups (with their query heads)"}
 
 
+def removed_in_words(stages: dict[str, Any]) -> dict[str, str]:
+    """What the depth and width stages removed, in words: {"depth": "decoder blocks 3, 7", "width": "25% of the MLP
+    channels"} (only the stages that ran)."""
+    words = {}
+    if depth := stages.get("depth"):
+        blocks = ", ".join(map(str, depth["removed"]))
+        words["depth"] = f"decoder blocks {blocks}" if blocks else "no decoder blocks"
+    if width := stages.get("width"):
+        words["width"] = f"{1 - sum(width['kept']) / sum(width['of']):.0%} of the {UNIT_NAMES[width['unit']]}"
+    return words
+
+
 def what_was_done(record: dict[str, Any]) -> list[str]:
     """Each stage the recipe ran, in words, in the order it ran."""
     recipe, stages = record["recipe"], record.get("stages") or {}
     done = []
-    if depth := stages.get("depth"):
-        done.append(f"removed decoder blocks {', '.join(map(str, depth['removed']))} of the base model "
-                    f"({recipe['depth']['score']} score)")
-    if width := stages.get("width"):
-        done.append(f"removed {1 - sum(width['kept']) / sum(width['of']):.0%} of the {UNIT_NAMES[width['unit']]} "
-                    f"({width['score']} score, {width['scope']})")
+    removed = removed_in_words(stages)
+    if "depth" in removed:
+        done.append(f"removed {removed['depth']} of the base model ({recipe['depth']['score']} score)")
+    if "width" in removed:
+        width = stages["width"]
+        done.append(f"removed {removed['width']} ({width['score']} score, {width['scope']})")
     if pruning := recipe.get("pruning"):
         done.append(f"one-shot {pruning['method']} pruning to sparsity {pruning['sparsity']}")
     if record.get("quantization"):
@@ -141,6 +154,19 @@ def sparsity_table(record: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
+def sparsity_summary(sparsity: dict[str, Any]) -> str:
+    """The share of zeros over the targeted weights and, where the record has it, over all decoder-layer weights."""
+    text = f"{sparsity['overall']:.2%} of the targeted weights are zero"
+    return text + (f" ({sparsity['decoder']:.2%} of all decoder-layer weights)" if "decoder" in sparsity else "")
+
+
+def untargeted_table(untargeted: dict[str, float]) -> str:
+    """The decoder-layer weights that no target covers (left as they were), with their share of those weights."""
+    return ("No target covers these decoder-layer weights; they are left as they were:\n\n"
+            + _table(["weight", "share of the decoder-layer weights"],
+                     [[f"`{name}`", f"{share:.2%}"] for name, share in untargeted.items()]))
+
+
 def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -171,8 +197,9 @@ def model_card(record: dict[str, Any], size: dict[str, int], *, command: str | N
     if "parameters_before" in stages:
         parts.append("## Structure\n\n" + structure_section(record))
     if pruning:
-        parts.append(f"## Sparsity\n\n{record['sparsity']['overall']:.2%} of the targeted weights are zero.\n\n"
-                     + sparsity_table(record))
+        sparsity = record["sparsity"]
+        untargeted = f"\n\n{untargeted_table(sparsity['untargeted'])}" if sparsity.get("untargeted") else ""
+        parts.append(f"## Sparsity\n\n{sparsity_summary(sparsity)}.\n\n{sparsity_table(record)}{untargeted}")
     if quantization := record.get("quantization"):
         parts.append("## Quantization\n\n" + _table(
             ["method", "bits", "group size", "symmetric"],

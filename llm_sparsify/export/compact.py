@@ -28,11 +28,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
-from tqdm import tqdm
 from transformers import PreTrainedModel
+from transformers.utils.logging import tqdm
 
 from llm_sparsify.export import ExportError
-from llm_sparsify.files import atomic_directory, disk_size
+from llm_sparsify.files import atomic_directory, check_output, disk_size
 from llm_sparsify.models import ModelError
 from llm_sparsify.quantize.grid import GRIDS_FILE, Grid, dequantize, load_grids, quantize
 from llm_sparsify.stream import read_tensors, skeleton, weight_map
@@ -57,6 +57,7 @@ def save_compact(checkpoint: str | Path, output: str | Path, *, overwrite: bool 
         files = weight_map(checkpoint)
     except ModelError as error:
         raise ExportError(str(error)) from error
+    check_output(output, overwrite, source=checkpoint)  # before the work, not after
     grids = load_grids(checkpoint / GRIDS_FILE) if (checkpoint / GRIDS_FILE).exists() else {}
     shards = sorted(set(files.values()))
     entries: dict[str, dict[str, Any]] = {}
@@ -100,6 +101,7 @@ def decompress_compact(path: str | Path, output: str | Path, *, overwrite: bool 
     """Write a compact directory back as the ordinary checkpoint it was made from (same shards, same tensors)."""
     path, output = Path(path), Path(output)
     entries = _read_index(path)
+    check_output(output, overwrite, source=path)  # before the work, not after
     shards: dict[str, list[str]] = {}
     for name, entry in entries.items():
         shards.setdefault(entry["shard"], []).append(name)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from llm_sparsify.export import ExportError
 from llm_sparsify.export.hf import RECORD, copy_side_files, read_record
-from llm_sparsify.files import atomic_directory
+from llm_sparsify.files import atomic_directory, check_output
 from llm_sparsify.quantize.grid import GRIDS_FILE, Grid, QuantScheme, dequantize, load_grids, quantize
 from llm_sparsify.stream import INDEX, skeleton, weight_map
 
@@ -126,14 +126,13 @@ def export_compressed_tensors(checkpoint: str | Path, output: str | Path, *, ove
     One output shard per input shard, read one at a time; tokenizer files and llm_sparsify.json are copied.
     """
     checkpoint, output = Path(checkpoint), Path(output)
-    if output.resolve() == checkpoint.resolve():
-        raise ExportError(f"the export would replace its own source {checkpoint}; choose another output")
     grids = quantized_grids(checkpoint)
     scheme = next(iter(grids.values())).scheme
     files = weight_map(checkpoint)
     linears = {name: m for name, m in skeleton(checkpoint, torch.float32).named_modules() if isinstance(m, nn.Linear)}
     _check(grids, linears, files, checkpoint)
     config = quantization_config(scheme, ignore=sorted(set(linears) - set(grids)))
+    check_output(output, overwrite, source=checkpoint)  # before the work, not after
     start = time.perf_counter()
     with atomic_directory(output, overwrite=overwrite) as tmp:
         stored: dict[str, str] = {}

@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from torch import Tensor
-from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
+from transformers.utils.logging import tqdm
 
+from llm_sparsify import __version__
 from llm_sparsify.export import ExportError
 from llm_sparsify.export.hf import read_record
-from llm_sparsify.files import atomic_file
+from llm_sparsify.files import GGUF_KEY, atomic_file, check_output
 from llm_sparsify.models import ModelError
 from llm_sparsify.stream import read_tensors, weight_map
 
@@ -48,7 +49,8 @@ def export_gguf(checkpoint: str | Path, output: str | Path, *, qtype: str = "Q8_
     `qtype` is the type of the 2-D weights (F32, F16, BF16, Q8_0, Q4_0); norms stay F32. With Q4_0 the token
     embedding (which is also the output layer when they are tied) and a separate output layer are Q8_0, as
     llama.cpp's own quantizer keeps that layer at a higher precision. A row length that is not a multiple of
-    32 falls back to F16. The file appears only once complete.
+    32 falls back to F16. The file appears only once complete; its metadata key `llm_sparsify.version` lets a
+    later export with `overwrite` replace it (and nothing else).
     """
     checkpoint, output = Path(checkpoint), Path(output)
     qtype = qtype.upper()
@@ -61,6 +63,7 @@ def export_gguf(checkpoint: str | Path, output: str | Path, *, qtype: str = "Q8_
         raise ExportError(str(error)) from error
     plan = _tensor_plan(checkpoint, files, config, qtype)
     rope_freqs = rope_factors(config)
+    check_output(output, overwrite, source=checkpoint)  # before the work, not after
 
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     _add_metadata(writer, checkpoint, config, qtype)
@@ -204,6 +207,7 @@ def _add_metadata(writer: gguf.GGUFWriter, checkpoint: Path, config: PretrainedC
     """general.* and the llama.* hyperparameters llama.cpp reads."""
     record = read_record(checkpoint) or {}
     writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_string(GGUF_KEY, __version__)  # marks the file as ours: --overwrite may replace it
     writer.add_name(str(record.get("base_model") or checkpoint.name))
     if "recipe_name" in record:
         overall = record.get("sparsity", {}).get("overall")

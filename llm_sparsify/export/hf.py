@@ -9,10 +9,8 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llm_sparsify.files import atomic_directory
+from llm_sparsify.files import RECORD, atomic_directory
 from llm_sparsify.quantize.grid import GRIDS_FILE, save_grids
-
-RECORD = "llm_sparsify.json"
 
 
 def save_checkpoint(

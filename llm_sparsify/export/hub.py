@@ -27,6 +27,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors import safe_open
 
+from llm_sparsify.errors import UserError
 from llm_sparsify.export.card import CARD, write_model_card
 from llm_sparsify.export.hf import require_record
 from llm_sparsify.stream import PROGRESS, weight_map
@@ -39,7 +40,7 @@ _NETWORK_ERRORS = {"ConnectionError", "TimeoutError", "TransportError", "Timeout
 _XET_STATUS = re.compile(r"(?:client|server) error \((\d{3})")
 
 
-class PushError(ValueError):
+class PushError(UserError, ValueError):
     """A folder that is not a finished checkpoint, a token the Hub refuses, or an upload that kept failing."""
 
 
@@ -131,6 +132,26 @@ def with_retries(attempt: Callable[[], str], retries: int, repo_id: str) -> str:
             time.sleep(wait)
 
 
+def _token(token: str | None) -> str:
+    """`token`, else HF_TOKEN, else the cached login; a PushError when there is none."""
+    token = token or get_token()
+    if not token:
+        raise PushError("no Hugging Face token: pass one, set HF_TOKEN, or log in with `hf auth login`")
+    return token
+
+
+def check_token(token: str | None = None, repo_id: str = "the Hub", retries: int = 3) -> str:
+    """The user name of a token the Hub accepts for writing (`token`, else HF_TOKEN, else the cached login), asked
+    before hours of work; a PushError when there is none, the Hub refuses it, or it may only read."""
+    token = _token(token)
+    answer = with_retries(lambda: HfApi(token=token).whoami(token=token), retries, repo_id)
+    role = ((answer.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise PushError(f"the token of {answer.get('name')} may only read; pushing to {repo_id} needs a token with "
+                        "write access")
+    return answer.get("name", "")
+
+
 def push_to_hub(
     folder: str | Path,
     repo_id: str,
@@ -150,9 +171,7 @@ def push_to_hub(
     if retries < 0:
         raise PushError(f"retries must be 0 or more, not {retries}")
     finished_files(folder)
-    token = token or get_token()
-    if not token:
-        raise PushError("no Hugging Face token: pass one, set HF_TOKEN, or log in with `hf auth login`")
+    token = _token(token)
     if not (folder / CARD).exists():
         write_model_card(folder)
     files = finished_files(folder)  # now with the card and its plot

@@ -19,8 +19,8 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
+from transformers.utils.logging import tqdm
 
 from llm_sparsify import engine
 from llm_sparsify.models import home_device

@@ -20,8 +20,8 @@ import math
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
+from transformers.utils.logging import tqdm
 
 from llm_sparsify import distributed, engine
 from llm_sparsify.prune.wanda import wanda_scores

@@ -25,10 +25,11 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
+from transformers.utils.logging import tqdm
 
 from llm_sparsify.engine import ResidentLayers, _forward, activation_store, capture_layer_inputs, check_calibration
+from llm_sparsify.errors import UserError
 from llm_sparsify.evaluate import perplexity
 from llm_sparsify.models import decoder_layers
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 PER_LAYER_LISTS = ("layer_types", "no_rope_layers")  # config lists with one entry per decoder layer
 
 
-class DepthError(ValueError):
+class DepthError(UserError, ValueError):
     """A depth-pruning request that cannot be met (too many blocks, bad indices, unreachable budget)."""
 
 

@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers.utils.logging import tqdm
 
 from llm_sparsify.engine import ResidentLayers, capture_layer_inputs, check_calibration, collect_statistics
+from llm_sparsify.errors import UserError
 from llm_sparsify.models import ModelError, decoder_layers
 from llm_sparsify.prune.fisher import fisher_diagonal, obd_scores
 
@@ -39,11 +40,12 @@ log = logging.getLogger(__name__)
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 UNITS = {"mlp": MLP, "heads": ATTENTION}
+UNIT_WORDS = {"mlp": "MLP channels", "heads": "KV groups"}
 SCORES = ("weight", "activation", "obd")
 SCOPES = ("layer", "global")
 
 
-class WidthError(ValueError):
+class WidthError(UserError, ValueError):
     """A width-pruning request that cannot be carried out (bad amount, scope, unit, keep masks, ...)."""
 
 
@@ -149,6 +151,32 @@ def _check_amount_scope(amount: float, scope: str) -> None:
         raise WidthError(f"scope must be one of {SCOPES}, not {scope!r}")
 
 
+def units_per_layer(model: PreTrainedModel, unit: str) -> list[int]:
+    """How many MLP channels ("mlp") or KV groups ("heads") each decoder layer has."""
+    if unit not in UNITS:
+        raise WidthError(f"unit must be one of {tuple(UNITS)}, not {unit!r}")
+    return [_linear(layer, "mlp.gate_proj").out_features if unit == "mlp" else _head_layout(layer)[2]
+            for layer in decoder_layers(model)]
+
+
+def check_amount(sizes: list[int], amount: float, scope: str = "layer", unit: str = "units") -> None:
+    """Refuse, before any scoring, an amount that removes no unit at all, or every unit of a layer; `sizes` are the
+    units per layer (units_per_layer). round(amount·n) units go from a layer of n, or from all N of the model."""
+    _check_amount_scope(amount, scope)
+    if not sizes:
+        raise WidthError("no layer scores to choose from")
+    for i, n in enumerate(sizes if scope == "layer" else [sum(sizes)]):
+        remove = int(amount * n + 0.5)
+        where = f"layer {i}" if scope == "layer" else "the model"
+        if remove == 0:
+            raise WidthError(f"width amount {amount} removes none of the {n} {unit} of {where} (round({amount} × {n}) "
+                             f"= 0), so nothing would be pruned; use an amount of at least {0.5 / n:.3g}")
+        if scope == "layer" and remove >= n:
+            raise WidthError(f"amount {amount} removes all {n} units of layer {i}; use a smaller amount")
+        if scope == "global" and remove > n - len(sizes):
+            raise WidthError(f"amount {amount} removes {remove} of {n} units, leaving fewer than one per layer")
+
+
 def choose_units(scores: list[Tensor], amount: float, scope: str = "layer") -> list[Tensor]:
     """Per layer, the bool mask of units to keep after removing the `amount` share with the lowest scores.
 
@@ -158,15 +186,11 @@ def choose_units(scores: list[Tensor], amount: float, scope: str = "layer") -> l
     would empty the layers with small numbers rather than drop the units that matter least within their layer.
     Every layer keeps at least its best unit.
     """
-    _check_amount_scope(amount, scope)
-    if not scores:
-        raise WidthError("no layer scores to choose from")
+    check_amount([s.numel() for s in scores], amount, scope)
     if scope == "layer":
         keep = []
-        for i, s in enumerate(scores):
+        for s in scores:
             remove = int(amount * s.numel() + 0.5)
-            if remove >= s.numel():
-                raise WidthError(f"amount {amount} removes all {s.numel()} units of layer {i}; use a smaller amount")
             mask = torch.ones(s.numel(), dtype=torch.bool)
             mask[torch.argsort(s.float(), stable=True)[:remove]] = False
             keep.append(mask)
@@ -178,8 +202,6 @@ def choose_units(scores: list[Tensor], amount: float, scope: str = "layer") -> l
         normalised.append(s)
     flat = torch.cat(normalised)
     remove = int(amount * flat.numel() + 0.5)
-    if remove > flat.numel() - len(scores):
-        raise WidthError(f"amount {amount} removes {remove} of {flat.numel()} units, leaving fewer than one per layer")
     mask = torch.ones(flat.numel(), dtype=torch.bool)
     mask[torch.argsort(flat, stable=True)[:remove]] = False
     return list(mask.split([s.numel() for s in scores]))
@@ -358,7 +380,7 @@ def prune_width(
         raise WidthError(f"importance has {len(importance)} entries, the model {len(layers)} decoder layers")
     if importance is None and score != "weight" and calibration is None:
         raise WidthError(f"score {score!r} needs calibration token ids (e.g. calibration_ids('c4', ...))")
-    _check_amount_scope(amount, scope)  # before any work
+    check_amount(units_per_layer(model, unit), amount, scope, UNIT_WORDS[unit])  # before any work
     scorer = channel_scores if unit == "mlp" else group_scores
     if importance is not None:
         per_layer = importance
