@@ -11,7 +11,7 @@
       inputs: pruned           # wanda, sparsegpt: each module calibrated on the inputs the already
                                #   pruned modules before it produce, in one forward per layer (pruned),
                                #   or all on the unpruned layer's, in two forwards (dense, as the
-                               #   reference code does)
+                               #   reference code does); default: dense for wanda at N:M, else pruned
     quantization:              # optional: the pruned weights on an integer grid (quantize/grid.py)
       method: gptq             # gptq: each column rounded as the sweep passes it, its error spread over the
                                #   columns not yet visited (with sparsegpt in the same sweep as the mask;
@@ -88,6 +88,15 @@ OPTIONS: dict[str, dict[str, Any]] = {  # method -> its options and their defaul
 }
 _COMMON = {"method", "sparsity", "targets", "ignore"}
 INPUTS = ("pruned", "dense")
+
+
+def default_inputs(method: str | None, pattern: Pattern | None) -> str:
+    """The calibration order a recipe gets unless it names one, chosen from measurements (README, "Recipes"):
+    Wanda at N:M calibrates on the dense layer (`dense`: 0.3-1.9% lower perplexity on SmolLM2 at 2:4 over four
+    calibration sets); everything else in one forward on the pruned stream (`pruned`: as good or better, and one
+    forward per layer instead of two)."""
+    return "dense" if method == "wanda" and isinstance(pattern, tuple) else "pruned"
+
 QUANTIZERS: dict[str, set[str]] = {  # quantization method -> its keys
     "gptq": {"method", "bits", "group_size", "symmetric", "dampening", "blocksize", "actorder"},
     "rtn": {"method", "bits", "group_size", "symmetric"},
@@ -204,7 +213,8 @@ class Recipe:
     ignore: tuple[str, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
     name: str = "custom"
-    inputs: str = "pruned"  # calibrate each module on the pruned (or the dense) layer's activations
+    inputs: str | None = None  # calibrate each module on the pruned or the dense layer's activations (None:
+    #                            the measured default for the method and pattern, default_inputs)
     quantization: Quantization | None = None
     owl: Owl | None = None
     depth: Depth | None = None
@@ -212,6 +222,10 @@ class Recipe:
     recovery: Recovery | None = None
     evaluate: Evaluation | None = None
     export: Export | None = None
+
+    def __post_init__(self) -> None:
+        if self.inputs is None:
+            object.__setattr__(self, "inputs", default_inputs(self.method, self.pattern))
 
     @property
     def streams(self) -> bool:
@@ -493,7 +507,7 @@ def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
             raise RecipeError(f"magnitude scope must be 'layer' or 'global', got {options['scope']!r}")
         if options["scope"] == "global" and isinstance(pattern, tuple):
             raise RecipeError("global magnitude ranking takes a fraction; N:M is always per group")
-    inputs = section.get("inputs", "pruned")
+    inputs = section.get("inputs", default_inputs(method, pattern))
     if inputs not in INPUTS:
         raise RecipeError(f"inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")
     owl = None

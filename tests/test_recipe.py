@@ -189,6 +189,21 @@ def test_unknown_key_lists_the_allowed_keys():
     assert "allowed: allocation, ignore, inputs, method, owl_lambda, owl_threshold, sparsity, targets" in message
 
 
+@pytest.mark.parametrize(("method", "sparsity", "order"), [
+    ("wanda", "2:4", "dense"), ("wanda", "4:8", "dense"), ("wanda", 0.5, "pruned"),
+    ("sparsegpt", "2:4", "pruned"), ("sparsegpt", 0.5, "pruned"),
+])
+def test_default_calibration_order_is_the_measured_one_and_the_same_in_code_and_yaml(method, sparsity, order):
+    from llm_sparsify.recipe import Recipe, parse_pattern
+
+    from_yaml = recipe_from_dict({"pruning": {"method": method, "sparsity": sparsity}})
+    assert from_yaml.inputs == order
+    assert Recipe(method, parse_pattern(sparsity)).inputs == order  # the dataclass has the same default
+    assert recipe_from_dict(from_yaml.to_dict()).inputs == order
+    named = {"dense": "pruned", "pruned": "dense"}[order]  # a recipe that names the order keeps it
+    assert recipe_from_dict({"pruning": {"method": method, "sparsity": sparsity, "inputs": named}}).inputs == named
+
+
 def test_inputs_order_is_checked_and_kept():
     assert recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5}}).inputs == "pruned"
     dense = recipe_from_dict({"pruning": {"method": "sparsegpt", "sparsity": 0.5, "inputs": "dense"}})
