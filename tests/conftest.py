@@ -1,10 +1,12 @@
-"""Tiny random Llama and Mistral models built from a config: architecture variety in milliseconds."""
+"""Tiny random Llama and Mistral models built from a config: architecture variety in milliseconds; a tiny Llama
+saved with the real tokenizer for the command-line tests."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import (
+    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -14,6 +16,8 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+
+import llm_sparsify.models
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
@@ -49,3 +53,30 @@ def one_thread():
 @pytest.fixture
 def calibration():
     return torch.randint(0, TINY["vocab_size"], (6, 32), generator=torch.Generator().manual_seed(1))
+
+
+def save_tiny_llama(path, hidden: int, layers: int):
+    """A random Llama (4 heads, 2 KV groups, MLP twice as wide) saved with save_pretrained, with the real default
+    tokenizer beside it."""
+    tokenizer = AutoTokenizer.from_pretrained(llm_sparsify.models.default_model_path())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256)
+    assert len(tokenizer) <= config.vocab_size
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# CLI fixtures: a tiny Llama saved with the real tokenizer, and calibration ids, in the requesting module's `workdir`
+@pytest.fixture(scope="module")
+def model_dir(workdir):
+    return save_tiny_llama(workdir / "tiny-llama", hidden=32, layers=2)
+
+
+@pytest.fixture(scope="module")
+def calib(workdir):
+    path = workdir / "calib.pt"
+    torch.save(torch.randint(0, 49152, (4, 16), generator=torch.Generator().manual_seed(0)), path)
+    return path

@@ -9,43 +9,17 @@ import shutil
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
-import llm_sparsify.models
 from llm_sparsify.cli import main
 from llm_sparsify.export.hf import RECORD, read_record
 from llm_sparsify.recipe import builtin_recipes, load_recipe
+from tests.conftest import save_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("cli")
-
-
-def save_tiny_llama(path, hidden: int, layers: int):
-    """A random Llama (4 heads, 2 KV groups, MLP twice as wide) saved with save_pretrained, with the real default
-    tokenizer beside it."""
-    tokenizer = AutoTokenizer.from_pretrained(llm_sparsify.models.default_model_path())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256)
-    assert len(tokenizer) <= config.vocab_size
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def model_dir(workdir):
-    return save_tiny_llama(workdir / "tiny-llama", hidden=32, layers=2)
-
-
-@pytest.fixture(scope="module")
-def calib(workdir):
-    path = workdir / "calib.pt"
-    torch.save(torch.randint(0, 49152, (4, 16), generator=torch.Generator().manual_seed(0)), path)
-    return path
 
 
 def prune_args(model_dir, calib, output, *extra, recipe="wanda-2of4"):

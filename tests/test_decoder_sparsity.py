@@ -18,8 +18,7 @@ from llm_sparsify.export.card import model_card
 from llm_sparsify.export.hf import read_record
 from llm_sparsify.pipeline import run_recipe
 from llm_sparsify.recipe import load_recipe
-from tests.conftest import TINY, tiny_model
-from tests.test_cli import save_tiny_llama
+from tests.conftest import TINY, save_tiny_llama, tiny_model
 
 MOE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=256)

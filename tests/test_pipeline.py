@@ -17,7 +17,7 @@ from llm_sparsify.prune.fisher import fisher_diagonal, prune_obd
 from llm_sparsify.prune.owl import layer_outlier_ratios, owl_sparsities
 from llm_sparsify.recipe import RecipeError, builtin_recipes, recipe_from_dict
 from tests.conftest import tiny_model
-from tests.test_cli import calib, model_dir, workdir  # noqa: F401  (fixtures)
+from tests.test_cli import workdir  # noqa: F401  (fixture; model_dir and calib use it)
 
 NEW_RECIPES = ["depth-cosine-4", "width-mlp-30", "owl-wanda-70", "wanda-70-recover"]
 

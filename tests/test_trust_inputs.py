@@ -27,25 +27,13 @@ from llm_sparsify.evaluate import perplexity
 from llm_sparsify.export.hf import RECORD, read_record
 from llm_sparsify.recipe import RecipeError, load_recipe
 from tests.conftest import tiny_model
-from tests.test_cli import prune_args, save_tiny_llama
+from tests.test_cli import prune_args
 from tests.test_hub import TOKEN, USER, hub  # noqa: F401 (the local Hub fixture)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("trust")
-
-
-@pytest.fixture(scope="module")
-def model_dir(workdir):
-    return save_tiny_llama(workdir / "tiny-llama", hidden=32, layers=2)
-
-
-@pytest.fixture(scope="module")
-def calib(workdir):
-    path = workdir / "calib.pt"
-    torch.save(torch.randint(0, 49152, (4, 16), generator=torch.Generator().manual_seed(0)), path)
-    return path
 
 
 @pytest.fixture
