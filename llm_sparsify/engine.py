@@ -34,7 +34,7 @@ from llm_sparsify import distributed
 from llm_sparsify.data import DataError
 from llm_sparsify.interleaved import module_groups, prune_during_forward
 from llm_sparsify.models import decoder_layers, home_device
-from llm_sparsify.prune import STATISTIC, prune_weights, quantize_weights
+from llm_sparsify.prune import method_statistic, prune_weights, quantize_weights
 from llm_sparsify.prune.magnitude import global_magnitude_threshold, prune_below
 from llm_sparsify.quantize.grid import Grid
 from llm_sparsify.recipe import Recipe, RecipeError
@@ -368,7 +368,8 @@ def prune_layers(
         raise ValueError("OBD needs the Fisher diagonal of every target weight (prune/fisher.fisher_diagonal)")
     reports = list(finished or [])
     if statistic is not None:
-        check_calibration(model, calibration, recipe.method if STATISTIC[recipe.method] else "gptq")
+        needs = method_statistic(recipe.method, recipe.options)  # else only GPTQ needs the data
+        check_calibration(model, calibration, recipe.method if needs else "gptq")
         store = activation_store(model, calibration, device, recipe.inputs == "pruned")
         with layers.stem(device):
             hidden, kwargs = capture_layer_inputs(model, calibration, device, batch_size, store)

@@ -1,13 +1,16 @@
 """Recipes: what to prune, how, and how much, read from YAML and validated with clear errors.
 
     pruning:
-      method: sparsegpt        # magnitude | wanda | sparsegpt | obd (½·F·w², F the diagonal Fisher)
+      method: sparsegpt        # magnitude | wanda | ria | sparsegpt | obd (½·F·w², F the diagonal Fisher)
       sparsity: "2:4"          # a fraction in (0, 1) such as 0.5 or "50%", or N:M (keep N of every M)
       targets: ["*"]           # fnmatch globs on module names, e.g. "*.self_attn.*" (default: every
       ignore: ["*.down_proj"]  #   Linear inside the decoder layers; never embeddings or lm_head)
       blocksize: 128           # sparsegpt: columns per block
       dampening: 0.01          # sparsegpt: λ as a share of mean(diag H)
       scope: layer             # magnitude: rank per matrix (layer) or across the model (global)
+      alpha: 0.5               # ria: the power of ‖X_j‖₂ in its score (prune/ria.py)
+      update: none             # after the mask, update the kept weights for it from the Hessian (prune/refit.py):
+                               #   obs (SparseGPT's sweep; not for sparsegpt) | lstsq (the least-squares optimum)
       inputs: pruned           # wanda, sparsegpt: each module calibrated on the inputs the already
                                #   pruned modules before it produce, in one forward per layer (pruned),
                                #   or all on the unpruned layer's, in two forwards (dense, as the
@@ -76,14 +79,17 @@ from typing import Any
 import yaml
 
 from llm_sparsify.errors import UserError
-from llm_sparsify.prune import STATISTIC
+from llm_sparsify.prune import STATISTIC, method_statistic
 from llm_sparsify.prune.masks import Pattern
+from llm_sparsify.prune.refit import UPDATES
+from llm_sparsify.prune.ria import ALPHA
 from llm_sparsify.quantize.grid import QuantScheme
 
 OPTIONS: dict[str, dict[str, Any]] = {  # method -> its options and their defaults
-    "magnitude": {"scope": "layer"},
-    "wanda": {},
-    "sparsegpt": {"blocksize": 128, "dampening": 0.01},
+    "magnitude": {"scope": "layer", "update": "none"},
+    "wanda": {"update": "none"},
+    "ria": {"alpha": ALPHA, "update": "none"},
+    "sparsegpt": {"blocksize": 128, "dampening": 0.01, "update": "none"},
     "obd": {},
 }
 _COMMON = {"method", "sparsity", "targets", "ignore"}
@@ -242,7 +248,7 @@ class Recipe:
         """The input statistic the recipe needs: the method's, or the Hessian for GPTQ (None: no data)."""
         if self.quantization is not None and self.quantization.method == "gptq":
             return "hessian"
-        return STATISTIC[self.method] if self.method else None
+        return method_statistic(self.method, self.options) if self.method else None
 
     @property
     def sparsity(self) -> float:
@@ -488,15 +494,25 @@ def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
     if "sparsity" not in section:
         raise RecipeError("pruning.sparsity is required, e.g. 0.5 or \"2:4\"")
     quantizer = quantization.get("method") if isinstance(quantization, dict) else None
-    needs_data = STATISTIC[method] not in (None, "fisher") or quantizer == "gptq"
-    owl_keys = {"allocation", "owl_threshold", "owl_lambda"} if method in ("wanda", "sparsegpt") else set()
+    options = {**OPTIONS[method], **{k: section[k] for k in OPTIONS[method] if k in section}}
+    needs_data = method_statistic(method, options) not in (None, "fisher") or quantizer == "gptq"
+    owl_keys = {"allocation", "owl_threshold", "owl_lambda"} if method in ("wanda", "ria", "sparsegpt") else set()
     allowed = _COMMON | set(OPTIONS[method]) | ({"inputs"} if needs_data else set()) | owl_keys
     if unknown := set(section) - allowed:
         known = ", ".join(sorted(allowed))
         raise RecipeError(f"unknown key(s) for {method}: {', '.join(sorted(unknown))}; allowed: {known}")
 
     pattern = parse_pattern(section["sparsity"])
-    options = {**OPTIONS[method], **{k: section[k] for k in OPTIONS[method] if k in section}}
+    if "update" in options:
+        _choice(options["update"], "pruning.update", UPDATES)
+        if options["update"] != "none" and options.get("scope") == "global":
+            raise RecipeError("pruning.update works on each matrix's mask; global magnitude ranking takes none")
+        if method == "sparsegpt" and options["update"] == "obs":
+            raise RecipeError("sparsegpt's own sweep is the obs update for its mask; use update: lstsq (or none)")
+    if "alpha" in options:
+        alpha = options["alpha"]
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 4:
+            raise RecipeError(f"pruning.alpha must be a number from 0 to 4, got {alpha!r}")
     if method == "sparsegpt":
         _positive(options["blocksize"], "blocksize", integer=True)
         if isinstance(pattern, tuple) and options["blocksize"] % pattern[1]:

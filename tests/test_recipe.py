@@ -19,9 +19,9 @@ from llm_sparsify.recipe import (
     recipe_from_dict,
 )
 
-BUILTINS = ["depth-cosine-4", "magnitude-2of4", "magnitude-50", "owl-wanda-70", "sparsegpt-2of4", "sparsegpt-50",
-            "sparsegpt-50-rtn-w4g128", "sparsegpt-50-w4g128", "wanda-2of4", "wanda-50", "wanda-70-recover",
-            "width-mlp-30"]
+BUILTINS = ["depth-cosine-4", "magnitude-2of4", "magnitude-50", "owl-wanda-70", "sparsegpt-2of4",
+            "sparsegpt-2of4-lstsq", "sparsegpt-50", "sparsegpt-50-rtn-w4g128", "sparsegpt-50-w4g128", "wanda-2of4",
+            "wanda-50", "wanda-70-recover", "width-mlp-30"]
 
 
 def write(tmp_path, text: str, name: str = "recipe.yaml"):
@@ -62,10 +62,10 @@ def test_every_builtin_pruning_recipe_loads(name):
 
 
 def test_builtin_options_have_their_defaults():
-    assert load_recipe("sparsegpt-50").options == {"blocksize": 128, "dampening": 0.01}
-    assert load_recipe("magnitude-50").options == {"scope": "layer"}
-    assert load_recipe("magnitude-2of4").options == {"scope": "layer"}
-    assert load_recipe("wanda-50").options == {}
+    assert load_recipe("sparsegpt-50").options == {"blocksize": 128, "dampening": 0.01, "update": "none"}
+    assert load_recipe("magnitude-50").options == {"scope": "layer", "update": "none"}
+    assert load_recipe("magnitude-2of4").options == {"scope": "layer", "update": "none"}
+    assert load_recipe("wanda-50").options == {"update": "none"}
 
 
 @pytest.mark.parametrize("name", ["sparsegpt-2of4", "wanda-50", "magnitude-50", "sparsegpt-50-w4g128",
@@ -87,7 +87,7 @@ def test_load_recipe_accepts_a_recipe_a_dict_and_a_path(tmp_path):
     from_file = load_recipe(path)
     assert from_file.name == "mine"
     assert from_file.pattern == pytest.approx(0.3)
-    assert from_file.options == {"scope": "global"}
+    assert from_file.options == {"scope": "global", "update": "none"}
     assert load_recipe(str(path)) == from_file
 
 
@@ -102,7 +102,7 @@ def test_targets_and_ignore_accept_a_string_or_a_list():
 def test_explicit_options_override_defaults():
     recipe = recipe_from_dict({"pruning": {"method": "sparsegpt", "sparsity": "4:8", "blocksize": 64,
                                            "dampening": 0.1}})
-    assert recipe.options == {"blocksize": 64, "dampening": 0.1}
+    assert recipe.options == {"blocksize": 64, "dampening": 0.1, "update": "none"}
     assert recipe.pattern == (4, 8)
 
 

@@ -14,6 +14,8 @@ from torch import Tensor
 from llm_sparsify.prune.fisher import prune_obd
 from llm_sparsify.prune.magnitude import prune_magnitude
 from llm_sparsify.prune.masks import Pattern
+from llm_sparsify.prune.refit import update_kept
+from llm_sparsify.prune.ria import ALPHA, prune_ria
 from llm_sparsify.prune.sparsegpt import prune_sparsegpt, sparsegpt_sweep
 from llm_sparsify.prune.wanda import prune_wanda
 from llm_sparsify.quantize.grid import Grid, rtn
@@ -24,7 +26,12 @@ if TYPE_CHECKING:
 
 # method -> the statistic it needs: of the Linear's input, or the Fisher diagonal of its weight (None: no data)
 STATISTIC: dict[str, str | None] = {"magnitude": None, "wanda": "column_norms", "sparsegpt": "hessian",
-                                    "obd": "fisher"}
+                                    "ria": "column_norms", "obd": "fisher"}
+
+
+def method_statistic(method: str, options: dict[str, Any]) -> str | None:
+    """The statistic `method` reads with these options: the Hessian when its mask is followed by a weight update."""
+    return "hessian" if options.get("update", "none") != "none" else STATISTIC[method]
 
 
 def prune_weight(
@@ -38,6 +45,8 @@ def prune_weight(
         return prune_magnitude(weight, pattern)
     if method == "wanda":
         return prune_wanda(weight, stats.column_norms(), pattern)
+    if method == "ria":
+        return prune_ria(weight, stats.column_norms(), pattern, options.get("alpha", ALPHA))
     if method == "sparsegpt":
         return prune_sparsegpt(weight, stats.hessian(), pattern, **options)
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(STATISTIC)}")
@@ -49,15 +58,21 @@ def prune_weights(
 ) -> tuple[list[Tensor], list[Grid] | None]:
     """Apply `method` (then `quantization`, if any) to weights that read the same input (q/k/v; gate/up); return
     them and their grids (None without quantization). SparseGPT factorizes their Hessian once and sweeps their
-    stacked rows together, with GPTQ in that same sweep."""
+    stacked rows together, with GPTQ in that same sweep unless `update` follows: the kept weights updated for the
+    mask (see prune/refit.py), before any quantization."""
+    update = options.pop("update", "none")
     if method != "sparsegpt":
         pruned = [prune_weight(method, weight, stats, pattern, fisher[i] if fisher else None, **options)
                   for i, weight in enumerate(weights)]
-        return quantize_weights(pruned, stats, quantization)
-    joint = quantization is not None and quantization.method == "gptq"
-    pruned, grids = sparsegpt_sweep(weights, stats.hessian(), pattern, scheme=quantization.scheme if joint else None,
-                                    actorder=joint and quantization.actorder, **options)
-    return (pruned, grids) if joint else quantize_weights(pruned, stats, quantization)
+    else:
+        joint = quantization is not None and quantization.method == "gptq" and update == "none"
+        pruned, grids = sparsegpt_sweep(weights, stats.hessian(), pattern, actorder=joint and quantization.actorder,
+                                        scheme=quantization.scheme if joint else None, **options)
+        if joint:
+            return pruned, grids
+    if update != "none":
+        pruned = update_kept(update, weights, pruned, stats.hessian(), options.get("dampening", 0.01))
+    return quantize_weights(pruned, stats, quantization)
 
 
 def quantize_weights(

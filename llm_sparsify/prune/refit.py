@@ -1,0 +1,84 @@
+"""Weight updates for a fixed mask: once a method (Wanda, RIA, magnitude, SparseGPT) chose which weights go, move the
+kept ones so the layer's outputs on the calibration tokens change as little as possible, from H = 2XXᵀ/n.
+
+    obs     the SparseGPT/GPTQ sweep with the mask fixed: each column's removed weights are compensated by the
+            columns to its right (OBS, one Cholesky factor of H⁻¹); greedy, so columns on the left are never revisited
+            (SparseGPT's own result for its mask).
+    lstsq   the least-squares optimum itself, row by row: min over ŵ with ŵ_removed = 0 of
+            (w − ŵ)(H + λI)(w − ŵ)ᵀ, i.e. (H + λI)_KK ŵ_K = [w(H + λI)]_K on the kept inputs K, solved for all rows
+            at once by conjugate gradients (one [rows, in] × [in, in] product per step, Jacobi preconditioned).
+            The same problem ADMM solves (Boža, 2024), without its penalty schedule; λ = dampening · mean(diag H)
+            keeps ŵ near w along directions the calibration tokens barely see.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from llm_sparsify.prune.sparsegpt import sparsegpt_sweep
+
+log = logging.getLogger(__name__)
+
+UPDATES = ("none", "obs", "lstsq")
+
+
+def refit_obs(weights: list[Tensor], hessian: Tensor, masks: list[Tensor], dampening: float = 0.01) -> list[Tensor]:
+    """The dense `weights` with `masks` (True = removed) applied and the kept weights updated by the OBS sweep."""
+    return sparsegpt_sweep(weights, hessian, mask=masks, dampening=dampening)[0]
+
+
+def refit_lstsq(
+    weights: list[Tensor], hessian: Tensor, masks: list[Tensor], dampening: float = 0.01, steps: int = 200,
+    tolerance: float = 1e-3,
+) -> list[Tensor]:
+    """The dense `weights` with `masks` applied and the kept weights set to the least-squares optimum (see above).
+
+    Conjugate gradients on every row together, from the masked weight, until each row's residual is below
+    `tolerance` times its right-hand side (or `steps` products); float32 on the weights' device.
+    """
+    rows = [w.shape[0] for w in weights]
+    W = torch.cat([w.detach().float() for w in weights])
+    keep = ~torch.cat(masks).to(W.device)
+    H = hessian.detach().float().to(W.device).clone()
+    H.diagonal().add_(dampening * H.diagonal().mean())
+    if not bool(H.diagonal().min() > 0):
+        raise ValueError("the Hessian needs positive dampening (inputs that were always zero leave it singular)")
+    inverse_diagonal = 1 / H.diagonal()
+    b = (W @ H) * keep
+    x = W * keep
+    r = b - (x @ H) * keep
+    z = r * inverse_diagonal
+    p = z.clone()
+    rz = (r * z).sum(1)
+    goal = tolerance * b.norm(dim=1)
+    for _ in range(steps):
+        if bool((r.norm(dim=1) <= goal).all()):
+            break
+        Ap = (p @ H) * keep
+        alpha = rz / (p * Ap).sum(1).clamp_min(1e-30)
+        x.addcmul_(alpha[:, None], p)
+        r.addcmul_(alpha[:, None], Ap, value=-1)
+        z = r * inverse_diagonal
+        rz, previous = (r * z).sum(1), rz
+        p = z + (rz / previous.clamp_min(1e-30))[:, None] * p
+    else:
+        worst = (r.norm(dim=1) / b.norm(dim=1).clamp_min(1e-30)).max().item()
+        log.debug("least-squares refit stopped after %d steps at a relative residual of %.2g", steps, worst)
+    return [part.to(w.dtype) for part, w in zip(x.split(rows), weights, strict=True)]
+
+
+def update_kept(
+    update: str, weights: list[Tensor], pruned: list[Tensor], hessian: Tensor, dampening: float = 0.01
+) -> list[Tensor]:
+    """`pruned` (the dense `weights` with some entries zeroed) with its kept weights updated by `update`."""
+    if update == "none":
+        return pruned
+    masks = [weight == 0 for weight in pruned]
+    if update == "obs":
+        return refit_obs(weights, hessian, masks, dampening)
+    if update == "lstsq":
+        return refit_lstsq(weights, hessian, masks, dampening)
+    raise ValueError(f"unknown weight update {update!r}; choose one of {', '.join(UPDATES)}")
