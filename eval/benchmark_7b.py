@@ -263,7 +263,8 @@ def verify_output(output: Path, model_dir: Path, recipe: dict) -> dict:
     checks["weight_map_covers_model"] = set(parameter_shapes(out_config)) == set(result) == set(source)
     zeros, total, dtypes = 0, 0, set()
     pattern_ok = kept_ok = untouched_ok = shapes_ok = True
-    keep_check = recipe["method"] in NO_UPDATE_METHODS
+    keep_check = recipe["method"] in NO_UPDATE_METHODS and recipe.get("update", "none") == "none" and not (
+        recipe.get("permute") or recipe.get("reconstruction"))  # those move kept weights (or reorder them)
     with contextlib.ExitStack() as stack:  # safetensors files are memory-mapped: open all, read one tensor at a time
         files = {path: stack.enter_context(safe_open(str(path), "pt"))
                  for path in set(source.values()) | set(result.values())}
@@ -319,7 +320,8 @@ def benchmark_recipe(args: argparse.Namespace, recipe: str, model_dir: Path, mod
         return dict(row, checks_passed=False, error=error)
     record = json.loads((output / RECORD).read_text())
     seconds = [layer["seconds"] for layer in record.get("layers", [])]
-    verified = verify_output(output, model_dir, record["recipe"]["pruning"])
+    verified = verify_output(output, model_dir, record["recipe"]["pruning"] | {
+        "reconstruction": record["recipe"].get("reconstruction")})
     if args.load_check:
         verified["checks"]["load_and_forward"] = load_check(output, calibration)
     return dict(

@@ -119,6 +119,16 @@ def same_on_all_ranks(value: object) -> object:
     return box[0]
 
 
+def average(tensors: Iterable[Tensor]) -> None:
+    """Replace each tensor by its mean over all ranks, in place (e.g. the gradients of a reconstruction step)."""
+    _, size = rank_and_size()
+    if size == 1:
+        return
+    for tensor in tensors:
+        dist.all_reduce(tensor)
+        tensor.div_(size)
+
+
 def barrier() -> None:
     if rank_and_size()[1] > 1:
         dist.barrier()

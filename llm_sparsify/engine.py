@@ -9,6 +9,8 @@
         inputs: dense (the reference code's order) -- run all samples through it while hooks
             accumulate input statistics, prune every target Linear, then run all samples through
             the pruned layer for the next layer's inputs
+        reconstruction (if the recipe has it): fit the kept weights so that the layer reproduces the dense
+            outputs, computed before pruning (reconstruct.py); then run it again for the next layer's inputs
         save it (streaming: write its shard); offload it
 
 Where a layer comes from and goes to is the job of a layer source: `ResidentLayers` for a model in
@@ -34,11 +36,13 @@ from llm_sparsify import distributed
 from llm_sparsify.data import DataError
 from llm_sparsify.interleaved import module_groups, prune_during_forward
 from llm_sparsify.models import decoder_layers, home_device
-from llm_sparsify.prune import method_statistic, prune_weights, quantize_weights
+from llm_sparsify.prune import input_permutation, method_statistic, prune_weights, quantize_weights
 from llm_sparsify.prune.magnitude import global_magnitude_threshold, prune_below
 from llm_sparsify.quantize.grid import Grid
-from llm_sparsify.recipe import Recipe, RecipeError
+from llm_sparsify.recipe import Recipe, RecipeError, Reconstruction
+from llm_sparsify.reconstruct import reconstruct_layer, relative_error
 from llm_sparsify.stats import InputStatistics
+from llm_sparsify.structure.permutation import attention_heads, fold_layer_permutations
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,8 @@ class LayerReport:
     """What happened to one decoder layer: share of zeros per pruned module, wall time, and per module the
     relative reconstruction error ‖(W−Ŵ)X‖²/‖WX‖² on its calibration inputs (see InputStatistics.relative_errors;
     absent without calibration data). `weights` counts every weight of two or more dimensions in the layer, targeted
-    or not (e.g. fused MoE experts), and `zeros` the zeros among them, as saved."""
+    or not (e.g. fused MoE experts), and `zeros` the zeros among them, as saved. `reconstruction`: the layer's relative
+    output error ‖f(x̂) − y‖²/‖y‖² before and after its kept weights were fitted (reconstruct.py), if they were."""
 
     index: int
     seconds: float
@@ -56,6 +61,7 @@ class LayerReport:
     error: dict[str, float] = field(default_factory=dict)
     weights: int = 0
     zeros: int = 0
+    reconstruction: list[float] = field(default_factory=list)  # the layer's relative output error before, after
 
 
 def layers_prefix(model: PreTrainedModel) -> str:
@@ -160,7 +166,7 @@ class LayerSource(Protocol):
     def __len__(self) -> int: ...
     def stem(self, device: torch.device) -> contextlib.AbstractContextManager[None]: ...
     def target_weights(self, targets: list[dict[str, nn.Linear]]) -> Iterator[Tensor]: ...
-    def load(self, index: int, device: torch.device) -> nn.Module: ...
+    def load(self, index: int, device: torch.device, original: bool = False) -> nn.Module: ...
     def round_to_storage(self, layer: nn.Module, names: list[str] | None = None) -> None: ...
     def save(self, index: int, layer: nn.Module, report: LayerReport) -> None: ...
     def unload(self, index: int, layer: nn.Module) -> None: ...
@@ -194,7 +200,8 @@ class ResidentLayers:
         """Every target weight as it is before pruning (for global magnitude ranking)."""
         return (module.weight for modules in targets for module in modules.values())
 
-    def load(self, index: int, device: torch.device) -> nn.Module:
+    def load(self, index: int, device: torch.device, original: bool = False) -> nn.Module:
+        """Layer `index` on `device` (in memory there is only the one copy: `original` changes nothing)."""
         layer = self.layers[index]
         self.homes[index] = home_device(layer)
         return layer.to(device)
@@ -329,6 +336,22 @@ def collect_statistics(
     return {name: stats[shares.get(name, name)] for name in modules}
 
 
+def score_pass_start(
+    model: PreTrainedModel, calibration: Tensor, targets: list[dict[str, nn.Linear]] | None, device: torch.device,
+    batch_size: int, what: str,
+) -> tuple[ResidentLayers, list[dict[str, nn.Linear]], list[Tensor], list[dict[str, Any]]]:
+    """What a read-only pass over a model in memory starts from (OWL's ratios, sensitivities): the layers, the target
+    Linears of each (default: all), and layer 0's inputs; `what` names the pass in errors."""
+    check_calibration(model, calibration, what)
+    targets = layer_linears(model) if targets is None else targets
+    layers = ResidentLayers(model)
+    if len(targets) != len(layers):
+        raise ValueError(f"targets lists {len(targets)} layers, the model has {len(layers)}")
+    with layers.stem(device):
+        hidden, kwargs = capture_layer_inputs(model, calibration, device, batch_size)
+    return layers, targets, hidden, kwargs
+
+
 def zero_share(weight: Tensor) -> float:
     return (weight == 0).sum().item() / weight.numel()
 
@@ -366,13 +389,16 @@ def prune_layers(
     statistic = None if recipe.statistic == "fisher" else recipe.statistic  # OBD: gradients, taken before
     if recipe.method == "obd" and fisher is None:
         raise ValueError("OBD needs the Fisher diagonal of every target weight (prune/fisher.fisher_diagonal)")
+    fit = recipe.reconstruction
+    walks = statistic is not None or fit is not None  # calibration activations go through the layers
     reports = list(finished or [])
-    if statistic is not None:
-        needs = method_statistic(recipe.method, recipe.options)  # else only GPTQ needs the data
+    if walks:
+        needs = method_statistic(recipe.method, recipe.options) or fit  # else only GPTQ needs the data
         check_calibration(model, calibration, recipe.method if needs else "gptq")
         store = activation_store(model, calibration, device, recipe.inputs == "pruned")
         with layers.stem(device):
             hidden, kwargs = capture_layer_inputs(model, calibration, device, batch_size, store)
+    dense_hidden = hidden if fit is not None and fit.targets == "dense" else None  # the dense model's stream
 
     threshold = None
     if recipe.method == "magnitude" and recipe.options.get("scope") == "global":
@@ -383,30 +409,46 @@ def prune_layers(
     progress = tqdm(total=len(layers), desc=f"{recipe.method} {recipe.pattern_text}{quantized}", unit="layer",
                     initial=len(reports), disable=rank != 0)
     groups: dict[tuple[str, ...], list[list[str]]] = {}  # module grouping, per layer structure
+    permute = bool(recipe.options.get("permute"))
     for i in range(len(layers)):
         resumed = i < len(reports)
-        if resumed and statistic is None:
+        if resumed and not walks:
             continue  # magnitude: no activations to rebuild
         start = time.perf_counter()
-        layer = layers.load(i, device)
         last = i + 1 == len(layers)
-        outputs = None
+        if dense_hidden is not None and resumed and not last:  # the dense stream, through the dense layer
+            layer = layers.load(i, device, original=True)
+            dense_hidden = [_forward(layer, h, kw, device) for h, kw in zip(dense_hidden, kwargs, strict=True)]
+        layer = layers.load(i, device)
+        outputs = teacher = None
         recipe_i = recipe if sparsities is None else replace(recipe, pattern=sparsities[i])
         if not resumed:
+            if fit is not None:  # the dense layer's outputs, before any pruning
+                teacher = [_forward(layer, h, kw, device) for h, kw in zip(dense_hidden or hidden, kwargs,
+                                                                           strict=True)]
+            permutable = permutable_inputs(model, layer, targets[i]) if permute else None
             if targets[i] and statistic is not None and recipe.inputs == "pruned":
                 report, outputs = prune_interleaved(i, layer, targets[i], hidden, kwargs, recipe_i, layers,
-                                                    device, not last, groups, threshold, fisher)
+                                                    device, not last or fit is not None, groups, threshold, fisher,
+                                                    permutable)
             else:
                 stats = {}
                 if targets[i] and statistic is not None:
                     stats = collect_statistics(layer, targets[i], hidden, kwargs, statistic == "hessian", device)
                     distributed.sum_statistics(stats.values())
-                report = prune_modules(i, targets[i], stats, recipe_i, threshold, fisher=fisher)
+                report = prune_modules(i, targets[i], stats, recipe_i, threshold, fisher=fisher, permutable=permutable)
                 del stats
+            if fit is not None and targets[i]:
+                report.reconstruction, outputs = fit_layer(layer, list(targets[i].values()), hidden, kwargs, teacher,
+                                                           outputs, fit, layers, device)
+            if permutable:
+                fold_permutations(model, layer)
             layers.save(i, layer, report)
             report.weights, report.zeros = count_zeros(layer)  # as saved (streaming: in the checkpoint's dtypes)
-        if statistic is not None and not last:  # the pruned layer's outputs feed the next layer
+        if walks and not last:  # the pruned layer's outputs feed the next layer
             hidden = outputs or [_forward(layer, h, kw, device) for h, kw in zip(hidden, kwargs, strict=True)]
+            if dense_hidden is not None and not resumed:
+                dense_hidden = teacher
         if not resumed:
             report.seconds = round(time.perf_counter() - start, 3)
             reports.append(report)
@@ -416,11 +458,57 @@ def prune_layers(
     return reports
 
 
+def permutable_inputs(model: PreTrainedModel, layer: nn.Module,
+                      modules: dict[str, nn.Linear]) -> dict[str, tuple[int, int, int] | None]:
+    """The target modules whose inputs a permutation can reorder exactly (structure/permutation.py): mlp.down_proj
+    (None: free, folded into gate/up_proj) and self_attn.o_proj (its heads, folded into v_proj)."""
+    mlp, attention = getattr(layer, "mlp", None), getattr(layer, "self_attn", None)
+    found: dict[str, tuple[int, int, int] | None] = {}
+    for name, module in modules.items():
+        if module is getattr(mlp, "down_proj", None) and hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj"):
+            found[name] = None
+        elif module is getattr(attention, "o_proj", None) and hasattr(attention, "v_proj"):
+            found[name] = attention_heads(model.config)
+    return found
+
+
+def fold_permutations(model: PreTrainedModel, layer: nn.Module) -> None:
+    """Put the input permutations the pruning chose (module.input_permutation) into the layer's weights: the saved
+    layer computes the same function, its N:M groups in storage order."""
+    def chosen(owner: str, name: str) -> Tensor | None:
+        module = getattr(getattr(layer, owner, None), name, None)
+        return None if module is None else vars(module).pop("input_permutation", None)
+
+    down, attention = chosen("mlp", "down_proj"), chosen("self_attn", "o_proj")
+    fold_layer_permutations(layer, down, attention, attention_heads(model.config) if attention is not None else None)
+
+
+def fit_layer(
+    layer: nn.Module, modules: list[nn.Linear], hidden: list[Tensor], kwargs: list[dict], teacher: list[Tensor],
+    outputs: list[Tensor] | None, fit: Reconstruction, layers: LayerSource, device: torch.device,
+) -> tuple[list[float], list[Tensor]]:
+    """Reconstruct a pruned layer (reconstruct.py) and keep the fit only if it brings the layer's outputs closer to
+    `teacher`; return [error before, error after] and the layer's outputs as kept. `outputs`: the pruned layer's, if
+    the pruning's forward made them."""
+    pruned = outputs or [_forward(layer, h, kw, device) for h, kw in zip(hidden, kwargs, strict=True)]
+    weights = [module.weight.detach().clone() for module in modules]
+    reconstruct_layer(layer, modules, hidden, kwargs, teacher, device, fit.steps, fit.lr, fit.batch_size)
+    layers.round_to_storage(layer)
+    fitted = [_forward(layer, h, kw, device) for h, kw in zip(hidden, kwargs, strict=True)]
+    before, after = relative_error(pruned, teacher), relative_error(fitted, teacher)
+    if after < before:
+        return [before, after], fitted
+    log.info("reconstruction did not lower the layer's output error (%.4g -> %.4g): kept as pruned", before, after)
+    for module, weight in zip(modules, weights, strict=True):
+        module.weight.data.copy_(weight)
+    return [before, before], pruned
+
+
 def prune_interleaved(
     index: int, layer: nn.Module, modules: dict[str, nn.Linear], hidden: list[Tensor], kwargs: list[dict],
     recipe: Recipe, layers: LayerSource, device: torch.device, outputs: bool,
     groups: dict[tuple[str, ...], list[list[str]]], threshold: float | None = None,
-    fisher: dict[str, Tensor] | None = None,
+    fisher: dict[str, Tensor] | None = None, permutable: dict[str, tuple[int, int, int] | None] | None = None,
 ) -> tuple[LayerReport, list[Tensor] | None]:
     """Prune one layer's modules group by group during its one forward (see interleaved.py); return the
     report and the pruned layer's outputs. `groups` caches the grouping found for each layer structure."""
@@ -434,7 +522,7 @@ def prune_interleaved(
 
     def prune_group(g: int, names: list[str], stats: InputStatistics) -> None:
         done = prune_modules(index, {name: modules[name] for name in names}, dict.fromkeys(names, stats), recipe,
-                             threshold, first_group=g, fisher=fisher)
+                             threshold, first_group=g, fisher=fisher, permutable=permutable)
         report.sparsity.update(done.sparsity)
         report.error.update(done.error)
         # later modules must see the values that are saved
@@ -451,12 +539,15 @@ def prune_interleaved(
 def prune_modules(
     index: int, modules: dict[str, nn.Linear], stats: dict[str, InputStatistics], recipe: Recipe,
     threshold: float | None = None, first_group: int = 0, fisher: dict[str, Tensor] | None = None,
+    permutable: dict[str, tuple[int, int, int] | None] | None = None,
 ) -> LayerReport:
     """Prune (and quantize) one layer's target modules in place, modules that share an input together; each
-    quantized module keeps its grid as `module.quantization_grid`.
+    quantized module keeps its grid as `module.quantization_grid`. A module named in `permutable` (recipe option
+    `permute`: down_proj, or o_proj with its heads) gets its N:M groups over a permutation of its inputs, kept as
+    `module.input_permutation` until fold_permutations puts it into the layer's weights.
 
     Under torch.distributed each rank prunes its share of these groups (numbered from `first_group`),
-    then all swap results.
+    then all swap results (every rank finds the same permutations, from the same statistics).
     """
     groups: dict[int | str, list[str]] = {}  # modules reading the same input (same statistics object)
     for name in modules:
@@ -464,16 +555,21 @@ def prune_modules(
     groups_list = list(groups.values())
     errors: dict[str, float] = {}
     for g, names in enumerate(groups_list, start=first_group):
+        weights, group_stats = [modules[name].weight.data for name in names], stats.get(names[0])
+        permutation = None
+        if permutable and len(names) == 1 and names[0] in permutable:
+            permutation = input_permutation(recipe.method, weights, group_stats, recipe.pattern,
+                                            permutable[names[0]], **recipe.options)
+            modules[names[0]].input_permutation = permutation
         if not distributed.is_mine(g):
             continue
-        weights, group_stats = [modules[name].weight.data for name in names], stats.get(names[0])
         if threshold is not None:
             pruned, grids = quantize_weights([prune_below(w, threshold) for w in weights], group_stats,
                                              recipe.quantization)
         else:
             pruned, grids = prune_weights(recipe.method, weights, group_stats, recipe.pattern, recipe.quantization,
                                           fisher=[fisher[name] for name in names] if fisher else None,
-                                          **recipe.options)
+                                          permutation=permutation, **recipe.options)
         for name, weight, grid in zip(names, pruned, grids or [None] * len(names), strict=True):
             modules[name].weight.data = weight
             set_grid(modules[name], grid)

@@ -23,9 +23,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from llm_sparsify.data import DataError, calibration_ids
 from llm_sparsify.engine import LayerReport, prune_model, target_modules, warn_untargeted
 from llm_sparsify.models import decoder_layers
+from llm_sparsify.prune.allocation import layer_sensitivities, sensitivity_levels, sensitivity_sparsities
 from llm_sparsify.prune.fisher import fisher_diagonal
 from llm_sparsify.prune.owl import layer_outlier_ratios, owl_sparsities
-from llm_sparsify.recipe import Depth, Recipe
+from llm_sparsify.recipe import Depth, Recipe, RecipeError
 from llm_sparsify.recover import finetune, gradual_prune
 from llm_sparsify.structure.depth import (
     baseline_importance,
@@ -77,16 +78,36 @@ def remove_depth(model: PreTrainedModel, depth: Depth, calibration: Tensor | Non
     return {"removed": removed, "importance": [round(v, 6) for v in importance.tolist()]}
 
 
+def allocate_by_sensitivity(model: PreTrainedModel, recipe: Recipe, calibration: Tensor, device: str,
+                            batch_size: int) -> tuple[list[float], dict[str, Any]]:
+    """Per-layer sparsities from each layer's measured damage at several sparsities (prune/allocation.py)."""
+    options = recipe.sensitivity
+    if not isinstance(recipe.pattern, float):
+        raise RecipeError(f"allocation: sensitivity varies the sparsity per layer, so it takes a fraction, not "
+                          f"{recipe.pattern_text}")
+    targets = target_modules(model, recipe)
+    levels = sensitivity_levels(recipe.pattern, options.spread, options.levels)
+    tables = layer_sensitivities(model, calibration[:options.samples], levels, targets, device, batch_size)
+    sparsities = sensitivity_sparsities(tables[options.error], levels, recipe.pattern, targets)
+    return sparsities, {"levels": levels, "errors": tables[options.error].tolist(), "sparsities": sparsities}
+
+
 def prune_weights_of(model: PreTrainedModel, recipe: Recipe, calibration: Tensor | None, device: str,
                      batch_size: int) -> tuple[list[LayerReport], dict[str, Any]]:
-    """The pruning stage: OWL's per-layer sparsities or OBD's Fisher first, if the recipe asks, then the engine."""
+    """The pruning stage: per-layer sparsities (OWL's or measured sensitivity's) or OBD's Fisher first, if the
+    recipe asks, then the engine."""
     info: dict[str, Any] = {}
     sparsities = fisher = None
     if recipe.owl is not None:
+        if not isinstance(recipe.pattern, float):
+            raise RecipeError(f"allocation: owl varies the sparsity per layer, so it takes a fraction, not "
+                              f"{recipe.pattern_text}")
         targets = target_modules(model, recipe)
         ratios = layer_outlier_ratios(model, calibration, recipe.owl.threshold, targets, device, batch_size)
         sparsities = owl_sparsities(ratios, recipe.pattern, recipe.owl.lam)
         info["owl"] = {"outlier_ratios": ratios, "sparsities": sparsities}
+    if recipe.sensitivity is not None:
+        sparsities, info["sensitivity"] = allocate_by_sensitivity(model, recipe, calibration, device, batch_size)
     if recipe.method == "obd":
         modules = {name: module for layer in target_modules(model, recipe) for name, module in layer.items()}
         fisher = fisher_diagonal(model, calibration, modules, device)

@@ -11,6 +11,8 @@
       alpha: 0.5               # ria: the power of ‖X_j‖₂ in its score (prune/ria.py)
       update: none             # after the mask, update the kept weights for it from the Hessian (prune/refit.py):
                                #   obs (SparseGPT's sweep; not for sparsegpt) | lstsq (the least-squares optimum)
+      permute: false           # wanda, ria, sparsegpt at N:M: form down_proj's and o_proj's groups over permuted
+                               #   inputs, folded into gate/up and v_proj rows (prune/permute.py); no quantization
       inputs: pruned           # wanda, sparsegpt: each module calibrated on the inputs the already
                                #   pruned modules before it produce, in one forward per layer (pruned),
                                #   or all on the unpruned layer's, in two forwards (dense, as the
@@ -47,6 +49,17 @@ is optional, but a recipe needs at least one of depth, width, pruning.
       allocation: owl          # per-layer sparsity from outlier ratios (prune/owl.py), wanda and sparsegpt only
       owl_threshold: 5         #   M: a score is an outlier above M × its matrix's mean
       owl_lambda: 0.08         #   λ: layer sparsities lie within target ± λ
+      # allocation: sensitivity  # per-layer sparsity from each layer's measured damage at several sparsities
+      sensitivity_levels: 9    #   sparsities measured, evenly from target − spread to target + spread
+      sensitivity_spread: 0.2  #   (prune/allocation.py); the parameter-weighted mean is exactly the target
+      sensitivity_error: token #   token | sum | update: the damage measured (see prune/allocation.py)
+      sensitivity_samples: 16  #   calibration windows of the score pass
+    reconstruction:            # after each layer is pruned, fit its kept weights so the layer reproduces the
+      steps: 16                #   dense outputs (reconstruct.py): Adam steps
+      lr: 3.0e-4
+      batch_size: 2            #   calibration samples per step
+      targets: dense           #   dense: the dense model's outputs of the layer | pruned: the dense layer's
+                               #   outputs on the pruned stream's inputs
     recovery:                  # fine-tune with the masks frozen (recover.py)
       steps: 100               #   optimizer steps (per stage with a schedule)
       lr: 1.0e-4
@@ -87,9 +100,9 @@ from llm_sparsify.quantize.grid import QuantScheme
 
 OPTIONS: dict[str, dict[str, Any]] = {  # method -> its options and their defaults
     "magnitude": {"scope": "layer", "update": "none"},
-    "wanda": {"update": "none"},
-    "ria": {"alpha": ALPHA, "update": "none"},
-    "sparsegpt": {"blocksize": 128, "dampening": 0.01, "update": "none"},
+    "wanda": {"update": "none", "permute": False},
+    "ria": {"alpha": ALPHA, "update": "none", "permute": False},
+    "sparsegpt": {"blocksize": 128, "dampening": 0.01, "update": "none", "permute": False},
     "obd": {},
 }
 _COMMON = {"method", "sparsity", "targets", "ignore"}
@@ -178,6 +191,29 @@ class Owl:
 
 
 @dataclass(frozen=True)
+class Sensitivity:
+    """Per-layer sparsity from measured damage: how many levels, their spread around the target, the damage's
+    currency and the calibration windows of the score pass (prune/allocation.py)."""
+
+    levels: int = 9  # with spread 0.2: every 0.05, as measured (eval/allocation_gain.py, held-out C4)
+    spread: float = 0.2
+    error: str = "token"
+    samples: int = 16
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """Fit each pruned layer's kept weights to the dense outputs (reconstruct.py): Adam `steps` at `lr` on
+    `batch_size` samples each, towards the dense model's outputs of the layer (`targets: dense`) or the dense layer's
+    on the pruned stream (`pruned`)."""
+
+    steps: int = 16
+    lr: float = 3e-4  # 3e-4 beat 1e-4 on held-out C4 (SparseGPT 2:4, README)
+    batch_size: int = 2
+    targets: str = "dense"
+
+
+@dataclass(frozen=True)
 class Recovery:
     """Fine-tuning with the masks frozen, optionally gradual (prune to each `schedule` step, fine-tune, ...)."""
 
@@ -223,6 +259,8 @@ class Recipe:
     #                            the measured default for the method and pattern, default_inputs)
     quantization: Quantization | None = None
     owl: Owl | None = None
+    sensitivity: Sensitivity | None = None
+    reconstruction: Reconstruction | None = None
     depth: Depth | None = None
     width: Width | None = None
     recovery: Recovery | None = None
@@ -236,12 +274,13 @@ class Recipe:
     @property
     def streams(self) -> bool:
         """Whether the recipe can run one decoder layer at a time from disk (else the whole model is loaded)."""
-        return not (self.depth or self.width or self.recovery or self.owl or self.method == "obd")
+        return not (self.depth or self.width or self.recovery or self.owl or self.sensitivity or self.method == "obd")
 
     @property
     def needs_calibration(self) -> bool:
         needs = self.depth and self.depth.score == "cosine" or self.width and self.width.score != "weight"
-        return bool(needs or self.recovery or self.owl or self.statistic is not None)
+        return bool(needs or self.recovery or self.owl or self.sensitivity or self.reconstruction
+                    or self.statistic is not None)
 
     @property
     def statistic(self) -> str | None:
@@ -275,10 +314,13 @@ class Recipe:
                 section["inputs"] = self.inputs
             if self.owl is not None:
                 section |= {"allocation": "owl", "owl_threshold": self.owl.threshold, "owl_lambda": self.owl.lam}
+            if self.sensitivity is not None:
+                section |= {"allocation": "sensitivity",
+                            **{f"sensitivity_{k}": v for k, v in asdict(self.sensitivity).items()}}
             sections["pruning"] = section
         if self.quantization is not None:
             sections["quantization"] = self.quantization.to_dict()
-        for key in ("recovery", "evaluate", "export"):
+        for key in ("reconstruction", "recovery", "evaluate", "export"):
             if (stage := getattr(self, key)) is not None:
                 sections[key] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(stage).items()}
         return sections
@@ -361,7 +403,7 @@ def parse_quantization(section: Any, method: str, pattern: Pattern, options: dic
 
 
 _ABSENT = object()  # a recipe without a quantization section (`quantization: null` is an error)
-SECTIONS = ("depth", "width", "pruning", "quantization", "recovery", "evaluate", "export")
+SECTIONS = ("depth", "width", "pruning", "quantization", "reconstruction", "recovery", "evaluate", "export")
 SCORES = {"depth": ("cosine", "last", "random"), "width": ("weight", "activation", "obd")}
 EXPORT_FORMATS = ("gguf", "compact", "compressed-tensors", "bnb-nf4", "bnb-fp4", "bnb-int8")
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")  # what export/gguf.py writes
@@ -437,6 +479,17 @@ def parse_width(section: Any) -> Width:
                  _choice(section.get("scope", "layer"), "width.scope", ("layer", "global")))
 
 
+def parse_reconstruction(section: Any) -> Reconstruction:
+    section = _keys(section, "reconstruction", Reconstruction)
+    steps, lr = section.get("steps", Reconstruction.steps), section.get("lr", Reconstruction.lr)
+    batch_size = section.get("batch_size", Reconstruction.batch_size)
+    _positive(steps, "reconstruction.steps", integer=True)
+    _positive(lr, "reconstruction.lr", integer=False)
+    _positive(batch_size, "reconstruction.batch_size", integer=True)
+    targets = _choice(section.get("targets", Reconstruction.targets), "reconstruction.targets", ("dense", "pruned"))
+    return Reconstruction(steps, float(lr), batch_size, targets)
+
+
 def parse_recovery(section: Any, pattern: Pattern | None) -> Recovery:
     """Validate a `recovery:` section; a schedule must climb to (and below) the pruning sparsity."""
     section = _keys(section, "recovery", Recovery)
@@ -484,6 +537,26 @@ def parse_export(section: Any) -> Export:
     return Export(formats, _choice(qtype.upper() if isinstance(qtype, str) else qtype, "export.qtype", GGUF_TYPES))
 
 
+SENSITIVITY_KEYS = {"sensitivity_levels", "sensitivity_spread", "sensitivity_error", "sensitivity_samples"}
+
+
+def parse_sensitivity(section: dict[str, Any], pattern: Pattern) -> Sensitivity:
+    """The `allocation: sensitivity` options of a pruning section, checked."""
+    if isinstance(pattern, tuple):
+        raise RecipeError("allocation: sensitivity varies the sparsity per layer, so it takes a fraction, not N:M")
+    found = {key.removeprefix("sensitivity_"): section[key] for key in SENSITIVITY_KEYS if key in section}
+    sensitivity = Sensitivity(**found)
+    _positive(sensitivity.levels, "pruning.sensitivity_levels", integer=True)
+    _positive(sensitivity.samples, "pruning.sensitivity_samples", integer=True)
+    _positive(sensitivity.spread, "pruning.sensitivity_spread", integer=False)
+    _choice(sensitivity.error, "pruning.sensitivity_error", ("token", "sum", "update"))
+    if sensitivity.levels < 2:
+        raise RecipeError(f"pruning.sensitivity_levels must be 2 or more, got {sensitivity.levels}")
+    if not 0 < pattern < 1:
+        raise RecipeError(f"allocation: sensitivity needs a sparsity strictly between 0 and 1, got {pattern}")
+    return sensitivity
+
+
 def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
     """Validate a `pruning:` section (and the `quantization:` that goes with it): the Recipe's pruning fields."""
     if not isinstance(section, dict):
@@ -497,6 +570,10 @@ def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
     options = {**OPTIONS[method], **{k: section[k] for k in OPTIONS[method] if k in section}}
     needs_data = method_statistic(method, options) not in (None, "fisher") or quantizer == "gptq"
     owl_keys = {"allocation", "owl_threshold", "owl_lambda"} if method in ("wanda", "ria", "sparsegpt") else set()
+    if owl_keys and section.get("allocation") == "sensitivity":
+        owl_keys |= SENSITIVITY_KEYS
+    elif owl_keys and SENSITIVITY_KEYS & set(section):
+        raise RecipeError(f"{', '.join(sorted(SENSITIVITY_KEYS & set(section)))} need `allocation: sensitivity`")
     allowed = _COMMON | set(OPTIONS[method]) | ({"inputs"} if needs_data else set()) | owl_keys
     if unknown := set(section) - allowed:
         known = ", ".join(sorted(allowed))
@@ -509,6 +586,11 @@ def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
             raise RecipeError("pruning.update works on each matrix's mask; global magnitude ranking takes none")
         if method == "sparsegpt" and options["update"] == "obs":
             raise RecipeError("sparsegpt's own sweep is the obs update for its mask; use update: lstsq (or none)")
+    if _flag(options.get("permute", False), "pruning.permute") and not isinstance(pattern, tuple):
+        raise RecipeError("pruning.permute reorders inputs so that better N:M groups form; it needs an N:M sparsity")
+    if options.get("permute") and quantization is not _ABSENT:
+        raise RecipeError("pruning.permute cannot go with quantization: folding the permutation after the grids "
+                          "are fitted would move inputs across their quantization groups")
     if "alpha" in options:
         alpha = options["alpha"]
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 4:
@@ -527,7 +609,8 @@ def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
     if inputs not in INPUTS:
         raise RecipeError(f"inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")
     owl = None
-    if _choice(section.get("allocation", "uniform"), "pruning.allocation", ("uniform", "owl")) == "owl":
+    allocation = _choice(section.get("allocation", "uniform"), "pruning.allocation", ("uniform", "owl", "sensitivity"))
+    if allocation == "owl":
         if isinstance(pattern, tuple):
             raise RecipeError("allocation: owl varies the sparsity per layer, so it takes a fraction, not N:M")
         owl = Owl(section.get("owl_threshold", 5.0), section.get("owl_lambda", 0.08))
@@ -538,6 +621,7 @@ def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
                               "layer's sparsity stays in (0, 1)")
     elif {"owl_threshold", "owl_lambda"} & set(section):
         raise RecipeError("owl_threshold and owl_lambda need `allocation: owl`")
+    sensitivity = parse_sensitivity(section, pattern) if allocation == "sensitivity" else None
     return {
         "method": method,
         "pattern": pattern,
@@ -546,6 +630,7 @@ def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
         "options": options,
         "inputs": inputs,
         "owl": owl,
+        "sensitivity": sensitivity,
         "quantization": None if quantization is _ABSENT else parse_quantization(quantization, method, pattern, options),
     }
 
@@ -560,8 +645,9 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
     if not {"pruning", "depth", "width"} & set(data):
         raise RecipeError("a recipe needs a `pruning:` section with at least `method` and `sparsity` "
                           "(or a `depth:` or `width:` section)")
-    if "quantization" in data and "pruning" not in data:
-        raise RecipeError("quantization applies to the pruned weights: it needs a `pruning:` section")
+    for section in ("quantization", "reconstruction"):
+        if section in data and "pruning" not in data:
+            raise RecipeError(f"{section} applies to the pruned weights: it needs a `pruning:` section")
     pruning = parse_pruning(data["pruning"], data.get("quantization", _ABSENT)) if "pruning" in data else {
         "method": None, "pattern": None}
     export = parse_export(data["export"]) if "export" in data else None
@@ -576,6 +662,7 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
         name=name,
         depth=parse_depth(data["depth"]) if "depth" in data else None,
         width=parse_width(data["width"]) if "width" in data else None,
+        reconstruction=parse_reconstruction(data["reconstruction"]) if "reconstruction" in data else None,
         recovery=parse_recovery(data["recovery"], pruning["pattern"]) if "recovery" in data else None,
         evaluate=parse_evaluate(data["evaluate"]) if "evaluate" in data else None,
         export=export,

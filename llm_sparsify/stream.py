@@ -291,9 +291,9 @@ class StreamedLayers:
     def __len__(self) -> int:
         return len(self.layers)
 
-    def _read(self, index: int) -> dict[str, Tensor]:
+    def _read(self, index: int, original: bool = False) -> dict[str, Tensor]:
         full = [f"{self.prefix}.{index}.{n}" for n in self.names[index]]
-        if self.output is not None and index < len(self.output.finished):
+        if not original and self.output is not None and index < len(self.output.finished):
             source, files = self.output.path, dict.fromkeys(full, self.output.shard_name(index))
         else:
             source, files = self.checkpoint, self.files
@@ -320,8 +320,9 @@ class StreamedLayers:
             for name in modules:
                 yield read_tensors(self.checkpoint, self.files, [f"{name}.weight"])[f"{name}.weight"]
 
-    def load(self, index: int, device: torch.device) -> nn.Module:
-        tensors = self._read(index)
+    def load(self, index: int, device: torch.device, original: bool = False) -> nn.Module:
+        """Layer `index` on `device`: from the partial output if an earlier run finished it, unless `original`."""
+        tensors = self._read(index, original)
         self.stored = {name: t.dtype for name, t in tensors.items()}
         layer = self.layers[index]
         _place(layer, tensors, device, self.dtype)

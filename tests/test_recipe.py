@@ -19,9 +19,9 @@ from llm_sparsify.recipe import (
     recipe_from_dict,
 )
 
-BUILTINS = ["depth-cosine-4", "magnitude-2of4", "magnitude-50", "owl-wanda-70", "sparsegpt-2of4",
-            "sparsegpt-2of4-lstsq", "sparsegpt-50", "sparsegpt-50-rtn-w4g128", "sparsegpt-50-w4g128", "wanda-2of4",
-            "wanda-50", "wanda-70-recover", "width-mlp-30"]
+BUILTINS = ["best-2of4", "best-50", "best-70", "depth-cosine-4", "magnitude-2of4", "magnitude-50", "owl-wanda-70",
+            "sparsegpt-2of4", "sparsegpt-2of4-lstsq", "sparsegpt-50", "sparsegpt-50-rtn-w4g128", "sparsegpt-50-w4g128",
+            "wanda-2of4", "wanda-50", "wanda-70-recover", "width-mlp-30"]
 
 
 def write(tmp_path, text: str, name: str = "recipe.yaml"):
@@ -62,10 +62,11 @@ def test_every_builtin_pruning_recipe_loads(name):
 
 
 def test_builtin_options_have_their_defaults():
-    assert load_recipe("sparsegpt-50").options == {"blocksize": 128, "dampening": 0.01, "update": "none"}
+    assert load_recipe("sparsegpt-50").options == {"blocksize": 128, "dampening": 0.01, "update": "none",
+                                                   "permute": False}
     assert load_recipe("magnitude-50").options == {"scope": "layer", "update": "none"}
     assert load_recipe("magnitude-2of4").options == {"scope": "layer", "update": "none"}
-    assert load_recipe("wanda-50").options == {"update": "none"}
+    assert load_recipe("wanda-50").options == {"update": "none", "permute": False}
 
 
 @pytest.mark.parametrize("name", ["sparsegpt-2of4", "wanda-50", "magnitude-50", "sparsegpt-50-w4g128",
@@ -102,7 +103,7 @@ def test_targets_and_ignore_accept_a_string_or_a_list():
 def test_explicit_options_override_defaults():
     recipe = recipe_from_dict({"pruning": {"method": "sparsegpt", "sparsity": "4:8", "blocksize": 64,
                                            "dampening": 0.1}})
-    assert recipe.options == {"blocksize": 64, "dampening": 0.1, "update": "none"}
+    assert recipe.options == {"blocksize": 64, "dampening": 0.1, "update": "none", "permute": False}
     assert recipe.pattern == (4, 8)
 
 
@@ -186,7 +187,8 @@ def test_unknown_key_lists_the_allowed_keys():
         recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5, "blocksize": 128}})
     message = str(error.value)
     assert "blocksize" in message
-    assert "allowed: allocation, ignore, inputs, method, owl_lambda, owl_threshold, sparsity, targets" in message
+    assert ("allowed: allocation, ignore, inputs, method, owl_lambda, owl_threshold, permute, sparsity, targets, "
+            "update") in message
 
 
 @pytest.mark.parametrize(("method", "sparsity", "order"), [
@@ -216,7 +218,7 @@ def test_inputs_order_is_checked_and_kept():
 
 def test_unknown_key_for_sparsegpt_lists_its_options():
     with pytest.raises(RecipeError, match="allowed: allocation, blocksize, dampening, ignore, inputs, method, "
-                       "owl_lambda, owl_threshold, sparsity, targets"):
+                       "owl_lambda, owl_threshold, permute, sparsity, targets, update"):
         recipe_from_dict({"pruning": {"method": "sparsegpt", "sparsity": 0.5, "scope": "layer"}})
 
 
@@ -300,7 +302,7 @@ def test_missing_path_lists_builtin_recipes(tmp_path):
 
 
 def test_unknown_builtin_name_lists_builtin_recipes():
-    with pytest.raises(RecipeError, match=r"'wanda-60' is neither a file nor a built-in recipe \(depth-cosine-4, magn"):
+    with pytest.raises(RecipeError, match=r"'wanda-60' is neither a file nor a built-in recipe \(best-2of4, best-50, "):
         load_recipe("wanda-60")
 
 

@@ -193,10 +193,10 @@ def test_update_in_a_whole_model_lowers_every_layer_error(calibration, one_threa
 
 def test_ria_recipe_defaults_and_statistic():
     recipe = recipe_from_dict({"pruning": {"method": "ria", "sparsity": "2:4"}})
-    assert recipe.options == {"alpha": 0.5, "update": "none"} and recipe.statistic == "column_norms"
+    assert recipe.options == {"alpha": 0.5, "update": "none", "permute": False} and recipe.statistic == "column_norms"
     assert recipe.needs_calibration
     updated = recipe_from_dict({"pruning": {"method": "ria", "sparsity": 0.5, "alpha": 0.25, "update": "lstsq"}})
-    assert updated.options == {"alpha": 0.25, "update": "lstsq"} and updated.statistic == "hessian"
+    assert updated.options == {"alpha": 0.25, "update": "lstsq", "permute": False} and updated.statistic == "hessian"
     assert load_recipe(updated.to_dict()).options == updated.options
 
 

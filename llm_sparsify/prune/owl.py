@@ -86,13 +86,7 @@ def layer_outlier_ratios(
     matrices scored; a layer with none gets NaN (leave it out before owl_sparsities).
     """
     device = torch.device(device)
-    engine.check_calibration(model, calibration, "OWL")
-    targets = engine.layer_linears(model) if targets is None else targets
-    layers = engine.ResidentLayers(model)
-    if len(targets) != len(layers):
-        raise ValueError(f"targets lists {len(targets)} layers, the model has {len(layers)}")
-    with layers.stem(device):
-        hidden, kwargs = engine.capture_layer_inputs(model, calibration, device, batch_size)
+    layers, targets, hidden, kwargs = engine.score_pass_start(model, calibration, targets, device, batch_size, "OWL")
     ratios = []
     for i in tqdm(range(len(layers)), desc="OWL outlier ratios", unit="layer"):
         layer = layers.load(i, device)

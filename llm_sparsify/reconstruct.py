@@ -1,0 +1,96 @@
+"""Block-wise reconstruction: after a decoder layer is pruned, fit its kept weights so that the pruned layer
+reproduces the dense outputs on the calibration samples (masks frozen, grids respected).
+
+    min over the kept weights Ŵ of  Σ_samples ‖f(x̂; Ŵ ⊙ M) − y‖² / ‖y‖²
+
+x̂ are the layer's inputs in the pruned stream (what the pruned layers before it produce), M the masks (removed
+weights stay exactly zero), y the targets: the dense model's own outputs of this layer (`targets: dense`, which
+also corrects the error the pruned layers before it let into x̂) or the dense layer's outputs on x̂ (`pruned`, a
+local fit). Per-module least squares (prune/refit.py) fits each Linear to its own inputs; this fits the whole
+layer through its attention and gated MLP, so each module's error is weighed by what it does to the layer's output.
+
+Adam on float32 copies of the kept weights, `batch_size` calibration samples per step, each step on samples the
+steps before it have not seen until all have been (under torchrun each rank its own samples, the gradients
+averaged). A quantized weight is rounded to its fixed grid in the forward (straight-through gradient) and stored
+rounded. The layer's other parameters (norms, biases) stay as they are. Whether the fit is kept is the caller's
+call, from the outputs it computes anyway (engine.py keeps it only if the layer's output error went down).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from llm_sparsify import distributed
+from llm_sparsify.quantize.grid import Grid, round_to_grid
+
+
+def relative_error(outputs: list[Tensor], targets: list[Tensor]) -> float:
+    """‖f − y‖² / ‖y‖² over all samples (and all ranks): how far a layer's outputs are from their targets."""
+    sums = torch.zeros(2, dtype=torch.float64)
+    for out, y in zip(outputs, targets, strict=True):
+        y = y.to(out.device).float()
+        sums[0] += (out.float() - y).pow(2).sum().item()
+        sums[1] += y.pow(2).sum().item()
+    distributed.average([sums])
+    return (sums[0] / sums[1]).item()
+
+
+def _rows(value: Any, rows: slice, batch: int) -> Any:
+    """`value` (a keyword the layer receives) cut to the samples `rows` where it holds one entry per sample."""
+    if isinstance(value, Tensor) and value.dim() and value.shape[0] == batch:
+        return value[rows]
+    if isinstance(value, tuple):
+        return tuple(_rows(v, rows, batch) for v in value)
+    return value
+
+
+def sample_batches(inputs: list[Tensor], batch_size: int) -> list[tuple[int, slice]]:
+    """(input batch, rows) of every group of `batch_size` samples, taken from each input batch in turn."""
+    chunks = [[(b, slice(r, r + batch_size)) for r in range(0, len(x), batch_size)] for b, x in enumerate(inputs)]
+    return [chunk[i] for i in range(max(map(len, chunks))) for chunk in chunks if i < len(chunk)]
+
+
+def _weight(latent: Tensor, kept: Tensor, grid: Grid | None, dtype: torch.dtype) -> Tensor:
+    """The weight the layer computes with: the latent weight masked, on its grid (straight-through), in `dtype`."""
+    w = latent * kept
+    if grid is not None:
+        w = w + (round_to_grid(w.detach(), grid) - w).detach()
+    return w.to(dtype)
+
+
+def reconstruct_layer(
+    layer: nn.Module, modules: list[nn.Linear], inputs: list[Tensor], kwargs: list[dict], targets: list[Tensor],
+    device: torch.device, steps: int, lr: float, batch_size: int,
+) -> list[float]:
+    """Fit the kept weights of `modules` (pruned Linears of `layer`) so that `layer` maps `inputs` to `targets`,
+    by `steps` Adam steps at learning rate `lr` on `batch_size` samples each; in place. Returns each step's loss."""
+    relative = {module: name for name, module in layer.named_modules()}
+    names = [f"{relative[module]}.weight" for module in modules]
+    dtype = modules[0].weight.dtype
+    kept = [module.weight != 0 for module in modules]
+    grids = [getattr(module, "quantization_grid", None) for module in modules]
+    grids = [None if g is None else Grid(g.scheme, g.scale.to(device), g.zero_point.to(device)) for g in grids]
+    latent = [module.weight.detach().float().clone().requires_grad_() for module in modules]
+    optimizer = torch.optim.Adam(latent, lr=lr)
+    batches, losses = sample_batches(inputs, batch_size), []
+    with torch.enable_grad():
+        for step in range(steps):
+            b, rows = batches[step % len(batches)]
+            weights = {n: _weight(w, k, g, dtype) for n, w, k, g in zip(names, latent, kept, grids, strict=True)}
+            kw = {key: _rows(value, rows, len(inputs[b])) for key, value in kwargs[b].items()}
+            out = functional_call(layer, weights, (inputs[b][rows].to(device),), kw, strict=False)
+            y = targets[b][rows].to(device).float()
+            loss = ((out[0] if isinstance(out, tuple) else out).float() - y).pow(2).sum() / y.pow(2).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            distributed.average(w.grad for w in latent)  # every rank takes the same step
+            optimizer.step()
+            losses.append(loss.item())
+    with torch.no_grad():
+        for module, w, k, g in zip(modules, latent, kept, grids, strict=True):
+            module.weight.data.copy_(_weight(w, k, g, dtype))
+    return losses
