@@ -10,7 +10,8 @@
             accumulate input statistics, prune every target Linear, then run all samples through
             the pruned layer for the next layer's inputs
         reconstruction (if the recipe has it): fit the kept weights so that the layer reproduces the dense
-            outputs, computed before pruning (reconstruct.py); then run it again for the next layer's inputs
+            outputs, computed before pruning on the samples the fit reads (reconstruct.py); then run it again
+            for the next layer's inputs
         save it (streaming: write its shard); offload it
 
 Where a layer comes from and goes to is the job of a layer source: `ResidentLayers` for a model in
@@ -33,9 +34,9 @@ from transformers import PreTrainedModel
 from transformers.utils.logging import tqdm
 
 from llm_sparsify import distributed
+from llm_sparsify.architecture import decoder_layers, home_device
 from llm_sparsify.data import DataError
 from llm_sparsify.interleaved import module_groups, prune_during_forward
-from llm_sparsify.models import decoder_layers, home_device
 from llm_sparsify.prune import input_permutation, method_statistic, prune_weights, quantize_weights
 from llm_sparsify.prune.magnitude import global_magnitude_threshold, prune_below
 from llm_sparsify.quantize.grid import Grid
@@ -398,7 +399,8 @@ def prune_layers(
         store = activation_store(model, calibration, device, recipe.inputs == "pruned")
         with layers.stem(device):
             hidden, kwargs = capture_layer_inputs(model, calibration, device, batch_size, store)
-    dense_hidden = hidden if fit is not None and fit.targets == "dense" else None  # the dense model's stream
+    fit_batches = fitted_batches(hidden, fit) if fit is not None else 0  # the leading input batches a fit reads
+    dense_hidden = hidden[:fit_batches] if fit is not None and fit.targets == "dense" else None  # the dense stream
 
     threshold = None
     if recipe.method == "magnitude" and recipe.options.get("scope") == "global":
@@ -418,14 +420,14 @@ def prune_layers(
         last = i + 1 == len(layers)
         if dense_hidden is not None and resumed and not last:  # the dense stream, through the dense layer
             layer = layers.load(i, device, original=True)
-            dense_hidden = [_forward(layer, h, kw, device) for h, kw in zip(dense_hidden, kwargs, strict=True)]
+            dense_hidden = [_forward(layer, h, kw, device) for h, kw in zip(dense_hidden, kwargs, strict=False)]
         layer = layers.load(i, device)
         outputs = teacher = None
         recipe_i = recipe if sparsities is None else replace(recipe, pattern=sparsities[i])
         if not resumed:
             if fit is not None:  # the dense layer's outputs, before any pruning
-                teacher = [_forward(layer, h, kw, device) for h, kw in zip(dense_hidden or hidden, kwargs,
-                                                                           strict=True)]
+                teacher = [_forward(layer, h, kw, device) for h, kw in zip(dense_hidden or hidden[:fit_batches],
+                                                                           kwargs, strict=False)]
             permutable = permutable_inputs(model, layer, targets[i]) if permute else None
             if targets[i] and statistic is not None and recipe.inputs == "pruned":
                 report, outputs = prune_interleaved(i, layer, targets[i], hidden, kwargs, recipe_i, layers,
@@ -483,25 +485,39 @@ def fold_permutations(model: PreTrainedModel, layer: nn.Module) -> None:
     fold_layer_permutations(layer, down, attention, attention_heads(model.config) if attention is not None else None)
 
 
+def fitted_batches(hidden: list[Tensor], fit: Reconstruction) -> int:
+    """How many leading input batches hold the steps × batch_size samples a reconstruction reads (all if fewer):
+    only these need the dense stream and the targets."""
+    need, have = fit.steps * fit.batch_size, 0
+    for b, h in enumerate(hidden):
+        have += len(h)
+        if have >= need:
+            return b + 1
+    return len(hidden)
+
+
 def fit_layer(
     layer: nn.Module, modules: list[nn.Linear], hidden: list[Tensor], kwargs: list[dict], teacher: list[Tensor],
     outputs: list[Tensor] | None, fit: Reconstruction, layers: LayerSource, device: torch.device,
-) -> tuple[list[float], list[Tensor]]:
-    """Reconstruct a pruned layer (reconstruct.py) and keep the fit only if it brings the layer's outputs closer to
-    `teacher`; return [error before, error after] and the layer's outputs as kept. `outputs`: the pruned layer's, if
-    the pruning's forward made them."""
-    pruned = outputs or [_forward(layer, h, kw, device) for h, kw in zip(hidden, kwargs, strict=True)]
+) -> tuple[list[float], list[Tensor] | None]:
+    """Reconstruct a pruned layer (reconstruct.py) on the leading input batches that `teacher` covers, and keep the
+    fit only if it brings the layer's outputs there closer to `teacher`. Returns [error before, error after] and
+    the layer's outputs on every input as kept (None: not computed). `outputs`: the pruned layer's, if the
+    pruning's forward made them."""
+    n = len(teacher)
+    pruned = outputs[:n] if outputs else [_forward(layer, h, kw, device) for h, kw in zip(hidden[:n], kwargs[:n],
+                                                                                          strict=True)]
     weights = [module.weight.detach().clone() for module in modules]
-    reconstruct_layer(layer, modules, hidden, kwargs, teacher, device, fit.steps, fit.lr, fit.batch_size)
+    reconstruct_layer(layer, modules, hidden[:n], kwargs[:n], teacher, device, fit.steps, fit.lr, fit.batch_size)
     layers.round_to_storage(layer)
     fitted = [_forward(layer, h, kw, device) for h, kw in zip(hidden, kwargs, strict=True)]
-    before, after = relative_error(pruned, teacher), relative_error(fitted, teacher)
+    before, after = relative_error(pruned, teacher), relative_error(fitted[:n], teacher)
     if after < before:
         return [before, after], fitted
     log.info("reconstruction did not lower the layer's output error (%.4g -> %.4g): kept as pruned", before, after)
     for module, weight in zip(modules, weights, strict=True):
         module.weight.data.copy_(weight)
-    return [before, before], pruned
+    return [before, before], outputs
 
 
 def prune_interleaved(

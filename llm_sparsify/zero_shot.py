@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from llm_sparsify.architecture import home_device
 from llm_sparsify.data import DataError
-from llm_sparsify.models import home_device
 
 if TYPE_CHECKING:
     from lm_eval.api.task import Task

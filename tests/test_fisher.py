@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from llm_sparsify.engine import layer_linears
-from llm_sparsify.prune.fisher import fisher_diagonal, obd_scores, prune_obd, sample_losses
+from llm_sparsify.fisher_pass import fisher_diagonal, sample_losses
+from llm_sparsify.prune.fisher import obd_scores, prune_obd
 from llm_sparsify.prune.masks import select_mask
 from tests.conftest import TINY, tiny_model
 

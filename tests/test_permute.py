@@ -156,7 +156,7 @@ def test_sparsegpt_and_updates_run_in_the_permuted_order(update):
         mask = wanda_scores(permuted, H.diagonal().sqrt()).reshape(16, 8, 4).argsort(2).argsort(2) < 2
         (reference,), _ = sparsegpt_sweep([permuted], H, mask=[mask.reshape(16, 32)])
     if update == "lstsq":
-        reference = refit_lstsq([permuted], H, [reference == 0])[0]
+        reference = refit_lstsq([permuted], H, [reference == 0], start=[reference])[0]
     torch.testing.assert_close(got[:, perm], reference, rtol=1e-4, atol=1e-5)
 
 

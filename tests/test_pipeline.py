@@ -13,7 +13,8 @@ from llm_sparsify import compress, load_recipe
 from llm_sparsify.cli import main
 from llm_sparsify.engine import layer_linears
 from llm_sparsify.export.hf import read_record
-from llm_sparsify.prune.fisher import fisher_diagonal, prune_obd
+from llm_sparsify.fisher_pass import fisher_diagonal
+from llm_sparsify.prune.fisher import prune_obd
 from llm_sparsify.prune.owl import layer_outlier_ratios, owl_sparsities
 from llm_sparsify.recipe import RecipeError, builtin_recipes, recipe_from_dict
 from tests.conftest import tiny_model

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from llm_sparsify import prune_checkpoint
-from llm_sparsify.engine import layer_linears, prune_model
+from llm_sparsify.engine import fitted_batches, layer_linears, prune_model
 from llm_sparsify.models import decoder_layers
 from llm_sparsify.quantize.grid import round_to_grid
-from llm_sparsify.recipe import RecipeError, load_recipe
+from llm_sparsify.recipe import RecipeError, Reconstruction, load_recipe
 from llm_sparsify.reconstruct import reconstruct_layer, relative_error, sample_batches
 from llm_sparsify.stream import StreamedLayers
 from tests.conftest import tiny_model
@@ -107,6 +107,13 @@ def test_each_step_takes_samples_not_yet_seen():
     seen = [(b, row) for b, rows in batches for row in range(*rows.indices(len(inputs[b])))]
     assert sorted(seen) == sorted(set(seen)) and len(seen) == 9  # every sample once
     assert [b for b, _ in batches[:3]] == [0, 1, 2]  # from each input batch in turn
+
+
+@pytest.mark.parametrize(("steps", "batch_size", "expected"), [(1, 1, 1), (2, 2, 1), (5, 1, 2), (4, 2, 2), (9, 1, 3),
+                                                                (50, 2, 3)])
+def test_the_fit_keeps_the_dense_stream_for_the_batches_its_samples_fill(steps, batch_size, expected):
+    hidden = [torch.zeros(4, 3, 2), torch.zeros(4, 3, 2), torch.zeros(1, 3, 2)]
+    assert fitted_batches(hidden, Reconstruction(steps=steps, batch_size=batch_size)) == expected
 
 
 def test_quantized_weights_stay_on_their_grids(calibration, one_thread):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from llm_sparsify.structure.resize import load_width_pruned
 from llm_sparsify.structure.width import (
     UNITS,
     WidthError,
@@ -14,7 +15,6 @@ from llm_sparsify.structure.width import (
     channel_scores,
     choose_units,
     group_scores,
-    load_width_pruned,
     prune_width,
     remove_kv_groups,
     remove_mlp_channels,

@@ -8,7 +8,7 @@ prune_weights(permutation=...); the caller folds it into the weights that produc
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,11 +21,8 @@ from llm_sparsify.prune.refit import update_kept
 from llm_sparsify.prune.ria import ALPHA, prune_ria, ria_scores
 from llm_sparsify.prune.sparsegpt import prune_sparsegpt, sparsegpt_sweep
 from llm_sparsify.prune.wanda import prune_wanda, wanda_scores
-from llm_sparsify.quantize.grid import Grid, rtn
+from llm_sparsify.quantize.grid import Grid, Quantization, rtn
 from llm_sparsify.stats import InputStatistics
-
-if TYPE_CHECKING:
-    from llm_sparsify.recipe import Quantization
 
 # method -> the statistic it needs: of the Linear's input, or the Fisher diagonal of its weight (None: no data)
 STATISTIC: dict[str, str | None] = {"magnitude": None, "wanda": "column_norms", "sparsegpt": "hessian",

@@ -32,12 +32,13 @@ def refit_obs(weights: list[Tensor], hessian: Tensor, masks: list[Tensor], dampe
 
 def refit_lstsq(
     weights: list[Tensor], hessian: Tensor, masks: list[Tensor], dampening: float = 0.01, steps: int = 200,
-    tolerance: float = 1e-3,
+    tolerance: float = 1e-3, start: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """The dense `weights` with `masks` applied and the kept weights set to the least-squares optimum (see above).
 
-    Conjugate gradients on every row together, from the masked weight, until each row's residual is below
-    `tolerance` times its right-hand side (or `steps` products); float32 on the weights' device.
+    Conjugate gradients on every row together, from `start` (e.g. SparseGPT's updated weights, which saves about a
+    sixth of the steps; default: the masked weight) until each row's residual is below `tolerance` times its
+    right-hand side (or `steps` products); float32 on the weights' device.
     """
     rows = [w.shape[0] for w in weights]
     W = torch.cat([w.detach().float() for w in weights])
@@ -48,7 +49,7 @@ def refit_lstsq(
         raise ValueError("the Hessian needs positive dampening (inputs that were always zero leave it singular)")
     inverse_diagonal = 1 / H.diagonal()
     b = (W @ H) * keep
-    x = W * keep
+    x = W * keep if start is None else torch.cat([w.detach().float() for w in start]).to(W.device) * keep
     r = b - (x @ H) * keep
     z = r * inverse_diagonal
     p = z.clone()
@@ -80,5 +81,5 @@ def update_kept(
     if update == "obs":
         return refit_obs(weights, hessian, masks, dampening)
     if update == "lstsq":
-        return refit_lstsq(weights, hessian, masks, dampening)
+        return refit_lstsq(weights, hessian, masks, dampening, start=pruned)
     raise ValueError(f"unknown weight update {update!r}; choose one of {', '.join(UPDATES)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,6 +39,28 @@ class QuantScheme:
 
     def group_width(self, columns: int) -> int:
         return self.group_size or columns
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How the pruned weights are quantized: `gptq` (with error feedback; needs the Hessian) or `rtn`."""
+
+    method: str
+    scheme: QuantScheme
+    blocksize: int = 128  # gptq
+    dampening: float = 0.01  # gptq
+    actorder: bool = True  # gptq: columns by decreasing H_qq, static groups (off for N:M in the same sweep)
+
+    def to_dict(self) -> dict[str, Any]:
+        section = {"method": self.method, "bits": self.scheme.bits, "group_size": self.scheme.group_size,
+                   "symmetric": self.scheme.symmetric}
+        gptq = {"dampening": self.dampening, "blocksize": self.blocksize, "actorder": self.actorder}
+        return section | (gptq if self.method == "gptq" else {})
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint's llm_sparsify.json says about its grids."""
+        return {key: value for key, value in self.to_dict().items() if key not in ("dampening", "blocksize",
+                                                                                  "actorder")}
 
 
 @dataclass

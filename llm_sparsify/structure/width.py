@@ -22,18 +22,25 @@ computes what the full model computes with those units' output weights (down_pro
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.utils.logging import tqdm
 
 from llm_sparsify.engine import ResidentLayers, capture_layer_inputs, check_calibration, collect_statistics
-from llm_sparsify.errors import UserError
-from llm_sparsify.models import ModelError, decoder_layers
-from llm_sparsify.prune.fisher import fisher_diagonal, obd_scores
+from llm_sparsify.fisher_pass import fisher_diagonal
+from llm_sparsify.models import decoder_layers
+from llm_sparsify.prune.fisher import obd_scores
+from llm_sparsify.structure.resize import (
+    WidthError,
+    head_layout,
+    linear,
+    remove_kv_groups,
+    remove_mlp_channels,
+    width_parameters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,38 +52,15 @@ SCORES = ("weight", "activation", "obd")
 SCOPES = ("layer", "global")
 
 
-class WidthError(UserError, ValueError):
-    """A width-pruning request that cannot be carried out (bad amount, scope, unit, keep masks, ...)."""
-
-
-def _linear(layer: nn.Module, name: str) -> nn.Linear:
-    try:
-        module = layer.get_submodule(name)
-    except AttributeError:
-        module = None
-    if not isinstance(module, nn.Linear):
-        raise ModelError(f"width pruning needs a Llama-style decoder layer with {name} as nn.Linear "
-                         f"({type(layer).__name__} has none)")
-    return module
-
-
-def _head_layout(layer: nn.Module) -> tuple[int, int, int]:
-    """(head_dim, query heads per KV group, KV groups) of a decoder layer's attention."""
-    attention = layer.self_attn
-    head_dim = attention.head_dim
-    groups = _linear(layer, "self_attn.k_proj").out_features // head_dim
-    return head_dim, attention.num_key_value_groups, groups
-
-
 def _importance(layer: nn.Module, names: tuple[str, ...], importance: dict[str, Tensor] | None) -> dict[str, Tensor]:
     """The per-weight importance of each named Linear: the given one, or |W| when none is given."""
     if importance is None:
-        return {name: _linear(layer, name).weight.detach().float().abs() for name in names}
+        return {name: linear(layer, name).weight.detach().float().abs() for name in names}
     missing = [name for name in names if name not in importance]
     if missing:
         raise WidthError(f"importance has no entry for {missing} (keys: {sorted(importance)})")
     for name in names:
-        shape = _linear(layer, name).weight.shape
+        shape = linear(layer, name).weight.shape
         if importance[name].shape != shape:
             raise WidthError(f"importance of {name} has shape {tuple(importance[name].shape)}, "
                              f"its weight {tuple(shape)}")
@@ -92,7 +76,7 @@ def channel_scores(layer: nn.Module, importance: dict[str, Tensor] | None = None
 
 def group_scores(layer: nn.Module, importance: dict[str, Tensor] | None = None) -> Tensor:
     """Score of each attention KV group: L2 norm of its k/v rows, its query heads' q rows and o columns."""
-    head_dim, _, groups = _head_layout(layer)
+    head_dim, _, groups = head_layout(layer)
     q, k, v, o = (t.cpu() for t in _importance(layer, ATTENTION, importance).values())
     queries = q.square().sum(1) + o.square().sum(0)  # per query row / o column, grouped by KV head below
     keys = k.square().sum(1) + v.square().sum(1)
@@ -138,9 +122,9 @@ def obd_importance(model: PreTrainedModel, calibration: Tensor, names: tuple[str
     """Per decoder layer, (½·F·w²)^½ of the named Linears (relative names), F their diagonal Fisher on `calibration`."""
     layers = decoder_layers(model)
     prefix = next(name for name, module in model.named_modules() if module is layers)
-    modules = {f"{prefix}.{i}.{name}": _linear(layer, name) for i, layer in enumerate(layers) for name in names}
+    modules = {f"{prefix}.{i}.{name}": linear(layer, name) for i, layer in enumerate(layers) for name in names}
     fisher = fisher_diagonal(model, calibration, modules, device)
-    return [{name: obd_scores(_linear(layer, name).weight, fisher[f"{prefix}.{i}.{name}"]).sqrt().cpu()
+    return [{name: obd_scores(linear(layer, name).weight, fisher[f"{prefix}.{i}.{name}"]).sqrt().cpu()
              for name in names} for i, layer in enumerate(layers)]
 
 
@@ -155,7 +139,7 @@ def units_per_layer(model: PreTrainedModel, unit: str) -> list[int]:
     """How many MLP channels ("mlp") or KV groups ("heads") each decoder layer has."""
     if unit not in UNITS:
         raise WidthError(f"unit must be one of {tuple(UNITS)}, not {unit!r}")
-    return [_linear(layer, "mlp.gate_proj").out_features if unit == "mlp" else _head_layout(layer)[2]
+    return [linear(layer, "mlp.gate_proj").out_features if unit == "mlp" else head_layout(layer)[2]
             for layer in decoder_layers(model)]
 
 
@@ -205,154 +189,6 @@ def choose_units(scores: list[Tensor], amount: float, scope: str = "layer") -> l
     mask = torch.ones(flat.numel(), dtype=torch.bool)
     mask[torch.argsort(flat, stable=True)[:remove]] = False
     return list(mask.split([s.numel() for s in scores]))
-
-
-def _take(linear: nn.Linear, index: Tensor, dim: int) -> nn.Linear:
-    """A new Linear holding the rows (dim 0, with their biases) or the columns (dim 1) `index` of `linear`."""
-    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device))
-    bias = linear.bias
-    if bias is not None and dim == 0:
-        bias = bias.detach().index_select(0, index.to(bias.device))
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    new.weight = nn.Parameter(weight.clone(), requires_grad=linear.weight.requires_grad)
-    if bias is not None:
-        new.bias = nn.Parameter(bias.detach().clone(), requires_grad=linear.bias.requires_grad)
-    return new
-
-
-def _check_keep(keep: list[Tensor], sizes: list[int], what: str) -> list[Tensor]:
-    if len(keep) != len(sizes):
-        raise WidthError(f"keep has {len(keep)} masks, the model {len(sizes)} decoder layers")
-    masks = []
-    for i, (mask, size) in enumerate(zip(keep, sizes, strict=True)):
-        mask = torch.as_tensor(mask).cpu()
-        if mask.dtype != torch.bool or mask.shape != (size,):
-            raise WidthError(f"keep mask of layer {i} must be a bool tensor of {size} {what}, "
-                             f"not {mask.dtype} {tuple(mask.shape)}")
-        if not mask.any():
-            raise WidthError(f"keep mask of layer {i} removes every {what[:-1]}; a layer needs at least one")
-        masks.append(mask)
-    return masks
-
-
-@torch.no_grad()
-def remove_mlp_channels(model: PreTrainedModel, keep: list[Tensor]) -> PreTrainedModel:
-    """Physically drop the MLP channels whose keep entry is False (smaller gate/up/down weights); in place."""
-    layers = decoder_layers(model)
-    sizes = [_linear(layer, "mlp.gate_proj").out_features for layer in layers]
-    for layer, mask in zip(layers, _check_keep(keep, sizes, "channels"), strict=True):
-        if mask.all():
-            continue
-        index = mask.nonzero().squeeze(1)
-        mlp = layer.mlp
-        mlp.gate_proj, mlp.up_proj = _take(mlp.gate_proj, index, 0), _take(mlp.up_proj, index, 0)
-        mlp.down_proj = _take(mlp.down_proj, index, 1)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = len(index)
-    record_widths(model)
-    return model
-
-
-@torch.no_grad()
-def remove_kv_groups(model: PreTrainedModel, keep: list[Tensor]) -> PreTrainedModel:
-    """Physically drop the KV groups whose keep entry is False, with their query heads and o_proj columns; in place."""
-    layers = decoder_layers(model)
-    layouts = [_head_layout(layer) for layer in layers]
-    for layer, mask, (head_dim, per_group, _) in zip(layers, _check_keep(keep, [g for *_, g in layouts], "groups"),
-                                                      layouts, strict=True):
-        if mask.all():
-            continue
-        groups = mask.nonzero().squeeze(1)
-        kv = (groups[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
-        width = per_group * head_dim
-        queries = (groups[:, None] * width + torch.arange(width)).reshape(-1)
-        attention = layer.self_attn
-        attention.q_proj, attention.o_proj = _take(attention.q_proj, queries, 0), _take(attention.o_proj, queries, 1)
-        attention.k_proj, attention.v_proj = _take(attention.k_proj, kv, 0), _take(attention.v_proj, kv, 0)
-        heads = len(groups) * per_group
-        for attribute, value in (("num_heads", heads), ("num_attention_heads", heads),
-                                 ("num_key_value_heads", len(groups))):
-            if hasattr(attention, attribute):  # older transformers versions keep these on the module
-                setattr(attention, attribute, value)
-    record_widths(model)
-    return model
-
-
-def layer_widths(model: PreTrainedModel) -> dict[str, list[int]]:
-    """Per decoder layer, its MLP intermediate size and number of KV heads, read off the weights."""
-    layers = decoder_layers(model)
-    return {"intermediate_size": [_linear(layer, "mlp.gate_proj").out_features for layer in layers],
-            "num_key_value_heads": [_head_layout(layer)[2] for layer in layers]}
-
-
-def record_widths(model: PreTrainedModel) -> None:
-    """Write the model's widths into its config: the plain fields where all layers agree, else config.layer_widths.
-
-    With unequal widths the plain fields hold the largest layer's (the model is built at that size, then each
-    layer is cut to its recorded width by load_width_pruned).
-    """
-    config = model.config
-    widths = layer_widths(model)
-    head_dim, per_group, _ = _head_layout(decoder_layers(model)[0])
-    config.head_dim = head_dim  # hidden_size / num_attention_heads no longer gives it
-    config.intermediate_size = max(widths["intermediate_size"])
-    config.num_key_value_heads = max(widths["num_key_value_heads"])
-    config.num_attention_heads = config.num_key_value_heads * per_group
-    if all(len(set(sizes)) == 1 for sizes in widths.values()):
-        if hasattr(config, "layer_widths"):
-            del config.layer_widths
-    else:
-        config.layer_widths = widths
-
-
-def width_parameters(model: nn.Module) -> int:
-    """Number of parameters of the model, tied weights counted once (what the width pruning shrank)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def _state_dict_files(path: Path) -> list[Path]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ModelError(f"{path} holds no .safetensors weights; load_width_pruned reads save_pretrained output")
-    return files
-
-
-def load_width_pruned(path: str | Path, **from_config_kwargs: Any) -> PreTrainedModel:
-    """Load a width-pruned checkpoint, also one whose layers differ in width (which transformers cannot load).
-
-    Plain AutoModelForCausalLM.from_pretrained builds every Llama layer at the config's one intermediate_size and
-    head count, so a checkpoint with config.layer_widths (scope "global") fails there with size mismatches. Here the
-    model is built from its config (`from_config_kwargs`, e.g. dtype, go to AutoModelForCausalLM.from_config), each
-    layer cut to its recorded width, and the saved weights loaded strictly. Uniform checkpoints load the same way.
-    """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ModelError(f"{path} is not a saved model directory (no config.json)")
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, **from_config_kwargs)
-    widths = getattr(config, "layer_widths", None)
-    if widths is not None:
-        remove_mlp_channels(model, [torch.arange(max(widths["intermediate_size"])) < n
-                                    for n in widths["intermediate_size"]])
-        remove_kv_groups(model, [torch.arange(max(widths["num_key_value_heads"])) < n
-                                 for n in widths["num_key_value_heads"]])
-    state: dict[str, Tensor] = {}
-    for file in _state_dict_files(path):
-        state.update(load_file(file))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    aliases: dict[int, set[str]] = {}  # tied parameters: one saved name stands for all
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(parameter), set()).add(name)
-    by_name = {name: names for names in aliases.values() for name in names}
-    missing = [name for name in missing if not (by_name.get(name, set()) & state.keys())]
-    if missing or unexpected:
-        raise ModelError(f"{path}: weights do not match the recorded widths (missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]})")
-    if (path / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(path)
-    return model.eval()
 
 
 def prune_width(
