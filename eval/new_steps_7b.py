@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 from llm_sparsify.architecture import decoder_layers
 from llm_sparsify.engine import _forward, capture_layer_inputs, collect_statistics
 from llm_sparsify.prune import input_permutation
+from llm_sparsify.prune.allocation import sensitivity_levels
 from llm_sparsify.prune.refit import update_kept
 from llm_sparsify.prune.sparsegpt import sparsegpt_sweep
 from llm_sparsify.prune.wanda import prune_wanda
@@ -99,7 +100,7 @@ def main() -> None:
                                     fit.batch_size))
 
     def sensitivity() -> None:
-        for level in [0.5 + 0.2 * (k / (Sensitivity.levels - 1) * 2 - 1) for k in range(Sensitivity.levels)]:
+        for level in sensitivity_levels(0.5, Sensitivity.spread, Sensitivity.levels):
             for name, module in modules.items():
                 module.weight.data = prune_wanda(dense[name], stats[name].column_norms(), level)
             [_forward(layer, h, kw, device) for h, kw in zip(hidden, kwargs, strict=True)]

@@ -420,14 +420,15 @@ def prune_layers(
         last = i + 1 == len(layers)
         if dense_hidden is not None and resumed and not last:  # the dense stream, through the dense layer
             layer = layers.load(i, device, original=True)
-            dense_hidden = [_forward(layer, h, kw, device) for h, kw in zip(dense_hidden, kwargs, strict=False)]
+            dense_hidden = [_forward(layer, h, kw, device) for h, kw in zip(dense_hidden, kwargs[:fit_batches],
+                                                                               strict=True)]
         layer = layers.load(i, device)
         outputs = teacher = None
         recipe_i = recipe if sparsities is None else replace(recipe, pattern=sparsities[i])
         if not resumed:
             if fit is not None:  # the dense layer's outputs, before any pruning
                 teacher = [_forward(layer, h, kw, device) for h, kw in zip(dense_hidden or hidden[:fit_batches],
-                                                                           kwargs, strict=False)]
+                                                                           kwargs[:fit_batches], strict=True)]
             permutable = permutable_inputs(model, layer, targets[i]) if permute else None
             if targets[i] and statistic is not None and recipe.inputs == "pruned":
                 report, outputs = prune_interleaved(i, layer, targets[i], hidden, kwargs, recipe_i, layers,

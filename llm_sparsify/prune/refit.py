@@ -36,9 +36,9 @@ def refit_lstsq(
 ) -> list[Tensor]:
     """The dense `weights` with `masks` applied and the kept weights set to the least-squares optimum (see above).
 
-    Conjugate gradients on every row together, from `start` (e.g. SparseGPT's updated weights, which saves about a
-    sixth of the steps; default: the masked weight) until each row's residual is below `tolerance` times its
-    right-hand side (or `steps` products); float32 on the weights' device.
+    Conjugate gradients on every row together, from `start` (e.g. SparseGPT's updated weights: 62 instead of 72
+    steps over three of one SmolLM2 layer's four inputs at 2:4; default: the masked weight) until each row's residual is
+    below `tolerance` times its right-hand side (or `steps` products); float32 on the weights' device.
     """
     rows = [w.shape[0] for w in weights]
     W = torch.cat([w.detach().float() for w in weights])
