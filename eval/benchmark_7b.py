@@ -1,26 +1,33 @@
-"""Benchmark `llm-sparsify prune` at real 7B-70B shapes on a random-weight sharded checkpoint.
+"""Benchmark `llm-sparsify prune` at real 7B-70B (and Mixtral-8x7B) shapes on a random-weight sharded checkpoint.
 
     python eval/benchmark_7b.py --layers 2                         # llama-2-7b shapes, 2 decoder layers, wanda-50
     python eval/benchmark_7b.py --preset mistral-7b --layers 2 --recipes wanda-50,sparsegpt-50
+    python eval/benchmark_7b.py --preset mixtral-8x7b --layers 4 --recipes wanda-50,sparsegpt-50 --prune-dtype bfloat16
     python eval/benchmark_7b.py --generate-only                    # just build the full 32-layer llama-2-7b
     python eval/benchmark_7b.py --device cuda --recipes wanda-50,sparsegpt-50 --nsamples 128 --seqlen 2048
     python eval/benchmark_7b.py --tiny --load-check                # hidden small preset for development
+    python eval/benchmark_7b.py --preset tiny-moe --load-check     # hidden small Mixtral-layout preset
 
 Steps:
 1. Build a checkpoint with the exact parameter shapes of the preset (random normal(0, 0.02) weights,
    norm weights one) one decoder layer at a time, never the whole model in memory: one safetensors shard
    per decoder layer plus one for embeddings/final norm/lm_head, `model.safetensors.index.json` and
-   `config.json`. It goes to a temporary directory renamed into place when complete, and is reused when
-   the same preset/layers/dtype/seed is already there (marker file `bench_model.json`). Random calibration
+   `config.json`. Tensor names and shapes are those save_pretrained writes (llm_sparsify.checkpoint_layout on a
+   meta-device model): for Mixtral each layer's experts as block_sparse_moe.experts.<e>.w1/w2/w3 plus the router
+   block_sparse_moe.gate, as real Mixtral checkpoints hold them, not transformers 5's fused in-memory parameters.
+   It goes to a temporary directory renamed into place when complete, and is reused when the same
+   preset/layers/dtype/seed is already there (marker file `bench_model.json`). Random calibration
    token ids [nsamples, seqlen] are saved as a .pt LongTensor beside it. No tokenizer is written: a random
    model has none, and `llm-sparsify prune` needs none with .pt calibration.
 2. Run `llm-sparsify prune MODEL --recipe R --calibration ids.pt --output OUT --overwrite --device DEV` as a
    subprocess per recipe (`python -m llm_sparsify.cli` with this checkout first on PYTHONPATH, so the code
-   measured is the code here): wall time and the child's own peak RSS (os.wait4), seconds per layer and peak
-   device memory (`peak_device_gib`, if the record has it) from OUT/llm_sparsify.json.
+   measured is the code here): wall time and the child's own peak RSS (os.wait4), seconds per layer, peak
+   device memory (`peak_device_gib`, if the record has it) and the share of zeros over all decoder-layer weights
+   (`decoder_sparsity`, router and any untargeted weight included) from OUT/llm_sparsify.json.
 3. Verify OUT tensor by tensor with safetensors.safe_open (never the whole model): targeted decoder-layer
-   Linear weights meet the recipe's sparsity (per row for Wanda), kept weights are unchanged for methods
-   without weight updates, every other tensor equals the input, and the weight map covers every parameter
+   Linear weights (MoE experts' w1/w2/w3 included) meet the recipe's sparsity (per row for Wanda), kept weights
+   are unchanged for methods without weight updates, every other tensor (router, norms, embeddings) equals the
+   input, the record's decoder sparsity equals the one counted on OUT, and the weight map covers every tensor
    of the model built from OUT's config on the meta device. `--load-check` also loads OUT with
    from_pretrained and runs one short forward pass (needs RAM for the whole model).
 4. Print a table and one JSON line per recipe.
@@ -33,6 +40,7 @@ import contextlib
 import fnmatch
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,7 +51,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig
+
+from llm_sparsify.checkpoint_layout import checkpoint_layout
 
 PRESETS = {
     "llama-2-7b": (LlamaConfig, dict(
@@ -63,16 +73,31 @@ PRESETS = {
         hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
         num_key_value_heads=8, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096,
         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)),
-    # Hidden development preset: not real shapes, never for reported figures.
+    # mistralai/Mixtral-8x7B-v0.1's config.json: 8 experts of Mistral-7B's MLP shape, top-2 routing.
+    "mixtral-8x7b": (MixtralConfig, dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6,
+        sliding_window=None, max_position_embeddings=32768, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)),
+    # Hidden development presets: not real shapes, never for reported figures.
     "tiny": (LlamaConfig, dict(
         hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=8, vocab_size=1000, rope_theta=10000.0, max_position_embeddings=2048,
         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)),
+    "tiny-moe": (MixtralConfig, dict(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=8, vocab_size=1000, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6,
+        sliding_window=None, max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)),
 }
-PUBLIC_PRESETS = [name for name in PRESETS if name != "tiny"]
+HIDDEN_PRESETS = {"tiny", "tiny-moe"}
+PUBLIC_PRESETS = [name for name in PRESETS if name not in HIDDEN_PRESETS]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-LAYER_TENSORS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"]
+ATTENTION_TENSORS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+NORM_TENSORS = ["input_layernorm", "post_attention_layernorm"]
+LAYER_TENSORS = [*ATTENTION_TENSORS, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", *NORM_TENSORS]  # dense layer
+ROUTER = "block_sparse_moe.gate"  # Mixtral's router on disk: a [experts, hidden] weight, never pruned
+EXPERT_TENSORS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # on disk -> llm_sparsify's module name
+EXPERT_ON_DISK = re.compile(r"(?P<layer>.*\.layers\.\d+)\.block_sparse_moe\.experts\.(?P<e>\d+)\.(?P<w>w[123])")
+TARGET_MODULE = re.compile(r".*\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.)?(gate|up|down)_proj)")
 STEM_TENSORS = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
 REPO = Path(__file__).resolve().parents[1]
 MARKER, INDEX, RECORD = "bench_model.json", "model.safetensors.index.json", "llm_sparsify.json"
@@ -91,26 +116,60 @@ def build_config(preset: str, layers: int | None, dtype: str):
     return config
 
 
-def parameter_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every parameter of the model the config describes, built on the meta device.
+def layer_parts(config) -> set[str]:
+    """The tensors one decoder layer holds on disk (without `.weight`), as this script expects them: a dense layer,
+    or a Mixtral layer with its router and num_local_experts experts of w1 (gate), w3 (up) and w2 (down)."""
+    experts = getattr(config, "num_local_experts", None)
+    if not experts:
+        return set(LAYER_TENSORS)
+    return {*ATTENTION_TENSORS, *NORM_TENSORS, ROUTER} | {
+        f"block_sparse_moe.experts.{e}.{w}" for e in range(experts) for w in EXPERT_TENSORS}
 
-    Checked against the names this script writes, so a transformers change fails here, not later.
+
+def parameter_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of the model the config describes as a checkpoint holds it on disk: the
+    meta-device model's state dict under the names and shapes save_pretrained writes (checkpoint_layout; for
+    Mixtral the fused in-memory experts split into block_sparse_moe.experts.<e>.w1/w2/w3, for Llama the same names).
+
+    Checked against the names this script expects (the same set in every decoder layer), so a transformers change
+    fails here, not later.
     """
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    expected = set(STEM_TENSORS) | {
-        f"model.layers.{i}.{part}.weight" for i in range(config.num_hidden_layers) for part in LAYER_TENSORS
-    }
-    if set(shapes) != expected:
-        raise SystemExit(f"{type(model).__name__} parameters differ from the expected names: "
-                         f"extra {sorted(set(shapes) - expected)[:5]}, missing {sorted(expected - set(shapes))[:5]}")
+    shapes = {name: tuple(t.shape) for name, t in checkpoint_layout(model, model.state_dict()).items()}
+    prefix = "model.layers."
+    layers: dict[int, set[str]] = {}
+    for name in shapes:
+        if name.startswith(prefix):
+            index, part = name.removeprefix(prefix).split(".", 1)
+            layers.setdefault(int(index), set()).add(part)
+    stem = {name for name in shapes if not name.startswith(prefix)}
+    expected = {f"{part}.weight" for part in layer_parts(config)}
+    problems = []
+    if stem != set(STEM_TENSORS):
+        problems.append(f"non-layer tensors {sorted(stem)} != {STEM_TENSORS}")
+    if sorted(layers) != list(range(config.num_hidden_layers)):
+        problems.append(f"layer indices {sorted(layers)[:5]}... for {config.num_hidden_layers} layers")
+    if layers.get(0) != expected:
+        got = layers.get(0, set())
+        problems.append(f"layer 0: extra {sorted(got - expected)[:5]}, missing {sorted(expected - got)[:5]}")
+    if any(parts != layers.get(0) for parts in layers.values()):
+        problems.append("decoder layers hold different tensor names")
+    if problems:
+        raise SystemExit(f"{type(model).__name__} checkpoint tensors differ from the expected names: "
+                         + "; ".join(problems))
     return shapes
 
 
-def shard_plan(num_layers: int) -> list[list[str]]:
-    """Tensor names per shard: embeddings/final norm/lm_head first, then one shard per decoder layer."""
-    return [STEM_TENSORS] + [[f"model.layers.{i}.{part}.weight" for part in LAYER_TENSORS] for i in range(num_layers)]
+def shard_plan(names: list[str] | set[str], num_layers: int) -> list[list[str]]:
+    """Tensor names per shard: embeddings/final norm/lm_head first, then one shard per decoder layer holding all of
+    that layer's tensors (derived from the names, so a MoE layer's experts and router go with it)."""
+    plan: list[list[str]] = [list(STEM_TENSORS)] + [[] for _ in range(num_layers)]
+    for name in sorted(names):
+        if name.startswith("model.layers."):
+            plan[1 + int(name.split(".")[2])].append(name)
+    assert sum(map(len, plan)) == len(set(names)), "a tensor outside the stem and the decoder layers"
+    return plan
 
 
 def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
@@ -123,7 +182,7 @@ def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.G
 def write_checkpoint(directory: Path, config, dtype: torch.dtype, seed: int) -> int:
     """Write config, shards and index into `directory`, one shard in memory at a time; return total bytes."""
     shapes = parameter_shapes(config)
-    plan = shard_plan(config.num_hidden_layers)
+    plan = shard_plan(shapes, config.num_hidden_layers)
     weight_map, total = {}, 0
     for index, names in enumerate(plan):
         generator = torch.Generator().manual_seed(seed * 100_003 + index)  # layer i's weights never depend on N
@@ -226,10 +285,24 @@ def shard_map(directory: Path) -> dict[str, Path]:
         return dict.fromkeys(f.keys(), single)
 
 
-def is_target(name: str, recipe: dict) -> bool:
-    """Whether the recipe pruned this tensor: a decoder-layer Linear weight matching targets, not ignore."""
+def module_name(name: str) -> str:
+    """The module a tensor on disk belongs to, as llm_sparsify names it (what recipe globs match): a Mixtral
+    expert's block_sparse_moe.experts.<e>.w1/w3/w2 is model.layers.<i>.mlp.experts.<e>.gate_proj/up_proj/down_proj;
+    any other name loses `.weight`."""
     module = name.removesuffix(".weight")
-    if ".layers." not in module or not any(module.endswith(p) for p in LAYER_TENSORS[:7]):
+    expert = EXPERT_ON_DISK.fullmatch(module)
+    if expert:
+        return f"{expert['layer']}.mlp.experts.{expert['e']}.{EXPERT_TENSORS[expert['w']]}"
+    return module
+
+
+def is_target(name: str, recipe: dict) -> bool:
+    """Whether the recipe pruned this tensor: a decoder-layer Linear weight (attention and MLP projections, or each
+    MoE expert's gate/up/down projection; never the router or norms) whose module matches targets, not ignore."""
+    if not name.endswith(".weight"):
+        return False
+    module = module_name(name)
+    if not TARGET_MODULE.fullmatch(module):
         return False
 
     def matches(globs: list[str]) -> bool:
@@ -257,11 +330,13 @@ def verify_output(output: Path, model_dir: Path, recipe: dict) -> dict:
     checks: dict[str, bool] = {}
     source, result = shard_map(model_dir), shard_map(output)
     out_config, in_config = AutoConfig.from_pretrained(output), AutoConfig.from_pretrained(model_dir)
+    keys = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_key_value_heads", "vocab_size"]
+    keys += [key for key in ("num_local_experts", "num_experts_per_tok") if hasattr(in_config, key)]
     checks["config_matches"] = out_config.model_type == in_config.model_type and all(
-        getattr(out_config, key) == getattr(in_config, key)
-        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_key_value_heads", "vocab_size"))
+        getattr(out_config, key, None) == getattr(in_config, key) for key in keys)
     checks["weight_map_covers_model"] = set(parameter_shapes(out_config)) == set(result) == set(source)
     zeros, total, dtypes = 0, 0, set()
+    decoder_zeros = decoder_total = 0  # over every decoder-layer weight of two or more dimensions (router too)
     pattern_ok = kept_ok = untouched_ok = shapes_ok = True
     keep_check = recipe["method"] in NO_UPDATE_METHODS and recipe.get("update", "none") == "none" and not (
         recipe.get("permute") or recipe.get("reconstruction"))  # those move kept weights (or reorder them)
@@ -272,6 +347,9 @@ def verify_output(output: Path, model_dir: Path, recipe: dict) -> dict:
             out = files[result[name]].get_tensor(name)
             ref = files[source[name]].get_tensor(name).to(out.dtype)  # widening (bf16 -> fp32) is exact
             dtypes.add(str(out.dtype).removeprefix("torch."))
+            if name.startswith("model.layers.") and out.dim() >= 2:
+                decoder_zeros += int((out == 0).sum())
+                decoder_total += out.numel()
             if out.shape != ref.shape:
                 shapes_ok = False
             elif is_target(name, recipe):
@@ -285,7 +363,8 @@ def verify_output(output: Path, model_dir: Path, recipe: dict) -> dict:
     checks.update(shapes_match=shapes_ok, sparsity_pattern=pattern_ok and total > 0, untouched_identical=untouched_ok)
     if keep_check:
         checks["kept_weights_unchanged"] = kept_ok
-    return {"checks": checks, "sparsity": zeros / total if total else None, "output_dtype": ",".join(sorted(dtypes))}
+    return {"checks": checks, "sparsity": zeros / total if total else None, "output_dtype": ",".join(sorted(dtypes)),
+            "decoder_sparsity": decoder_zeros / decoder_total if decoder_total else None}
 
 
 def load_check(output: Path, calibration: Path) -> bool:
@@ -322,6 +401,10 @@ def benchmark_recipe(args: argparse.Namespace, recipe: str, model_dir: Path, mod
     seconds = [layer["seconds"] for layer in record.get("layers", [])]
     verified = verify_output(output, model_dir, record["recipe"]["pruning"] | {
         "reconstruction": record["recipe"].get("reconstruction")})
+    decoder = record["sparsity"].get("decoder")
+    verified["checks"]["decoder_sparsity_matches_record"] = (
+        decoder is not None and verified["decoder_sparsity"] is not None
+        and abs(decoder - verified["decoder_sparsity"]) < 1e-6)
     if args.load_check:
         verified["checks"]["load_and_forward"] = load_check(output, calibration)
     return dict(
@@ -331,6 +414,8 @@ def benchmark_recipe(args: argparse.Namespace, recipe: str, model_dir: Path, mod
         peak_device_gib=record.get("peak_device_gib"),
         record_sparsity=round(record["sparsity"]["overall"], 4),
         sparsity=round(verified["sparsity"], 4) if verified["sparsity"] is not None else None,
+        decoder_sparsity=round(decoder, 4) if decoder is not None else None,
+        untargeted={name: round(share, 4) for name, share in record["sparsity"].get("untargeted", {}).items()},
         prune_dtype=record.get("dtype"), output_dtype=verified["output_dtype"],
         output_gib=round(sum(f.stat().st_size for f in output.glob("*.safetensors")) / 2**30, 2),
         checks=verified["checks"], checks_passed=all(verified["checks"].values()),
@@ -339,13 +424,14 @@ def benchmark_recipe(args: argparse.Namespace, recipe: str, model_dir: Path, mod
 
 def print_table(rows: list[dict]) -> None:
     header = ["preset", "L", "dtype", "recipe", "calib", "wall s", "prune s", "layer s mean/max", "RSS GiB",
-              "dev GiB", "sparsity", "checks"]
+              "dev GiB", "sparsity", "decoder", "checks"]
     lines = [header]
     for r in rows:
         per_layer = r.get("per_layer_s") or {}
         lines.append([r["preset"], str(r["layers"]), r["dtype"], r["recipe"], r["calibration"], str(r["wall_s"]),
                       str(r.get("prune_s")), f"{per_layer.get('mean')} / {per_layer.get('max')}",
                       str(r["peak_rss_gib"]), str(r.get("peak_device_gib")), str(r.get("sparsity")),
+                      str(r.get("decoder_sparsity")),
                       "pass" if r["checks_passed"] else "FAIL"])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:

@@ -24,6 +24,7 @@ from llm_sparsify.models import DEFAULT_MODEL, ModelError, decoder_layers, defau
 from llm_sparsify.pipeline import run_recipe
 from llm_sparsify.recipe import Recipe, RecipeError, load_recipe
 from llm_sparsify.stream import PartialOutput, StreamedLayers, fingerprint, resolve_checkpoint, skeleton
+from llm_sparsify.structure.experts import experts_unfused, unfuse_experts
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ def compress(
     check_count(batch_size, "batch_size")
     ids, _ = prepare_calibration(model, recipe, calibration, tokenizer, device, nsamples, seqlen, seed)
     training = prepare_training(model, recipe, calibration, tokenizer, device, seed)
-    run_recipe(model, recipe, ids, training=training, tokenizer=tokenizer, device=device, batch_size=batch_size)
+    with experts_unfused(model):  # MoE experts are pruned as Linears, then fused back
+        run_recipe(model, recipe, ids, training=training, tokenizer=tokenizer, device=device, batch_size=batch_size)
     return model
 
 
@@ -217,6 +219,7 @@ def prune_checkpoint(
         return _prune_in_memory(model_name, checkpoint, recipe, output, calibration, device, dtype, nsamples, seqlen,
                                 seed, batch_size, overwrite)
     model = skeleton(checkpoint, dtype)
+    unfuse_experts(model)  # MoE experts as Linears; written back in the checkpoint's layout
     layers = StreamedLayers(model, checkpoint, dtype)
     warn_untargeted(model, recipe)
     ids, calibration_info = prepare_calibration(model, recipe, calibration, None, device, nsamples, seqlen, seed)
@@ -279,9 +282,10 @@ def _prune_in_memory(model_name: str | None, checkpoint: Path, recipe: Recipe, o
     ids, calibration_info = prepare_calibration(model, recipe, calibration, tokenizer, device, nsamples, seqlen, seed)
     training = prepare_training(model, recipe, calibration, tokenizer, device, seed)
     start = time.perf_counter()
-    reports, stages = run_recipe(model, recipe, ids, training=training, tokenizer=tokenizer, device=device,
-                                 batch_size=batch_size)
-    record = run_record(model_name, recipe, calibration_info, device, dtype, start, reports, model)
+    with experts_unfused(model):
+        reports, stages = run_recipe(model, recipe, ids, training=training, tokenizer=tokenizer, device=device,
+                                     batch_size=batch_size)
+        record = run_record(model_name, recipe, calibration_info, device, dtype, start, reports, model)
     record |= {"processes": 1, "stages": stages}
     save_checkpoint(model.to(stored_dtype), tokenizer, output, record, overwrite=overwrite)
     return record

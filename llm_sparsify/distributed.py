@@ -129,6 +129,13 @@ def average(tensors: Iterable[Tensor]) -> None:
         tensor.div_(size)
 
 
+def total(tensor: Tensor) -> Tensor:
+    """The sum of `tensor` over all ranks, in place (e.g. the tokens each rank's samples route to each expert)."""
+    if rank_and_size()[1] > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def barrier() -> None:
     if rank_and_size()[1] > 1:
         dist.barrier()

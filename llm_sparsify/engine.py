@@ -43,6 +43,7 @@ from llm_sparsify.quantize.grid import Grid
 from llm_sparsify.recipe import Recipe, RecipeError, Reconstruction
 from llm_sparsify.reconstruct import reconstruct_layer, relative_error
 from llm_sparsify.stats import InputStatistics
+from llm_sparsify.structure.experts import Experts, moe_modules
 from llm_sparsify.structure.permutation import attention_heads, fold_layer_permutations
 
 log = logging.getLogger(__name__)
@@ -430,6 +431,8 @@ def prune_layers(
                 teacher = [_forward(layer, h, kw, device) for h, kw in zip(dense_hidden or hidden[:fit_batches],
                                                                            kwargs[:fit_batches], strict=True)]
             permutable = permutable_inputs(model, layer, targets[i]) if permute else None
+            if statistic is not None:
+                calibrate_experts(i, layer, targets[i], hidden, kwargs, recipe.expert_tokens, device)
             if targets[i] and statistic is not None and recipe.inputs == "pruned":
                 report, outputs = prune_interleaved(i, layer, targets[i], hidden, kwargs, recipe_i, layers,
                                                     device, not last or fit is not None, groups, threshold, fisher,
@@ -441,6 +444,8 @@ def prune_layers(
                     distributed.sum_statistics(stats.values())
                 report = prune_modules(i, targets[i], stats, recipe_i, threshold, fisher=fisher, permutable=permutable)
                 del stats
+            for _, experts in moe_modules(layer, unfused=True):
+                experts.all_tokens = set()  # from here on, every expert runs on its routed tokens only
             if fit is not None and targets[i]:
                 report.reconstruction, outputs = fit_layer(layer, list(targets[i].values()), hidden, kwargs, teacher,
                                                            outputs, fit, layers, device)
@@ -459,6 +464,57 @@ def prune_layers(
         layers.unload(i, layer)
     progress.close()
     return reports
+
+
+def calibrate_experts(index: int, layer: nn.Module, modules: dict[str, nn.Linear], hidden: list[Tensor],
+                      kwargs: list[dict], mode: str, device: torch.device) -> None:
+    """Choose, in each MoE block of the layer (structure/experts.Experts), the experts whose target projections
+    gather their statistics from every token: all of them (`mode` all), or (routed) those the router sends fewer
+    tokens than the widest input among their targets, which would leave too few samples (a warning names them).
+    The counts come from one forward of the layer up to its experts, before any pruning."""
+    blocks = [experts for _, experts in moe_modules(layer, unfused=True)]
+    targeted = set(modules.values())
+    widths = [[max((m.in_features for m in expert.modules() if m in targeted), default=0) for expert in block]
+              for block in blocks]
+    if mode == "all":
+        for block in blocks:
+            block.all_tokens = set(range(len(block)))
+        return
+    if not any(w for widths_of in widths for w in widths_of):
+        return
+    counts = distributed.total(routed_tokens(layer, blocks, hidden, kwargs, device))
+    for b, block in enumerate(blocks):
+        starved = {e: int(counts[b, e]) for e, width in enumerate(widths[b]) if width and counts[b, e] < width}
+        block.all_tokens = set(starved)
+        if starved:
+            log.warning("layer %d: the router sent experts %s fewer calibration tokens (%s) than their input width "
+                        "(%d); they are calibrated on all tokens (more calibration data avoids this)", index,
+                        ", ".join(map(str, starved)), ", ".join(map(str, starved.values())), max(widths[b]))
+
+
+@torch.no_grad()
+def routed_tokens(layer: nn.Module, blocks: list[Experts], hidden: list[Tensor], kwargs: list[dict],
+                  device: torch.device) -> Tensor:
+    """[blocks, experts]: for each MoE block of the layer (in `blocks` order), how many calibration tokens the router
+    sends each expert. Each forward stops at the last block's input."""
+    counts = torch.zeros(len(blocks), max(len(block) for block in blocks), dtype=torch.long, device=device)
+
+    def count(b: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            counts[b, :len(module)] += torch.bincount(args[1].flatten(), minlength=len(module))
+            if b == len(blocks) - 1:
+                raise _Captured
+        return hook
+
+    handles = [block.register_forward_pre_hook(count(b)) for b, block in enumerate(blocks)]
+    try:
+        for h, kw in zip(hidden, kwargs, strict=True):
+            with contextlib.suppress(_Captured):
+                layer(h.to(device), **kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
 
 
 def permutable_inputs(model: PreTrainedModel, layer: nn.Module,

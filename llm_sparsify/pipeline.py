@@ -1,5 +1,6 @@
-"""A recipe on a model in memory: depth -> width -> pruning (+ quantization) -> recovery.
+"""A recipe on a model in memory: experts -> depth -> width -> pruning (+ quantization) -> recovery.
 
+    remove the least salient MoE experts                 structure/experts.py, scored by expert_pass.py
     remove the least important decoder blocks            structure/depth.py
     remove the weakest MLP channels or KV groups         structure/width.py
     prune (and quantize) layer by layer                  engine.py, with per-layer sparsities (prune/owl.py)
@@ -22,11 +23,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_sparsify.data import DataError, calibration_ids
 from llm_sparsify.engine import LayerReport, prune_model, target_modules, warn_untargeted
+from llm_sparsify.expert_pass import expert_saliencies
 from llm_sparsify.fisher_pass import fisher_diagonal
 from llm_sparsify.models import decoder_layers
 from llm_sparsify.prune.allocation import layer_sensitivities, sensitivity_levels, sensitivity_sparsities
 from llm_sparsify.prune.owl import layer_outlier_ratios, owl_sparsities
-from llm_sparsify.recipe import Depth, Recipe, RecipeError
+from llm_sparsify.recipe import Depth, ExpertRemoval, Recipe, RecipeError
 from llm_sparsify.recover import finetune, gradual_prune
 from llm_sparsify.structure.depth import (
     baseline_importance,
@@ -37,6 +39,7 @@ from llm_sparsify.structure.depth import (
     prune_depth,
     remove_blocks,
 )
+from llm_sparsify.structure.experts import experts_to_keep, moe_blocks, remove_experts
 from llm_sparsify.structure.width import UNIT_WORDS, check_amount, prune_width, units_per_layer
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,36 @@ log = logging.getLogger(__name__)
 def parameter_count(model: PreTrainedModel) -> int:
     """Parameters of the model, a tied embedding counted once."""
     return sum(p.numel() for p in model.parameters())
+
+
+def experts_kept(model: PreTrainedModel, removal: ExpertRemoval) -> int:
+    """How many experts each MoE layer keeps: all but `remove`, or the most that fit `max_parameters` (the whole
+    model's parameters); a RecipeError before any work if that leaves fewer than the router's top-k, or none go."""
+    blocks = moe_blocks(model)
+    if not blocks:
+        raise RecipeError("experts: the model has no mixture-of-experts layers (fused experts with a router)")
+    count, top_k = len(blocks[0].experts), model.config.num_experts_per_tok
+    if removal.remove is not None:
+        keep = count - removal.remove
+    else:
+        per_expert = sum(sum(p.numel() for p in block.experts[0].parameters()) + block.gate.weight.shape[1]
+                         for block in blocks)  # one expert in every MoE layer, and its router row
+        keep = count - max(0, -(-(parameter_count(model) - removal.max_parameters) // per_expert))
+    if keep < top_k or keep >= count:
+        raise RecipeError(f"experts: keeping {keep} of {count} experts per layer is not possible; the router picks "
+                          f"{top_k} per token, so keep between {top_k} and {count - 1}")
+    return keep
+
+
+def remove_weak_experts(model: PreTrainedModel, removal: ExpertRemoval, calibration: Tensor, device: str,
+                        batch_size: int) -> dict[str, Any]:
+    """Score every expert by REAP's saliency and keep the most salient, the same number in every MoE layer."""
+    keep = experts_kept(model, removal)
+    saliency = expert_saliencies(model, calibration, device, batch_size)
+    kept = [experts_to_keep(s, keep) for s in saliency]
+    remove_experts(model, kept)
+    log.info("experts: kept %d per layer: %s", keep, kept)
+    return {"kept": kept, "saliency": [[round(v, 6) for v in s.tolist()] for s in saliency]}
 
 
 def remove_depth(model: PreTrainedModel, depth: Depth, calibration: Tensor | None,
@@ -134,7 +167,11 @@ def run_recipe(
     if recipe.width is not None:  # an amount that removes nothing fails here, not after the depth stage
         check_amount(units_per_layer(model, recipe.width.unit), recipe.width.amount, recipe.width.scope,
                      UNIT_WORDS[recipe.width.unit])
+    if recipe.experts is not None:
+        experts_kept(model, recipe.experts)  # an impossible count fails here, before any work
     stages: dict[str, Any] = {"parameters_before": parameter_count(model)}
+    if recipe.experts is not None:
+        stages["experts"] = remove_weak_experts(model, recipe.experts, calibration, device, batch_size)
     if recipe.depth is not None:
         stages["depth"] = remove_depth(model, recipe.depth, calibration, tokenizer, device, batch_size)
     if recipe.width is not None:

@@ -17,6 +17,9 @@
                                #   pruned modules before it produce, in one forward per layer (pruned),
                                #   or all on the unpruned layer's, in two forwards (dense, as the
                                #   reference code does); default: dense for wanda at N:M, else pruned
+      expert_tokens: routed    # MoE experts (structure/experts.py): each calibrated on the tokens the router sends
+                               #   it (routed; an expert sent fewer tokens than its input width gets all of them,
+                               #   with a warning) or on every calibration token (all); the output uses the top-k
     quantization:              # optional: the pruned weights on an integer grid (quantize/grid.py)
       method: gptq             # gptq: each column rounded as the sweep passes it, its error spread over the
                                #   columns not yet visited (with sparsegpt in the same sweep as the mask;
@@ -31,8 +34,12 @@
                                #   need their columns in order)
 
 Stages that change the model's shape or train it run on the whole model in memory, in this order:
-depth -> width -> pruning (+ quantization) -> recovery; then evaluate and export the saved output. Every section
-is optional, but a recipe needs at least one of depth, width, pruning.
+experts -> depth -> width -> pruning (+ quantization) -> recovery; then evaluate and export the saved output. Every
+section is optional, but a recipe needs at least one of experts, depth, width, pruning.
+
+    experts:                   # remove whole MoE experts, the same count in every MoE layer (structure/experts.py)
+      remove: 2                #   experts removed per layer (or max_parameters: a budget for the whole model),
+                               #   the least salient by REAP's router-weighted output norm on calibration data
 
     depth:                     # remove whole decoder blocks (structure/depth.py)
       blocks: 4                #   how many spans of `interval` blocks to remove (or max_parameters: a budget)
@@ -151,6 +158,14 @@ class Depth:
 
 
 @dataclass(frozen=True)
+class ExpertRemoval:
+    """Remove the least salient experts of every MoE layer (structure/experts.py)."""
+
+    remove: int | None = None
+    max_parameters: int | None = None
+
+
+@dataclass(frozen=True)
 class Width:
     """Remove `amount` of the MLP channels or attention KV groups, ranked by `score` per layer or globally."""
 
@@ -235,10 +250,12 @@ class Recipe:
     name: str = "custom"
     inputs: str | None = None  # calibrate each module on the pruned or the dense layer's activations (None:
     #                            the measured default for the method and pattern, default_inputs)
+    expert_tokens: str = "routed"  # MoE: calibrate each expert on its routed tokens, or on all (structure/experts.py)
     quantization: Quantization | None = None
     owl: Owl | None = None
     sensitivity: Sensitivity | None = None
     reconstruction: Reconstruction | None = None
+    experts: ExpertRemoval | None = None
     depth: Depth | None = None
     width: Width | None = None
     recovery: Recovery | None = None
@@ -252,12 +269,13 @@ class Recipe:
     @property
     def streams(self) -> bool:
         """Whether the recipe can run one decoder layer at a time from disk (else the whole model is loaded)."""
-        return not (self.depth or self.width or self.recovery or self.owl or self.sensitivity or self.method == "obd")
+        return not (self.experts or self.depth or self.width or self.recovery or self.owl or self.sensitivity
+                    or self.method == "obd")
 
     @property
     def needs_calibration(self) -> bool:
         needs = self.depth and self.depth.score == "cosine" or self.width and self.width.score != "weight"
-        return bool(needs or self.recovery or self.owl or self.sensitivity or self.reconstruction
+        return bool(needs or self.experts or self.recovery or self.owl or self.sensitivity or self.reconstruction
                     or self.statistic is not None)
 
     @property
@@ -281,7 +299,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """The recipe in the YAML file format, so a saved record can be run again with load_recipe."""
         sections: dict[str, Any] = {}
-        for key in ("depth", "width"):
+        for key in ("experts", "depth", "width"):
             if (stage := getattr(self, key)) is not None:
                 sections[key] = asdict(stage)
         if self.method is not None:
@@ -290,6 +308,8 @@ class Recipe:
                        "ignore": list(self.ignore), **self.options}
             if self.statistic is not None:
                 section["inputs"] = self.inputs
+                if self.expert_tokens != Recipe.expert_tokens:
+                    section["expert_tokens"] = self.expert_tokens
             if self.owl is not None:
                 section |= {"allocation": "owl", "owl_threshold": self.owl.threshold, "owl_lambda": self.owl.lam}
             if self.sensitivity is not None:
@@ -381,7 +401,7 @@ def parse_quantization(section: Any, method: str, pattern: Pattern, options: dic
 
 
 _ABSENT = object()  # a recipe without a quantization section (`quantization: null` is an error)
-SECTIONS = ("depth", "width", "pruning", "quantization", "reconstruction", "recovery", "evaluate", "export")
+SECTIONS = ("experts", "depth", "width", "pruning", "quantization", "reconstruction", "recovery", "evaluate", "export")
 SCORES = {"depth": ("cosine", "last", "random"), "width": ("weight", "activation", "obd")}
 EXPORT_FORMATS = ("gguf", "compact", "compressed-tensors", "bnb-nf4", "bnb-fp4", "bnb-int8")
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")  # what export/gguf.py writes
@@ -447,6 +467,18 @@ def parse_depth(section: Any) -> Depth:
     return Depth(blocks, budget, interval, _choice(section.get("score", "cosine"), "depth.score", SCORES["depth"]),
                  _flag(section.get("iterative", False), "depth.iterative"),
                  {k: float(v) for k, v in sources.items()}, seed)
+
+
+def parse_experts(section: Any) -> ExpertRemoval:
+    """Validate an `experts:` section: how many experts go per MoE layer, or a parameter budget."""
+    section = _keys(section, "experts", ExpertRemoval)
+    remove, budget = section.get("remove"), section.get("max_parameters")
+    if (remove is None) == (budget is None):
+        raise RecipeError("experts needs exactly one of `remove` (experts per MoE layer) or `max_parameters`")
+    for key, value in (("remove", remove), ("max_parameters", budget)):
+        if value is not None:
+            _positive(value, f"experts.{key}", integer=True)
+    return ExpertRemoval(remove, budget)
 
 
 def parse_width(section: Any) -> Width:
@@ -552,7 +584,7 @@ def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
         owl_keys |= SENSITIVITY_KEYS
     elif owl_keys and SENSITIVITY_KEYS & set(section):
         raise RecipeError(f"{', '.join(sorted(SENSITIVITY_KEYS & set(section)))} need `allocation: sensitivity`")
-    allowed = _COMMON | set(OPTIONS[method]) | ({"inputs"} if needs_data else set()) | owl_keys
+    allowed = _COMMON | set(OPTIONS[method]) | ({"inputs", "expert_tokens"} if needs_data else set()) | owl_keys
     if unknown := set(section) - allowed:
         known = ", ".join(sorted(allowed))
         raise RecipeError(f"unknown key(s) for {method}: {', '.join(sorted(unknown))}; allowed: {known}")
@@ -586,6 +618,8 @@ def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
     inputs = section.get("inputs", default_inputs(method, pattern))
     if inputs not in INPUTS:
         raise RecipeError(f"inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")
+    expert_tokens = _choice(section.get("expert_tokens", Recipe.expert_tokens), "pruning.expert_tokens",
+                            ("routed", "all"))
     owl = None
     allocation = _choice(section.get("allocation", "uniform"), "pruning.allocation", ("uniform", "owl", "sensitivity"))
     if allocation == "owl":
@@ -607,6 +641,7 @@ def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
         "ignore": _globs(section.get("ignore", []), "ignore", allow_empty=True),
         "options": options,
         "inputs": inputs,
+        "expert_tokens": expert_tokens,
         "owl": owl,
         "sensitivity": sensitivity,
         "quantization": None if quantization is _ABSENT else parse_quantization(quantization, method, pattern, options),
@@ -616,13 +651,13 @@ def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
 def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
     """Validate a parsed recipe: a mapping of sections (see the module docstring), each checked in full."""
     if not isinstance(data, dict):
-        raise RecipeError(f"a recipe needs a `pruning:` section with at least `method` and `sparsity` (or a `depth:` "
-                          f"or `width:` section); got {type(data).__name__}")
+        raise RecipeError(f"a recipe needs a `pruning:` section with at least `method` and `sparsity` (or an "
+                          f"`experts:`, `depth:` or `width:` section); got {type(data).__name__}")
     if unknown := set(data) - set(SECTIONS):
         raise RecipeError(f"unknown recipe section(s): {', '.join(sorted(unknown))}; known: {', '.join(SECTIONS)}")
-    if not {"pruning", "depth", "width"} & set(data):
+    if not {"pruning", "experts", "depth", "width"} & set(data):
         raise RecipeError("a recipe needs a `pruning:` section with at least `method` and `sparsity` "
-                          "(or a `depth:` or `width:` section)")
+                          "(or an `experts:`, `depth:` or `width:` section)")
     for section in ("quantization", "reconstruction"):
         if section in data and "pruning" not in data:
             raise RecipeError(f"{section} applies to the pruned weights: it needs a `pruning:` section")
@@ -638,6 +673,7 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
     return Recipe(
         **pruning,
         name=name,
+        experts=parse_experts(data["experts"]) if "experts" in data else None,
         depth=parse_depth(data["depth"]) if "depth" in data else None,
         width=parse_width(data["width"]) if "width" in data else None,
         reconstruction=parse_reconstruction(data["reconstruction"]) if "reconstruction" in data else None,

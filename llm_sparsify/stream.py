@@ -26,10 +26,12 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from llm_sparsify.checkpoint_layout import as_renaming, checkpoint_layout, model_layout
 from llm_sparsify.engine import LayerReport
 from llm_sparsify.files import MARKER, PROGRESS, RECORD, OutputExistsError, _remove, replace_directory, written_by_us
 from llm_sparsify.models import DEFAULT_MODEL, ModelError, decoder_layers, default_model_path
 from llm_sparsify.quantize.grid import GRIDS_FILE, Grid, load_grids, save_grids
+from llm_sparsify.structure.experts import fused_tensors, unfused_tensors
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,10 @@ def skeleton(checkpoint: Path, dtype: torch.dtype) -> PreTrainedModel:
     model.eval()
     model.config.use_cache = False
     return model
+
+
+def _shapes(tensors: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in tensors.items()}
 
 
 def _place(module: nn.Module, tensors: dict[str, Tensor], device: torch.device, dtype: torch.dtype) -> None:
@@ -265,7 +271,10 @@ class StreamedLayers:
     """Decoder layers read from a checkpoint's shards when their turn comes; pruned ones written out.
 
     Layers already finished by an interrupted run are read back from the partial output, so the
-    activations rebuilt from them are those of the uninterrupted run.
+    activations rebuilt from them are those of the uninterrupted run. The checkpoint's names and shapes may
+    differ from the modules' (Mixtral's per-expert w1/w2/w3 on disk, fused experts in transformers, unfused
+    Linears here, structure/experts.py): tensors are converted on the way in and back on the way out, by
+    transformers' own mapping (checkpoint_layout.py), so the output keeps the layout transformers saves.
     """
 
     def __init__(self, model: PreTrainedModel, checkpoint: Path, dtype: torch.dtype) -> None:
@@ -277,8 +286,15 @@ class StreamedLayers:
         self.prefix = next(name for name, module in model.named_modules() if module is layers)
         self.layers = layers
         self.names = [list(layer.state_dict()) for layer in layers]  # per layer, e.g. "mlp.up_proj.weight"
-        missing = [f"{self.prefix}.{i}.{n}" for i, names in enumerate(self.names) for n in names
-                   if f"{self.prefix}.{i}.{n}" not in self.files]
+        self.renamings: list[dict[str, str] | None] = []  # per layer: name in the layer -> full name on disk
+        self.stored_names = []
+        for i, layer in enumerate(layers):
+            self.renamings.append(None)
+            stored = self._to_checkpoint(i, layer.state_dict())  # meta tensors: names and shapes only
+            self.stored_names.append(list(stored))
+            self.renamings[i] = as_renaming(lambda t, i=i: self._to_modules(i, t), _shapes(stored),
+                                            _shapes(layer.state_dict()))
+        missing = [name for names in self.stored_names for name in names if name not in self.files]
         tied = getattr(model, "all_tied_weights_keys", None) or {}  # e.g. lm_head.weight: the embeddings'
         missing += [name for name, _ in model.named_parameters()  # embeddings, norm, lm_head
                     if not name.startswith(f"{self.prefix}.") and name not in self.files and name not in tied]
@@ -288,17 +304,30 @@ class StreamedLayers:
         self.stored: dict[str, torch.dtype] = {}
         self.pending: LayerReport | None = None  # saved, not yet recorded in the progress file
 
+    def _to_checkpoint(self, index: int, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Layer `index`'s tensors (names within the layer) under the checkpoint's full names and shapes."""
+        if (renaming := self.renamings[index]) is not None:  # the common case: names change, tensors do not
+            return {renaming[name]: t for name, t in tensors.items()}
+        full = {f"{self.prefix}.{index}.{name}": t for name, t in tensors.items()}
+        return checkpoint_layout(self.model, fused_tensors(full))
+
+    def _to_modules(self, index: int, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The inverse of _to_checkpoint: names within the layer, as its modules hold them."""
+        if (renaming := self.renamings[index]) is not None:
+            return {name: tensors[source] for name, source in renaming.items()}
+        full = unfused_tensors(model_layout(self.model, tensors))
+        return {name.removeprefix(f"{self.prefix}.{index}."): t for name, t in full.items()}
+
     def __len__(self) -> int:
         return len(self.layers)
 
     def _read(self, index: int, original: bool = False) -> dict[str, Tensor]:
-        full = [f"{self.prefix}.{index}.{n}" for n in self.names[index]]
+        full = self.stored_names[index]
         if not original and self.output is not None and index < len(self.output.finished):
             source, files = self.output.path, dict.fromkeys(full, self.output.shard_name(index))
         else:
             source, files = self.checkpoint, self.files
-        tensors = read_tensors(source, files, full)
-        return {name.removeprefix(f"{self.prefix}.{index}."): t for name, t in tensors.items()}
+        return self._to_modules(index, read_tensors(source, files, full))
 
     @contextlib.contextmanager
     def stem(self, device: torch.device) -> Iterator[None]:
@@ -315,10 +344,11 @@ class StreamedLayers:
             _drop(owner, names)
 
     def target_weights(self, targets: list[dict[str, nn.Linear]]) -> Iterator[Tensor]:
-        """Every target weight as stored in the checkpoint, one at a time."""
-        for modules in targets:
-            for name in modules:
-                yield read_tensors(self.checkpoint, self.files, [f"{name}.weight"])[f"{name}.weight"]
+        """Every target weight as stored in the checkpoint, one layer at a time."""
+        for index, modules in enumerate(targets):
+            if modules:
+                tensors = self._read(index, original=True)
+                yield from (tensors[f"{name.removeprefix(f'{self.prefix}.{index}.')}.weight"] for name in modules)
 
     def load(self, index: int, device: torch.device, original: bool = False) -> nn.Module:
         """Layer `index` on `device`: from the partial output if an earlier run finished it, unless `original`."""
@@ -340,8 +370,8 @@ class StreamedLayers:
         (A quantized weight stored in bfloat16 is its grid value rounded to bfloat16; rounding w/scale still
         gives its integer back, even at 8 bits.)"""
         self.round_to_storage(layer)
-        tensors = {f"{self.prefix}.{index}.{name}": tensor.to("cpu", self.stored[name])
-                   for name, tensor in layer.state_dict().items()}
+        tensors = self._to_checkpoint(index, {name: tensor.to("cpu", self.stored[name])
+                                              for name, tensor in layer.state_dict().items()})
         grids = {f"{self.prefix}.{index}.{name}": module.quantization_grid for name, module in layer.named_modules()
                  if getattr(module, "quantization_grid", None) is not None}
         if self.output is not None and self.write:
@@ -363,8 +393,7 @@ class StreamedLayers:
     def copy_other_tensors(self) -> dict[str, str]:
         """Copy every tensor outside the decoder layers (embeddings, norm, lm_head) to a shard of its own;
         return the complete weight map of the output."""
-        files = {f"{self.prefix}.{i}.{n}": self.output.shard_name(i)
-                 for i, names in enumerate(self.names) for n in names}
+        files = {name: self.output.shard_name(i) for i, names in enumerate(self.stored_names) for name in names}
         for number, name in enumerate(self.others, start=len(self.layers)):
             self.output.write_shard(number, read_tensors(self.checkpoint, self.files, [name]))
             files[name] = self.output.shard_name(number)

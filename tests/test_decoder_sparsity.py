@@ -11,7 +11,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from llm_sparsify import engine, pipeline
 from llm_sparsify.api import compress, prune_checkpoint, run_record
 from llm_sparsify.cli import main
 from llm_sparsify.export.card import model_card
@@ -64,7 +63,9 @@ def warnings_of(caplog) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
-def test_moe_experts_are_reported_untargeted_and_warned_of(kind, caplog, one_thread):
+def test_fused_experts_left_fused_are_reported_untargeted_and_warned_of(kind, caplog, one_thread):
+    """run_recipe on a model whose experts stay fused (a layout structure/experts.py does not know would): only the
+    Linears are pruned, and the rest is named and warned of."""
     model = tiny_moe(kind)
     with caplog.at_level(logging.WARNING):
         record = run(model, "wanda-50", ids())
@@ -85,20 +86,26 @@ def test_moe_experts_are_reported_untargeted_and_warned_of(kind, caplog, one_thr
     assert all(name in warning for name in expert_names)
 
 
-def test_compress_warns_before_pruning_a_moe_model(caplog, monkeypatch, one_thread):
-    """The public API warns before any layer is pruned, naming the fused expert tensors."""
-    warned_at_start = []
-
-    def prune_model(*args, **kwargs):
-        warned_at_start.append(warnings_of(caplog))
-        return engine.prune_model(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "prune_model", prune_model)
+def test_compress_prunes_the_experts_without_a_warning(caplog, one_thread):
+    """The public API unfuses the experts (structure/experts.py): they are pruned, and the targets cover nearly all
+    of the decoder (all but the router), so no warning is given."""
+    model = tiny_moe("mixtral")
+    enough = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(1))  # no expert sent too few
     with caplog.at_level(logging.WARNING):
-        compress(tiny_moe("mixtral"), "wanda-50", ids(), device="cpu")
-    [[warning]] = warned_at_start
-    assert "cover only" in warning
-    assert all(f"model.layers.*.{name}" in warning for name in EXPERTS)
+        compress(model, "wanda-50", enough, device="cpu")
+    assert warnings_of(caplog) == []
+    weights = decoder_weights(model)
+    assert zero_share(weights) > 0.49
+    assert all(zero_share({name: w}) == 0.5 for name, w in weights.items() if ".experts." in name)
+
+
+def test_the_router_is_the_only_untargeted_weight_of_a_streamed_moe(tmp_path, one_thread):
+    tiny_moe("mixtral").save_pretrained(tmp_path / "dense")
+    record = prune_checkpoint(str(tmp_path / "dense"), "wanda-50", tmp_path / "out", ids(), device="cpu",
+                              dtype=torch.float32)
+    assert set(record["sparsity"]["untargeted"]) == {"model.layers.*.mlp.gate.weight"}
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert record["sparsity"]["decoder"] == pytest.approx(zero_share(decoder_weights(saved)))
 
 
 def test_dense_model_decoder_share_is_the_brute_force_count(caplog, one_thread):

@@ -187,8 +187,8 @@ def test_unknown_key_lists_the_allowed_keys():
         recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5, "blocksize": 128}})
     message = str(error.value)
     assert "blocksize" in message
-    assert ("allowed: allocation, ignore, inputs, method, owl_lambda, owl_threshold, permute, sparsity, targets, "
-            "update") in message
+    assert ("allowed: allocation, expert_tokens, ignore, inputs, method, owl_lambda, owl_threshold, permute, "
+            "sparsity, targets, update") in message
 
 
 @pytest.mark.parametrize(("method", "sparsity", "order"), [
@@ -217,13 +217,13 @@ def test_inputs_order_is_checked_and_kept():
 
 
 def test_unknown_key_for_sparsegpt_lists_its_options():
-    with pytest.raises(RecipeError, match="allowed: allocation, blocksize, dampening, ignore, inputs, method, "
-                       "owl_lambda, owl_threshold, permute, sparsity, targets, update"):
+    with pytest.raises(RecipeError, match="allowed: allocation, blocksize, dampening, expert_tokens, ignore, inputs, "
+                       "method, owl_lambda, owl_threshold, permute, sparsity, targets, update"):
         recipe_from_dict({"pruning": {"method": "sparsegpt", "sparsity": 0.5, "scope": "layer"}})
 
 
 def test_unknown_top_level_section():
-    with pytest.raises(RecipeError, match=r"section\(s\): distill; known: depth, width, pruning, quantization"):
+    with pytest.raises(RecipeError, match=r"section\(s\): distill; known: experts, depth, width, pruning, quantiz"):
         recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5}, "distill": {"teacher": "x"}})
 
 
@@ -414,3 +414,24 @@ def test_quantization_errors_from_a_file_name_the_file(tmp_path):
                  "low.yaml")
     with pytest.raises(RecipeError, match=r"low\.yaml: quantization\.bits must be 4 or 8, got 2"):
         load_recipe(path)
+
+
+def test_experts_section():
+    recipe = recipe_from_dict({"experts": {"remove": 2}})
+    assert recipe.experts.remove == 2 and not recipe.streams and recipe.needs_calibration
+    assert recipe_from_dict(recipe.to_dict()) == recipe
+    for section, message in (({}, "exactly one of"), ({"remove": 1, "max_parameters": 10}, "exactly one of"),
+                             ({"remove": 0}, "positive integer"), ({"keep": 2}, "unknown experts key")):
+        with pytest.raises(RecipeError, match=message):
+            recipe_from_dict({"experts": section})
+
+
+def test_expert_tokens():
+    recipe = recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5, "expert_tokens": "all"}})
+    assert recipe.expert_tokens == "all" and recipe_from_dict(recipe.to_dict()) == recipe
+    default = recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5}})
+    assert "expert_tokens" not in default.to_dict()["pruning"]
+    with pytest.raises(RecipeError, match="expert_tokens must be one of routed, all"):
+        recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5, "expert_tokens": "some"}})
+    with pytest.raises(RecipeError, match="unknown key"):  # magnitude reads no calibration tokens
+        recipe_from_dict({"pruning": {"method": "magnitude", "sparsity": 0.5, "expert_tokens": "all"}})

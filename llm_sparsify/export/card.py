@@ -73,9 +73,12 @@ UNIT_NAMES = {"mlp": "MLP channels", "heads": "KV groups (with their query heads
 
 
 def removed_in_words(stages: dict[str, Any]) -> dict[str, str]:
-    """What the depth and width stages removed, in words: {"depth": "decoder blocks 3, 7", "width": "25% of the MLP
-    channels"} (only the stages that ran)."""
+    """What the experts, depth and width stages removed, in words: {"experts": "2 of 8 experts in every MoE layer",
+    "depth": "decoder blocks 3, 7", "width": "25% of the MLP channels"} (only the stages that ran)."""
     words = {}
+    if experts := stages.get("experts"):
+        count = len(experts["saliency"][0])
+        words["experts"] = f"{count - len(experts['kept'][0])} of {count} experts in every MoE layer"
     if depth := stages.get("depth"):
         blocks = ", ".join(map(str, depth["removed"]))
         words["depth"] = f"decoder blocks {blocks}" if blocks else "no decoder blocks"
@@ -89,6 +92,8 @@ def what_was_done(record: dict[str, Any]) -> list[str]:
     recipe, stages = record["recipe"], record.get("stages") or {}
     done = []
     removed = removed_in_words(stages)
+    if "experts" in removed:
+        done.append(f"removed {removed['experts']} (REAP saliency: router weight × expert output norm)")
     if "depth" in removed:
         done.append(f"removed {removed['depth']} of the base model ({recipe['depth']['score']} score)")
     if "width" in removed:

@@ -30,6 +30,8 @@ def save_checkpoint(
     output = Path(output)
     grids = {name: module.quantization_grid for name, module in model.named_modules()
              if getattr(module, "quantization_grid", None) is not None}
+    grids |= {f"{name}.{expert}": grid for name, module in model.named_modules()  # fused MoE experts' grids
+              for expert, grid in vars(module).get("expert_grids", {}).items()}
     if grids:
         scheme = next(iter(grids.values())).scheme
         method = record.get("recipe", {}).get("quantization", {}).get("method")
