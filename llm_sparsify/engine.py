@@ -48,6 +48,8 @@ from llm_sparsify.structure.permutation import attention_heads, fold_layer_permu
 
 log = logging.getLogger(__name__)
 
+PRUNED_AT_ONCE = 1 << 27  # weights of one input pruned together (see whole_matrix_runs)
+
 
 @dataclass
 class LayerReport:
@@ -625,7 +627,7 @@ def prune_modules(
     groups: dict[int | str, list[str]] = {}  # modules reading the same input (same statistics object)
     for name in modules:
         groups.setdefault(id(stats[name]) if name in stats else name, []).append(name)
-    groups_list = list(groups.values())
+    groups_list = [run for names in groups.values() for run in whole_matrix_runs(names, modules)]
     errors: dict[str, float] = {}
     for g, names in enumerate(groups_list, start=first_group):
         weights, group_stats = [modules[name].weight.data for name in names], stats.get(names[0])
@@ -657,6 +659,22 @@ def prune_modules(
             set_grid(module, Grid(grid.scheme, grid.scale.cpu(), grid.zero_point.cpu()))
     return LayerReport(index, 0.0, {name: zero_share(module.weight) for name, module in modules.items()},
                        {name: errors[name] for name in modules if name in errors})
+
+
+def whole_matrix_runs(names: list[str], modules: dict[str, nn.Linear]) -> list[list[str]]:
+    """Modules that read one input, in runs of whole matrices of at most PRUNED_AT_ONCE weights together (at least
+    one): pruned run by run, each run's old weights are freed before the next is pruned. The experts of an MoE layer
+    calibrated on all tokens read one input, and would otherwise all be held twice (and SparseGPT's stacked rows in
+    float32 besides). A run shares everything a group shares (q/k/v, gate/up stay one run up to 8B shapes)."""
+    runs: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        if runs[-1] and size + modules[name].weight.numel() > PRUNED_AT_ONCE:
+            runs.append([])
+            size = 0
+        runs[-1].append(name)
+        size += modules[name].weight.numel()
+    return runs
 
 
 def set_grid(module: nn.Module, grid: Grid | None) -> None:

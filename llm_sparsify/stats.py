@@ -8,6 +8,7 @@ from torch import Tensor
 # Calibration samples whose float32 sum is formed before it is added to the float64 total. Bigger
 # products run faster (x xᵀ over 8 samples, not 1); distributed ranks take whole runs of these samples.
 SAMPLES_PER_SUM = 8
+ELEMENTS_AT_ONCE = 1 << 24  # elements of a weight taken at once by relative_errors (64 MiB in float32)
 
 
 class InputStatistics:
@@ -61,20 +62,24 @@ class InputStatistics:
     def relative_errors(self, before: list[Tensor], after: list[Tensor]) -> list[float]:
         """‖(W−Ŵ)X‖²/‖WX‖² over the tokens seen, for each weight read on this input (W before, Ŵ after).
 
-        Exact, tr(ΔW H ΔWᵀ)/tr(W H Wᵀ), where the Hessian was summed (one product for all the weights); from
-        column norms only (Wanda), the diagonal approximation Σ ΔW²_ij‖X_j‖² / Σ W²_ij‖X_j‖², which leaves out
-        the correlation between inputs.
+        Exact, tr(ΔW H ΔWᵀ)/tr(W H Wᵀ), where the Hessian was summed; from column norms only (Wanda), the diagonal
+        approximation Σ ΔW²_ij‖X_j‖² / Σ W²_ij‖X_j‖², which leaves out the correlation between inputs. Computed in
+        float32 a few thousand rows at a time (MoE layers share one input among dozens of expert matrices).
         """
         self.flush()
-        rows = [w.shape[0] for w in before]
-        W = torch.cat([w.detach().float() for w in before])
-        delta = W - torch.cat([w.detach().float().to(W.device) for w in after])
-        if self.sum.dim() == 2:
-            A = torch.cat([delta, W])
-            quadratic = ((A @ self.sum.float().to(A.device)) * A).sum(1)  # a H aᵀ of each row a
-            error, total = quadratic.split([len(W), len(W)])
-        else:
-            squares = self.sum.float().to(W.device)
-            error, total = delta.square() @ squares, W.square() @ squares
-        return [(e.sum() / t.sum()).item() if t.sum() > 0 else 0.0
-                for e, t in zip(error.split(rows), total.split(rows), strict=True)]
+        sums = self.sum.float()
+        errors = []
+        for w, w_hat in zip(before, after, strict=True):
+            error = total = 0.0
+            rows = max(1, ELEMENTS_AT_ONCE // w.shape[1])
+            for part, part_hat in zip(w.detach().split(rows), w_hat.detach().split(rows), strict=True):
+                W = part.float().to(sums.device)
+                error += _energy(W - part_hat.float().to(sums.device), sums)
+                total += _energy(W, sums)
+            errors.append(error / total if total > 0 else 0.0)
+        return errors
+
+
+def _energy(A: Tensor, sums: Tensor) -> float:
+    """Σ over rows a of a S aᵀ (S = Σ x xᵀ), or of Σ_j a_j² S_j (S = Σ x², the diagonal)."""
+    return float(((A @ sums) * A).sum() if sums.dim() == 2 else (A.square() @ sums).sum())

@@ -99,10 +99,43 @@ def read_tensors(checkpoint: Path, files: dict[str, str], names: list[str]) -> d
     tensors = {}
     for file, file_names in by_file.items():
         try:
-            with safe_open(checkpoint / file, "pt") as f:
-                tensors.update({name: f.get_tensor(name) for name in file_names})
-        except (SafetensorError, FileNotFoundError) as error:  # changed or removed since weight_map looked
+            tensors.update(_read_shard(checkpoint / file, file_names))
+        except (SafetensorError, OSError, ValueError, KeyError) as error:  # changed or removed since weight_map looked
             raise ModelError(f"could not read {checkpoint / file} (truncated, corrupt or removed?): {error}") from None
+    return tensors
+
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _read_shard(path: Path, names: list[str]) -> dict[str, Tensor]:
+    """Tensors of one safetensors file, each read into memory of its own. safetensors maps the whole file, and its
+    pages stay resident while any tensor of the file lives: a layer whose weights are replaced one by one (pruned)
+    would hold the old and the new. (Any dtype not listed above is left to safetensors.)"""
+    tensors = {}
+    with path.open("rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(length))
+        for name in names:
+            entry = header[name]
+            if entry["dtype"] not in _DTYPES:
+                with safe_open(path, "pt") as mapped:
+                    tensors[name] = mapped.get_tensor(name).clone()
+                continue
+            tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+            buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            begin, end = entry["data_offsets"]
+            if end - begin != len(buffer):
+                raise ValueError(f"{name} has {end - begin} bytes for {len(buffer)}")
+            file.seek(8 + length + begin)
+            done = 0
+            while done < len(buffer):
+                if not (got := file.readinto(buffer[done:])):
+                    raise ValueError(f"the file ends inside {name}")
+                done += got
+            tensors[name] = tensor
     return tensors
 
 

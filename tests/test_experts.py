@@ -3,6 +3,7 @@ the tokens routed to it, streamed from checkpoints in transformers' on-disk layo
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -366,3 +367,94 @@ def test_streaming_through_the_full_conversion_gives_the_same_checkpoint(kind, t
     renamed, converted = disk_tensors(tmp_path / "renamed"), disk_tensors(tmp_path / "converted")
     assert renamed.keys() == converted.keys()
     assert all(torch.equal(renamed[name], converted[name]) for name in renamed)
+
+
+# --- resume after SIGKILL and torchrun, as for dense models (tests/test_stream.py) ---------------------------------
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory):
+    """A sharded bfloat16 Mixtral with enough layers for a run to be killed in the middle, and calibration ids."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from tests.test_stream import save_sharded
+
+    path = tmp_path_factory.mktemp("moe-resume")
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=256)
+    save_sharded(MixtralForCausalLM(config), path / "model", dtype=torch.bfloat16)
+    torch.save(torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(0)), path / "ids.pt")
+    return path
+
+
+def test_a_killed_moe_run_resumes_to_the_same_checkpoint(moe_checkpoint):
+    from tests.test_stream import output_tensors, prune_command, run, run_killed_after
+
+    uninterrupted, resumed = moe_checkpoint / "uninterrupted", moe_checkpoint / "resumed"
+    run(prune_command(moe_checkpoint, uninterrupted))
+    run_killed_after(prune_command(moe_checkpoint, resumed), moe_checkpoint / ".resumed.partial" / "progress.json", 2)
+    assert not resumed.exists()
+    run(prune_command(moe_checkpoint, resumed))
+    assert json.loads((resumed / "llm_sparsify.json").read_text())["resumed_after_layers"] >= 2
+    first, second = output_tensors(uninterrupted), output_tensors(resumed)
+    assert first.keys() == second.keys()
+    assert "model.layers.5.block_sparse_moe.experts.3.w2.weight" in first
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_two_processes_prune_a_moe_checkpoint_as_one_does(moe_checkpoint):
+    """torchrun (gloo): each rank routes its share of the samples, the routed-token counts and every expert's
+    statistics are summed, the experts are shared out."""
+    from tests.test_stream import output_tensors, prune_command, run
+
+    one, two = moe_checkpoint / "one", moe_checkpoint / "two"
+    run(prune_command(moe_checkpoint, one, "sparsegpt-50"))
+    run(prune_command(moe_checkpoint, two, "sparsegpt-50", processes=2))
+    first, second = output_tensors(one), output_tensors(two)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    experts = [w for name, w in first.items() if ".experts." in name]
+    assert len(experts) == 6 * 4 * 3 and all(int((w == 0).sum()) == w.numel() // 2 for w in experts)
+
+
+@pytest.mark.parametrize("recipe", [
+    "owl-wanda-70",
+    {"pruning": {"method": "wanda", "sparsity": 0.5}, "quantization": {"method": "gptq", "bits": 4}},
+])
+def test_owl_and_gptq_after_the_mask_reach_the_experts(recipe, one_thread):
+    model = tiny_moe("mixtral")
+    compress(model, recipe, calibration(), device="cpu")
+    weights = expert_weights(model)
+    shares = {key: int((w == 0).sum()) / w.numel() for key, w in weights.items()}
+    if recipe == "owl-wanda-70":  # each layer its own sparsity within 70% ± 8%, every expert of a layer the same
+        for layer in (0, 1):  # (up to the rounding of a row's count: rows are 32 or 64 wide)
+            layer_shares = [s for (i, _, _), s in shares.items() if i == layer]
+            assert max(layer_shares) - min(layer_shares) <= 1 / 32 and 0.62 - 1 / 32 <= min(layer_shares) <= 0.78
+    else:  # GPTQ after the Wanda mask: half of every row zero, the kept weights on a 4-bit grid of 128-input groups
+        for weight in weights.values():
+            assert ((weight == 0).sum(1) >= weight.shape[1] // 2).all()  # a kept weight may round to 0
+            assert all(len(row[row != 0].unique()) <= 15 for row in weight)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_experts_that_share_one_input_are_pruned_a_few_at_a_time_alike(method, monkeypatch, one_thread):
+    """Calibrated on all tokens, every expert's gate and up read one input: they are pruned in runs of whole matrices
+    (engine.PRUNED_AT_ONCE), so a layer's experts are never all held twice; the runs give what one group gives."""
+    import llm_sparsify.engine as engine
+
+    recipe = {"pruning": {"method": method, "sparsity": 0.5, "expert_tokens": "all"}}
+    sizes: list[int] = []
+    prune_weights = engine.prune_weights
+    monkeypatch.setattr(engine, "prune_weights", lambda m, weights, *a, **k: (sizes.append(len(weights)),
+                                                                             prune_weights(m, weights, *a, **k))[1])
+    whole = tiny_moe("mixtral")
+    compress(whole, recipe, calibration(), device="cpu")
+    assert max(sizes) == 4 * 2  # the gate and up of 4 experts
+    sizes.clear()
+    monkeypatch.setattr(engine, "PRUNED_AT_ONCE", 1)  # every matrix a run of its own
+    runs = tiny_moe("mixtral")
+    compress(runs, recipe, calibration(), device="cpu")
+    assert set(sizes) == {1}
+    for (key, a), b in zip(expert_weights(whole).items(), expert_weights(runs).values(), strict=True):
+        assert torch.equal(a == 0, b == 0) and torch.allclose(a, b, rtol=1e-5, atol=1e-6), key

@@ -388,10 +388,15 @@ def module_inputs(model, ids):
     ({"pruning": {"method": "wanda", "sparsity": 0.5}, "quantization": {"method": "gptq", "group_size": 32}}, True),
     ("wanda-50", False),
 ])
-def test_reported_error_equals_brute_force_over_the_calibration_inputs(calibration, recipe, exact):
+@pytest.mark.parametrize("rows_at_once", ["all", "a few"])
+def test_reported_error_equals_brute_force_over_the_calibration_inputs(calibration, recipe, exact, rows_at_once,
+                                                                        monkeypatch):
     """With `inputs: pruned`, each module was calibrated on what the pruned model feeds it: the pruned model's own
     forward gives those inputs X, so the brute-force ‖(W−Ŵ)X‖²/‖WX‖² can be checked for every module (its
-    diagonal approximation for Wanda, which has column norms only)."""
+    diagonal approximation for Wanda, which has column norms only). The same when each weight is taken a few rows
+    at a time (as an MoE layer's experts are)."""
+    if rows_at_once == "a few":
+        monkeypatch.setattr("llm_sparsify.stats.ELEMENTS_AT_ONCE", 200)
     model, dense = tiny_model(), tiny_model()
     reports = prune_model(model, load_recipe(recipe), calibration, batch_size=3)
     inputs = module_inputs(model, calibration)
