@@ -36,6 +36,7 @@ from transformers.utils.logging import tqdm
 from llm_sparsify import distributed
 from llm_sparsify.architecture import decoder_layers, home_device
 from llm_sparsify.data import DataError
+from llm_sparsify.host_memory import release_host_memory
 from llm_sparsify.interleaved import module_groups, prune_during_forward
 from llm_sparsify.prune import input_permutation, method_statistic, prune_weights, quantize_weights
 from llm_sparsify.prune.magnitude import global_magnitude_threshold, prune_below
@@ -464,6 +465,7 @@ def prune_layers(
             reports.append(report)
             progress.update()
         layers.unload(i, layer)
+        release_host_memory()  # else the allocator keeps each layer's freed buffers and RSS creeps up
     progress.close()
     return reports
 
