@@ -7,7 +7,8 @@ Sections (each one timed; one that fails or runs out of --budget-s is listed und
 1. correctness: a random-weight model with SmolLM2-135M's shapes, pruned in memory with Wanda 50%, SparseGPT 2:4 and
    joint SparseGPT 50% + GPTQ int4 g128 on the GPU in bf16 and in fp32, against the same machine's CPU fp32 run: share
    of equal mask bits, relative difference of every decoder layer's output (the worst layer) and of the loss on
-   held-out tokens, both pruned models evaluated the same way (fp32, on the GPU).
+   held-out tokens, both pruned models evaluated the same way (fp32, on the GPU). The same for a small random Mixtral
+   (8 experts, top-2; masks over every decoder weight, the experts' fused ones included), Wanda 50% and SparseGPT 2:4.
 2. speed and memory: the 7B-shaped random checkpoint of benchmark_7b.py (4 of its 32 layers) pruned from disk to disk
    by `llm-sparsify prune` at the papers' 128 x 2048 calibration: seconds per layer, peak GPU memory, peak host RSS,
    and the time for all 32 layers extrapolated from the mean per layer.
@@ -46,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the code checked is this checkout's, installed or not
@@ -54,7 +55,8 @@ sys.path.insert(0, str(REPO))  # the code checked is this checkout's, installed 
 import benchmark_7b as bench  # noqa: E402  (beside this file)
 
 from llm_sparsify import compress  # noqa: E402
-from llm_sparsify.engine import layer_linears  # noqa: E402
+from llm_sparsify.architecture import decoder_layers  # noqa: E402
+from llm_sparsify.engine import layer_weights  # noqa: E402
 from llm_sparsify.prune.masks import nm_mask  # noqa: E402
 
 # HuggingFaceTB/SmolLM2-135M-Instruct's config.json
@@ -64,6 +66,9 @@ SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, nu
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=256, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True)
 RECIPES = {"wanda-50": "Wanda 50%", "sparsegpt-2of4": "SparseGPT 2:4", "sparsegpt-50-w4g128": "SparseGPT 50% + GPTQ w4"}
+# A small Mixtral: every layer's MLP 8 experts, top-2 routing (the dry run shrinks it to TINY's sizes)
+MOE = dict(SMOLLM2, num_hidden_layers=4, intermediate_size=768, num_local_experts=8, num_experts_per_tok=2)
+MOE_RECIPES = ["wanda-50", "sparsegpt-2of4"]
 SPEED_RECIPES = ["wanda-50", "sparsegpt-50"]
 
 
@@ -96,13 +101,16 @@ def table(header: list[str], rows: list[list]) -> str:
 
 # ---------------------------------------------------------------- 1. correctness against the CPU
 
-def random_model(shapes: dict, seed: int) -> LlamaForCausalLM:
+def random_model(shapes: dict, seed: int) -> LlamaForCausalLM | MixtralForCausalLM:
     torch.manual_seed(seed)
+    if "num_local_experts" in shapes:
+        return MixtralForCausalLM(MixtralConfig(**shapes, initializer_range=0.02)).eval()
     return LlamaForCausalLM(LlamaConfig(**shapes, initializer_range=0.02)).eval()
 
 
 def masks(model: LlamaForCausalLM) -> list[torch.Tensor]:
-    return [module.weight.detach().cpu() == 0 for linears in layer_linears(model) for module in linears.values()]
+    """The zeros of every decoder weight of two or more dimensions (Linear or fused experts)."""
+    return [w.detach().cpu() == 0 for layer in decoder_layers(model) for w in layer_weights(layer).values()]
 
 
 @torch.no_grad()
@@ -126,35 +134,39 @@ def compare(pruned: LlamaForCausalLM, reference: dict, ids: torch.Tensor, device
 
 
 def correctness(args: argparse.Namespace, report: Report) -> None:
-    shapes = TINY if args.dry_run else SMOLLM2
+    moe = dict(TINY, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2) if args.dry_run else MOE
     nsamples, seqlen = (8, 32) if args.dry_run else (32, 256)
-    dense = random_model(shapes, args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    calibration = torch.randint(0, shapes["vocab_size"], (nsamples, seqlen), generator=generator)
-    held_out = torch.randint(0, shapes["vocab_size"], (4, seqlen), generator=generator)
-    eval_device = args.device if torch.device(args.device).type == "cuda" else "cpu"
-    rows = []
-    for recipe, label in RECIPES.items():
-        start = time.perf_counter()
-        reference_model = compress(copy.deepcopy(dense), recipe, calibration, device="cpu")
-        cpu_s = time.perf_counter() - start
-        hidden, loss = outputs(reference_model, held_out, eval_device)
-        reference = {"masks": masks(reference_model), "hidden": hidden, "loss": loss}
-        del reference_model
-        for dtype in (torch.bfloat16, torch.float32):
-            start = time.perf_counter()
-            pruned = compress(copy.deepcopy(dense).to(dtype), recipe, calibration, device=args.device)
-            seconds = time.perf_counter() - start
-            result = compare(pruned, reference, held_out, eval_device)
-            rows.append([label, str(dtype).removeprefix("torch."), f"{result['equal_mask_bits']:.4%}",
-                         f"{result['layer_output_rel_diff']:.2e}", f"{reference['loss']:.4f}", f"{result['loss']:.4f}",
-                         f"{result['loss_rel_diff']:.2e}", f"{seconds:.1f} / {cpu_s:.1f}"])
-            print(json.dumps({"section": "correctness", "recipe": recipe, "dtype": str(dtype), **result}), flush=True)
     name = "tiny Llama" if args.dry_run else "random SmolLM2-135M shapes (30 layers)"
-    report.add(f"**Correctness on {args.device} against the CPU in fp32** ({name}; calibration {nsamples} x {seqlen} "
-               f"random tokens, held-out 4 x {seqlen}; outputs of both evaluated in fp32 on {eval_device})\n\n"
-               + table(["method", "dtype", "equal mask bits", "worst layer output rel. diff", "CPU loss",
-                        "loss", "loss rel. diff", f"s ({args.device} / cpu)"], rows))
+    moe_name = "tiny Mixtral" if args.dry_run else "random Mixtral, SmolLM2's widths, 4 layers of 8 experts"
+    eval_device = args.device if torch.device(args.device).type == "cuda" else "cpu"
+    for shapes, recipes, title in [(TINY if args.dry_run else SMOLLM2, list(RECIPES), name),
+                                   (moe, MOE_RECIPES, moe_name)]:
+        dense = random_model(shapes, args.seed)
+        generator = torch.Generator().manual_seed(args.seed)
+        calibration = torch.randint(0, shapes["vocab_size"], (nsamples, seqlen), generator=generator)
+        held_out = torch.randint(0, shapes["vocab_size"], (4, seqlen), generator=generator)
+        rows = []
+        for recipe in recipes:
+            start = time.perf_counter()
+            reference_model = compress(copy.deepcopy(dense), recipe, calibration, device="cpu")
+            cpu_s = time.perf_counter() - start
+            hidden, loss = outputs(reference_model, held_out, eval_device)
+            reference = {"masks": masks(reference_model), "hidden": hidden, "loss": loss}
+            del reference_model
+            for dtype in (torch.bfloat16, torch.float32):
+                start = time.perf_counter()
+                pruned = compress(copy.deepcopy(dense).to(dtype), recipe, calibration, device=args.device)
+                seconds = time.perf_counter() - start
+                result = compare(pruned, reference, held_out, eval_device)
+                rows.append([RECIPES[recipe], str(dtype).removeprefix("torch."), f"{result['equal_mask_bits']:.4%}",
+                             f"{result['layer_output_rel_diff']:.2e}", f"{reference['loss']:.4f}",
+                             f"{result['loss']:.4f}", f"{result['loss_rel_diff']:.2e}", f"{seconds:.1f} / {cpu_s:.1f}"])
+                print(json.dumps({"section": "correctness", "model": title, "recipe": recipe, "dtype": str(dtype),
+                                  **result}), flush=True)
+        report.add(f"**Correctness on {args.device} against the CPU in fp32** ({title}; calibration {nsamples} x "
+                   f"{seqlen} random tokens, held-out 4 x {seqlen}; outputs of both evaluated in fp32 on {eval_device})"
+                   "\n\n" + table(["method", "dtype", "equal mask bits", "worst layer output rel. diff", "CPU loss",
+                                    "loss", "loss rel. diff", f"s ({args.device} / cpu)"], rows))
 
 
 # ---------------------------------------------------------------- 2. speed and memory, disk to disk

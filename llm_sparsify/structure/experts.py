@@ -20,6 +20,7 @@ router loses their rows, and the config its count.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -36,8 +37,20 @@ def is_fused_experts(module: nn.Module) -> bool:
         return False
     if getattr(module, "is_transposed", False) or getattr(module, "has_bias", False) or gate_up.dim() != 3:
         return False
+    if _required_inputs(module.act_fn) != 1:  # e.g. an act(gate, up) of its own: another computation
+        return False
     experts, rows, hidden = gate_up.shape
     return down.shape == (experts, hidden, rows // 2) and rows % 2 == 0
+
+
+def _required_inputs(function) -> int | None:
+    """How many positional arguments without defaults `function` (a module: its forward) takes; None if unknown."""
+    try:
+        parameters = inspect.signature(function.forward if isinstance(function, nn.Module) else function).parameters
+    except (TypeError, ValueError):
+        return None
+    return sum(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+               for p in parameters.values())
 
 
 class ExpertMLP(nn.Module):
