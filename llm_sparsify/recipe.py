@@ -445,12 +445,7 @@ def _names(value: Any, key: str) -> tuple[str, ...]:
 def parse_depth(section: Any) -> Depth:
     """Validate a `depth:` section: a count of spans or a parameter budget, never a score threshold."""
     section = _keys(section, "depth", Depth)
-    blocks, budget = section.get("blocks"), section.get("max_parameters")
-    if (blocks is None) == (budget is None):
-        raise RecipeError("depth needs exactly one of `blocks` (how many spans to remove) or `max_parameters`")
-    for key, value in (("blocks", blocks), ("max_parameters", budget)):
-        if value is not None:
-            _positive(value, f"depth.{key}", integer=True)
+    blocks, budget = _count_or_budget(section, "depth", "blocks", "how many spans to remove")
     _positive(interval := section.get("interval", 1), "depth.interval", integer=True)
     sources = section.get("sources", {"c4": 1.0})
     if not isinstance(sources, dict) or not sources or not all(
@@ -472,13 +467,18 @@ def parse_depth(section: Any) -> Depth:
 def parse_experts(section: Any) -> ExpertRemoval:
     """Validate an `experts:` section: how many experts go per MoE layer, or a parameter budget."""
     section = _keys(section, "experts", ExpertRemoval)
-    remove, budget = section.get("remove"), section.get("max_parameters")
-    if (remove is None) == (budget is None):
-        raise RecipeError("experts needs exactly one of `remove` (experts per MoE layer) or `max_parameters`")
-    for key, value in (("remove", remove), ("max_parameters", budget)):
+    return ExpertRemoval(*_count_or_budget(section, "experts", "remove", "experts per MoE layer"))
+
+
+def _count_or_budget(section: dict, name: str, count: str, meaning: str) -> tuple[int | None, int | None]:
+    """A section's count of units to remove (key `count`) or its `max_parameters` budget: exactly one, positive."""
+    values = section.get(count), section.get("max_parameters")
+    if (values[0] is None) == (values[1] is None):
+        raise RecipeError(f"{name} needs exactly one of `{count}` ({meaning}) or `max_parameters`")
+    for key, value in zip((count, "max_parameters"), values, strict=True):
         if value is not None:
-            _positive(value, f"experts.{key}", integer=True)
-    return ExpertRemoval(remove, budget)
+            _positive(value, f"{name}.{key}", integer=True)
+    return values
 
 
 def parse_width(section: Any) -> Width:
