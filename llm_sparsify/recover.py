@@ -38,9 +38,10 @@ from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 from transformers.utils.logging import tqdm
 
-from llm_sparsify.architecture import decoder_layers, home_device
+from llm_sparsify.architecture import ModelError, decoder_layers, home_device
 from llm_sparsify.engine import check_calibration, layer_linears
 from llm_sparsify.errors import UserError
+from llm_sparsify.structure.resize import unit_squares
 
 log = logging.getLogger(__name__)
 
@@ -75,30 +76,15 @@ def _rates(start: int, total: int, warmup: int, base_lr: float) -> Callable[[int
     return lambda step: lr_schedule(start + step, total, warmup, base_lr)
 
 
-def _unit_squares(layer: nn.Module, config: Any, unit: str) -> Tensor:
-    """Σ of squared weights of every group of one decoder layer: [intermediate] ("mlp") or [KV heads] ("heads")."""
-    try:
-        if unit == "mlp":
-            mlp = layer.mlp
-            return (mlp.gate_proj.weight.square().sum(1) + mlp.up_proj.weight.square().sum(1)
-                    + mlp.down_proj.weight.square().sum(0))
-        attn = layer.self_attn
-        q, k, v, o = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight)
-    except AttributeError as error:
-        raise RecoveryError(f"group lasso over {unit!r} needs Llama-style decoder layers ({error})") from None
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    # query head h reads KV head h // (heads / kv_heads): KV group g owns a contiguous block of q rows / o columns
-    return (k.square().sum(1).view(kv_heads, -1).sum(1) + v.square().sum(1).view(kv_heads, -1).sum(1)
-            + q.square().sum(1).view(kv_heads, -1).sum(1) + o.square().sum(0).view(kv_heads, -1).sum(1))
-
-
 def group_lasso_penalty(model: PreTrainedModel, unit: str = "mlp") -> Tensor:
     """Σ_g ‖W_g‖₂ over all groups of all decoder layers (unscaled: finetune multiplies it by λ); differentiable."""
     if unit not in LASSO_UNITS:
         raise RecoveryError(f"group lasso unit must be one of {LASSO_UNITS}, got {unit!r}")
     # a whole zero group has no gradient of its norm; clamping gives it 0 instead of NaN
-    return sum(_unit_squares(layer, model.config, unit).clamp_min(1e-20).sqrt().sum()
-               for layer in decoder_layers(model))
+    try:
+        return sum(unit_squares(layer, unit).clamp_min(1e-20).sqrt().sum() for layer in decoder_layers(model))
+    except ModelError as error:
+        raise RecoveryError(f"group lasso over {unit!r} needs Llama-style decoder layers ({error})") from None
 
 
 class _MaskedLoRA(nn.Module):

@@ -124,9 +124,8 @@ def test_loss_goes_down_on_a_repeated_batch(lora):
 
 
 def reference_penalty(model, unit: str) -> torch.Tensor:
-    """Σ_g ‖W_g‖₂, one group at a time."""
-    config = model.config
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    """Σ_g ‖W_g‖₂, one group at a time; each layer's heads counted from its own weights (they differ after global
+    head pruning)."""
     total = torch.zeros(())
     for layer in model.model.layers:
         if unit == "mlp":
@@ -135,7 +134,8 @@ def reference_penalty(model, unit: str) -> torch.Tensor:
                 total = total + torch.cat([gate[g], up[g], down[:, g]]).norm()
         else:
             attn = layer.self_attn
-            d = attn.q_proj.weight.shape[0] // heads
+            d = attn.head_dim
+            heads, kv_heads = attn.q_proj.weight.shape[0] // d, attn.k_proj.weight.shape[0] // d
             for g in range(kv_heads):
                 parts = [attn.k_proj.weight[g * d : (g + 1) * d].reshape(-1),
                          attn.v_proj.weight[g * d : (g + 1) * d].reshape(-1)]
@@ -151,6 +151,22 @@ def reference_penalty(model, unit: str) -> torch.Tensor:
 def test_group_lasso_penalty_matches_a_loop_over_units(model, unit):
     with torch.no_grad():
         torch.testing.assert_close(group_lasso_penalty(model, unit), reference_penalty(model, unit))
+
+
+def test_group_lasso_takes_each_layers_own_kv_groups_after_global_head_pruning():
+    """Global head pruning leaves layers with different numbers of KV groups (config: the largest); the lasso's
+    groups are each layer's own, as width pruning defines them, not the config's count."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llm_sparsify.structure.width import prune_width
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**dict(TINY, num_attention_heads=8, num_key_value_heads=4))).eval()
+    prune_width(model, "heads", 5 / 12, scope="global")
+    groups = [layer.self_attn.k_proj.out_features // layer.self_attn.head_dim for layer in model.model.layers]
+    assert sum(groups) == 7 and len(set(groups)) > 1
+    with torch.no_grad():
+        torch.testing.assert_close(group_lasso_penalty(model, "heads"), reference_penalty(model, "heads"))
 
 
 @pytest.mark.parametrize("unit", ["mlp", "heads"])

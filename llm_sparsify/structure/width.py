@@ -39,6 +39,7 @@ from llm_sparsify.structure.resize import (
     linear,
     remove_kv_groups,
     remove_mlp_channels,
+    unit_squares,
     width_parameters,
 )
 
@@ -69,18 +70,12 @@ def _importance(layer: nn.Module, names: tuple[str, ...], importance: dict[str, 
 
 def channel_scores(layer: nn.Module, importance: dict[str, Tensor] | None = None) -> Tensor:
     """Score of each MLP intermediate channel: L2 norm of its gate/up rows and down column of importance (|W|)."""
-    gate, up, down = _importance(layer, MLP, importance).values()
-    squares = gate.square().sum(1) + up.square().sum(1) + down.square().sum(0).to(gate.device)
-    return squares.sqrt().cpu()
+    return unit_squares(layer, "mlp", _importance(layer, MLP, importance)).sqrt().cpu()
 
 
 def group_scores(layer: nn.Module, importance: dict[str, Tensor] | None = None) -> Tensor:
     """Score of each attention KV group: L2 norm of its k/v rows, its query heads' q rows and o columns."""
-    head_dim, _, groups = head_layout(layer)
-    q, k, v, o = (t.cpu() for t in _importance(layer, ATTENTION, importance).values())
-    queries = q.square().sum(1) + o.square().sum(0)  # per query row / o column, grouped by KV head below
-    keys = k.square().sum(1) + v.square().sum(1)
-    return (queries.reshape(groups, -1).sum(1) + keys.reshape(groups, head_dim).sum(1)).sqrt()
+    return unit_squares(layer, "heads", _importance(layer, ATTENTION, importance)).sqrt().cpu()
 
 
 def _layer_output(output: Tensor | tuple) -> Tensor:
