@@ -277,6 +277,10 @@ def _prune_in_memory(model_name: str | None, checkpoint: Path, recipe: Recipe, o
     Nothing is resumable here: an interrupted run leaves no output, and the same command starts it again."""
     if distributed.rank_and_size()[1] > 1:
         raise RecipeError("depth, width, OWL, OBD and recovery run in one process; start it without torchrun")
+    weights = sum(p.numel() for p in skeleton(checkpoint, dtype).parameters()) * dtype.itemsize
+    log.warning("%s need%s the whole model in host memory: about %.1f GiB of weights in %s, more while it runs "
+                "(plain pruning and quantization stream one layer at a time)", ", ".join(recipe.whole_model_stages),
+                "s" if len(recipe.whole_model_stages) == 1 else "", weights / 2**30, str(dtype).removeprefix("torch."))
     model, tokenizer = load_model(str(checkpoint), dtype=dtype, device=device)
     stored_dtype = AutoConfig.from_pretrained(checkpoint).dtype or dtype
     ids, calibration_info = prepare_calibration(model, recipe, calibration, tokenizer, device, nsamples, seqlen, seed)

@@ -269,8 +269,14 @@ class Recipe:
     @property
     def streams(self) -> bool:
         """Whether the recipe can run one decoder layer at a time from disk (else the whole model is loaded)."""
-        return not (self.experts or self.depth or self.width or self.recovery or self.owl or self.sensitivity
-                    or self.method == "obd")
+        return not self.whole_model_stages
+
+    @property
+    def whole_model_stages(self) -> list[str]:
+        """The stages of the recipe that need the whole model in memory (pipeline.py), in words."""
+        stages = {"expert removal": self.experts, "depth": self.depth, "width": self.width, "OWL": self.owl,
+                  "sensitivity allocation": self.sensitivity, "OBD": self.method == "obd", "recovery": self.recovery}
+        return [name for name, present in stages.items() if present]
 
     @property
     def needs_calibration(self) -> bool:

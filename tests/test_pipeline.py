@@ -124,7 +124,7 @@ def test_recovery_keeps_the_pruned_weights_zero(calibration, schedule):
                 assert not torch.equal(ours[name].weight, theirs[name].weight)
 
 
-def test_prune_command_runs_every_stage_and_saves_a_smaller_model(tmp_path, model_dir, calib):  # noqa: F811
+def test_prune_command_runs_every_stage_and_saves_a_smaller_model(tmp_path, model_dir, calib, caplog):  # noqa: F811
     recipe = tmp_path / "stages.yaml"
     recipe.write_text(yaml.safe_dump({
         "depth": {"blocks": 1},
@@ -136,6 +136,8 @@ def test_prune_command_runs_every_stage_and_saves_a_smaller_model(tmp_path, mode
     output = tmp_path / "out"
     assert main(["prune", str(model_dir), "--recipe", str(recipe), "--calibration", str(calib), "--output",
                  str(output), "--device", "cpu", "-q", "--seqlen", "16"]) == 0
+    said = [r.getMessage() for r in caplog.records if "whole model in host memory" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("depth, width need the whole model in host memory: about ")
     model = AutoModelForCausalLM.from_pretrained(output)
     assert model.config.num_hidden_layers == 1 and model.config.num_key_value_heads == 1
     assert model.model.layers[0].self_attn.k_proj.out_features == model.config.head_dim
