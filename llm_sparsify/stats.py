@@ -21,8 +21,8 @@ class InputStatistics:
     """
 
     def __init__(self, features: int, hessian: bool, device: torch.device | str) -> None:
-        self.shape = (features, features) if hessian else (features,)
-        self.sum = torch.zeros(self.shape, dtype=torch.float64, device=device)
+        shape = (features, features) if hessian else (features,)
+        self.sum = torch.zeros(shape, dtype=torch.float64, device=device)
         self.partial: Tensor | None = None  # the current run's float32 sum, while samples arrive
         self.pending = 0  # samples in `partial`
         self.tokens = 0
@@ -33,7 +33,7 @@ class InputStatistics:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
         if self.partial is None:
-            self.partial = torch.empty(self.shape, dtype=torch.float32, device=self.sum.device)
+            self.partial = torch.empty_like(self.sum, dtype=torch.float32)
         if self.sum.dim() == 2:
             self.partial.addmm_(x.T, x, beta=1 if self.pending else 0)
         else:
@@ -43,13 +43,14 @@ class InputStatistics:
             self.flush()
 
     def flush(self) -> None:
-        """Add the float32 sum of the current run to the float64 total. Reading the statistics flushes them and
-        frees the run's buffer (a 14336-wide input's is 0.8 GiB), until more samples arrive."""
+        """Add the float32 sum of the current run to the float64 total."""
         if self.pending:
             self.sum += self.partial
             self.pending = 0
 
     def _total(self) -> Tensor:
+        """The float64 total, for reading: flushed, and the run's buffer freed until more samples arrive (a
+        14336-wide input's is 0.8 GiB)."""
         self.flush()
         self.partial = None
         return self.sum

@@ -116,8 +116,8 @@ def _read_shard(path: Path, names: list[str]) -> dict[str, Tensor]:
     would hold the old and the new. (Any dtype not listed above is left to safetensors.)"""
     tensors = {}
     with path.open("rb") as file:
-        length = int.from_bytes(file.read(8), "little")
-        header = json.loads(file.read(length))
+        data, header_bytes = _header(file)
+        header = json.loads(header_bytes)
         for name in names:
             entry = header[name]
             if entry["dtype"] not in _DTYPES:
@@ -129,7 +129,7 @@ def _read_shard(path: Path, names: list[str]) -> dict[str, Tensor]:
             begin, end = entry["data_offsets"]
             if end - begin != len(buffer):
                 raise ValueError(f"{name} has {end - begin} bytes for {len(buffer)}")
-            file.seek(8 + length + begin)
+            file.seek(data + begin)
             done = 0
             while done < len(buffer):
                 if not (got := file.readinto(buffer[done:])):
@@ -137,6 +137,16 @@ def _read_shard(path: Path, names: list[str]) -> dict[str, Tensor]:
                 done += got
             tensors[name] = tensor
     return tensors
+
+
+def _header(file) -> tuple[int, bytes]:
+    """A safetensors file's JSON header (its first 8 bytes give the length) and where its tensor data starts;
+    ValueError if the header runs past the end of the file."""
+    length = int.from_bytes(file.read(8), "little")
+    size = os.fstat(file.fileno()).st_size
+    if size < 8 or 8 + length > size:
+        raise ValueError(f"a header of {length} bytes in a file of {size}")
+    return 8 + length, file.read(length)
 
 
 def skeleton(checkpoint: Path, dtype: torch.dtype) -> PreTrainedModel:
@@ -461,11 +471,8 @@ def _shard_content(path: Path) -> dict[str, Any]:
     """Size and sampled sha256 of one safetensors file (see model_content), or a ModelError if it is damaged."""
     with path.open("rb") as file:
         size = os.fstat(file.fileno()).st_size
-        length = int.from_bytes(file.read(8), "little")
         try:
-            if size < 8 or 8 + length > size:
-                raise ValueError(f"a header of {length} bytes in a file of {size}")
-            header_bytes = file.read(length)
+            data, header_bytes = _header(file)
             header = json.loads(header_bytes)
             digest = hashlib.sha256(header_bytes)
             for name, entry in sorted(header.items()):
@@ -473,7 +480,7 @@ def _shard_content(path: Path) -> dict[str, Any]:
                     continue
                 begin, end = entry["data_offsets"]
                 for offset in sorted({begin, max(begin, end - _SAMPLE_BYTES)}):
-                    file.seek(8 + length + offset)
+                    file.seek(data + offset)
                     digest.update(file.read(min(_SAMPLE_BYTES, end - offset)))
         except (ValueError, KeyError, TypeError) as error:
             raise ModelError(f"{path} is not a readable safetensors file: {error}") from error

@@ -47,8 +47,9 @@ def expert_weights(model) -> dict[str, torch.Tensor]:
     """Brute force: (layer, expert, projection) -> weight, sliced from the fused parameters."""
     found = {}
     for i, layer in enumerate(model.model.layers):
-        experts = next((m for m in layer.modules() if getattr(getattr(m, "gate_up_proj", None), "dim", int)() == 3),
-                       None)  # mlp.experts, block_sparse_moe.experts, ...
+        experts = next((m for m in layer.modules()  # mlp.experts, block_sparse_moe.experts, ...
+                        if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor) and m.gate_up_proj.dim() == 3),
+                       None)
         if experts is None:
             continue
         gate, up = experts.gate_up_proj.detach().chunk(2, dim=1)

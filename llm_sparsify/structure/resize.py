@@ -39,15 +39,18 @@ def head_layout(layer: nn.Module) -> tuple[int, int, int]:
     return head_dim, attention.num_key_value_groups, groups
 
 
+MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+UNITS = {"mlp": MLP, "heads": ATTENTION}  # the Linears a unit spans, by unit kind
+
+
 def unit_squares(layer: nn.Module, unit: str, values: dict[str, Tensor] | None = None) -> Tensor:
     """Per unit of one decoder layer, the sum of squares of its weights, or of `values` given per weight (e.g. an
     importance of the weights' shapes, keyed mlp.gate_proj, ...): [channels] for "mlp", [KV groups] for "heads".
     The one definition of a unit (width.py's docstring): a channel is row c of gate/up_proj and column c of
     down_proj; a KV group is its k/v rows, the q rows of the query heads that read it and their o_proj columns, as
     this layer holds them (head_layout: after global head pruning layers differ). Differentiable in the weights."""
-    names = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj") if unit == "mlp" else (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-    w = [linear(layer, name).weight if values is None else values[name] for name in names]
+    w = [linear(layer, name).weight if values is None else values[name] for name in UNITS[unit]]
     if unit == "mlp":
         gate, up, down = w
         return gate.square().sum(1) + up.square().sum(1) + down.square().sum(0).to(gate.device)

@@ -34,6 +34,9 @@ from llm_sparsify.fisher_pass import fisher_diagonal
 from llm_sparsify.models import decoder_layers
 from llm_sparsify.prune.fisher import obd_scores
 from llm_sparsify.structure.resize import (
+    ATTENTION,
+    MLP,
+    UNITS,
     WidthError,
     head_layout,
     linear,
@@ -45,9 +48,6 @@ from llm_sparsify.structure.resize import (
 
 log = logging.getLogger(__name__)
 
-MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-UNITS = {"mlp": MLP, "heads": ATTENTION}
 UNIT_WORDS = {"mlp": "MLP channels", "heads": "KV groups"}
 SCORES = ("weight", "activation", "obd")
 SCOPES = ("layer", "global")
