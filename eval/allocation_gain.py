@@ -24,8 +24,9 @@ from llm_sparsify import compress, load_model, perplexity
 from llm_sparsify.api import default_device
 from llm_sparsify.data import calibration_ids
 from llm_sparsify.engine import prune_model, target_modules
-from llm_sparsify.prune.allocation import layer_sensitivities, sensitivity_sparsities
+from llm_sparsify.prune.allocation import sensitivity_sparsities
 from llm_sparsify.recipe import load_recipe
+from llm_sparsify.score_passes import layer_sensitivities
 
 sys.path.insert(0, str(Path(__file__).parent))
 from better_masks import heldout_ids  # noqa: E402

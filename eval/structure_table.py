@@ -28,7 +28,8 @@ from llm_sparsify import compress, load_model, perplexity
 from llm_sparsify.data import calibration_ids, evaluation_ids
 from llm_sparsify.pipeline import parameter_count
 from llm_sparsify.recipe import load_recipe
-from llm_sparsify.structure.depth import block_importance, rank_correlation, skip_block_perplexity
+from llm_sparsify.score_passes import block_importance
+from llm_sparsify.structure.depth import rank_correlation, skip_block_perplexity
 
 
 def wanda(sparsity: float, owl: bool = False, method: str = "wanda") -> dict[str, Any]:

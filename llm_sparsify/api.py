@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import platform
 import time
@@ -12,16 +13,16 @@ from typing import Any
 import torch
 import transformers
 from torch import Tensor
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_sparsify import __version__, distributed
 from llm_sparsify.data import calibration_ids, check_count, is_token_ids, warn_long_windows
-from llm_sparsify.engine import LayerReport, count_zeros, prune_layers, untargeted_weights, warn_untargeted
+from llm_sparsify.engine import LayerReport, count_zeros, prune_layers, untargeted_weights
 from llm_sparsify.errors import UserError
 from llm_sparsify.export.hf import save_checkpoint
 from llm_sparsify.files import check_apart, check_output, check_writable
 from llm_sparsify.models import DEFAULT_MODEL, ModelError, decoder_layers, default_dtype, load_model
-from llm_sparsify.pipeline import run_recipe
+from llm_sparsify.pipeline import check_structure, layer_sparsities, parameter_count, restructure, run_recipe
 from llm_sparsify.recipe import Recipe, RecipeError, load_recipe
 from llm_sparsify.stream import PartialOutput, StreamedLayers, fingerprint, resolve_checkpoint, skeleton
 from llm_sparsify.structure.experts import experts_unfused, unfuse_experts
@@ -221,29 +222,48 @@ def prune_checkpoint(
     model = skeleton(checkpoint, dtype)
     unfuse_experts(model)  # MoE experts as Linears; written back in the checkpoint's layout
     layers = StreamedLayers(model, checkpoint, dtype)
-    warn_untargeted(model, recipe)
+    check_structure(model, recipe)
     ids, calibration_info = prepare_calibration(model, recipe, calibration, None, device, nsamples, seqlen, seed)
     rank, world_size = distributed.rank_and_size()
     key = fingerprint(checkpoint, recipe.to_dict(), ids, dtype, batch_size)
-    shard_count = len(layers) + len(layers.others)
-    finished = None
-    if rank == 0:
-        layers.output = PartialOutput(output, key, shard_count, overwrite)
-        finished = layers.output.finished
+    partial, finished = None, None
+    if rank == 0:  # a partial output of other settings is refused here, before any work
+        partial = PartialOutput(output, key, len(layers) + len(layers.others), overwrite)
+        finished = partial.finished
     finished = list(distributed.same_on_all_ranks(finished))  # a copy: the partial output appends to its own
     if rank != 0:
-        layers.output = PartialOutput(output, key, shard_count, overwrite, finished=finished)
+        partial = PartialOutput(output, key, len(layers) + len(layers.others), overwrite, finished=finished)
         layers.write = False
 
     start = time.perf_counter()
     own_ids = distributed.samples_of_this_rank(ids, batch_size) if ids is not None else None
-    reports = prune_layers(model, layers, recipe, own_ids, device, batch_size, finished)
+    tokenizer = None
+    if recipe.depth is not None and len(recipe.depth.sources) > 1:  # depth scored on text sources of its own
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    stages = restructure(model, layers, recipe, own_ids, tokenizer=tokenizer, device=device, batch_size=batch_size)
+    sparsities, allocation = layer_sparsities(model, layers, recipe, own_ids, device, batch_size)
+    partial.shard_count = len(layers) + len(layers.others)
+    layers.output = partial  # from here on, layers an earlier run finished are read back from it
+    reports = prune_layers(model, layers, recipe, own_ids, device, batch_size, finished, sparsities=sparsities)
     record = run_record(model_name, recipe, calibration_info, device, dtype, start, reports, model)
     record |= {"processes": world_size, "resumed_after_layers": len(finished)}
+    if recipe.method is not None:
+        stages["pruning"] = allocation
+    record["stages"] = stages | {"parameters_after": parameter_count(model)}
     if rank == 0:
-        layers.output.finish(layers.copy_other_tensors(), checkpoint, record)
+        layers.output.finish(layers.copy_other_tensors(), checkpoint, record,
+                             config=saved_config(model, checkpoint) if layers.restructured else None)
     distributed.barrier()
     return record
+
+
+def saved_config(model: PreTrainedModel, checkpoint: Path) -> PretrainedConfig:
+    """The model's config as the output saves it: the structure as the model has it now, the dtype and use_cache
+    as the checkpoint has them (loading set the compute dtype and turned the cache off)."""
+    config = copy.deepcopy(model.config)
+    source = AutoConfig.from_pretrained(checkpoint)
+    config.dtype, config.use_cache = source.dtype, getattr(source, "use_cache", True)
+    return config
 
 
 def run_record(model_name: str | None, recipe: Recipe, calibration_info: dict[str, Any], device: str,
@@ -291,5 +311,6 @@ def _prune_in_memory(model_name: str | None, checkpoint: Path, recipe: Recipe, o
                                      batch_size=batch_size)
         record = run_record(model_name, recipe, calibration_info, device, dtype, start, reports, model)
     record |= {"processes": 1, "stages": stages}
+    model.config = saved_config(model, checkpoint)
     save_checkpoint(model.to(stored_dtype), tokenizer, output, record, overwrite=overwrite)
     return record

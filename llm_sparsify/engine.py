@@ -24,7 +24,7 @@ import contextlib
 import fnmatch
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -44,8 +44,10 @@ from llm_sparsify.quantize.grid import Grid
 from llm_sparsify.recipe import Recipe, RecipeError, Reconstruction
 from llm_sparsify.reconstruct import reconstruct_layer, relative_error
 from llm_sparsify.stats import InputStatistics
+from llm_sparsify.structure.depth import remove_blocks
 from llm_sparsify.structure.experts import Experts, moe_modules
 from llm_sparsify.structure.permutation import attention_heads, fold_layer_permutations
+from llm_sparsify.structure.resize import remove_units
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +167,15 @@ class _Captured(Exception):
     """Raised by a hook once the inputs it waits for are recorded, so the rest of the forward never runs."""
 
 
+Visitor = Callable[[int, nn.Module, list[Tensor], list[dict[str, Any]]], list[Tensor] | None]
+"""What a score pass calls per decoder layer: (index, layer on the device, its inputs, their kwargs) -> the layer's
+outputs if it computed them (else None: read_pass computes them where the next layer needs them)."""
+
+
 class LayerSource(Protocol):
-    """Where decoder layers come from and go to: ResidentLayers (in memory) or stream.StreamedLayers (disk)."""
+    """Where decoder layers come from and go to: ResidentLayers (in memory) or stream.StreamedLayers (disk). The
+    structure stages change the model through its source: remove_blocks and remove_units act on the model in memory,
+    or on the skeleton and on what each layer's tensors become as they are read."""
 
     def __len__(self) -> int: ...
     def stem(self, device: torch.device) -> contextlib.AbstractContextManager[None]: ...
@@ -175,6 +184,8 @@ class LayerSource(Protocol):
     def round_to_storage(self, layer: nn.Module, names: list[str] | None = None) -> None: ...
     def save(self, index: int, layer: nn.Module, report: LayerReport) -> None: ...
     def unload(self, index: int, layer: nn.Module) -> None: ...
+    def remove_blocks(self, blocks: list[int]) -> None: ...
+    def remove_units(self, unit: str, keep: list[Tensor]) -> None: ...
 
 
 class ResidentLayers:
@@ -219,6 +230,15 @@ class ResidentLayers:
 
     def unload(self, index: int, layer: nn.Module) -> None:
         layer.to(self.homes.pop(index))
+
+    def remove_blocks(self, blocks: list[int]) -> None:
+        """Delete decoder blocks from the model (structure/depth.remove_blocks)."""
+        remove_blocks(self.model, blocks)
+        self.layers = decoder_layers(self.model)
+
+    def remove_units(self, unit: str, keep: list[Tensor]) -> None:
+        """Cut MLP channels or KV groups out of every layer (structure/resize.remove_units)."""
+        remove_units(self.model, unit, keep)
 
 
 @torch.no_grad()
@@ -341,20 +361,34 @@ def collect_statistics(
     return {name: stats[shares.get(name, name)] for name in modules}
 
 
-def score_pass_start(
-    model: PreTrainedModel, calibration: Tensor, targets: list[dict[str, nn.Linear]] | None, device: torch.device,
+@torch.no_grad()
+def read_pass(
+    model: PreTrainedModel, layers: LayerSource, calibration: Tensor | None, visit: Visitor, *, device: torch.device,
     batch_size: int, what: str,
-) -> tuple[ResidentLayers, list[dict[str, nn.Linear]], list[Tensor], list[dict[str, Any]]]:
-    """What a read-only pass over a model in memory starts from (OWL's ratios, sensitivities): the layers, the target
-    Linears of each (default: all), and layer 0's inputs; `what` names the pass in errors."""
-    check_calibration(model, calibration, what)
-    targets = layer_linears(model) if targets is None else targets
-    layers = ResidentLayers(model)
-    if len(targets) != len(layers):
-        raise ValueError(f"targets lists {len(targets)} layers, the model has {len(layers)}")
-    with layers.stem(device):
-        hidden, kwargs = capture_layer_inputs(model, calibration, device, batch_size)
-    return layers, targets, hidden, kwargs
+) -> None:
+    """A score pass: every decoder layer onloaded as the source holds it (never from a partial output), `visit`ed,
+    and offloaded; nothing is written. With `calibration`, layer 0's inputs are captured first and the dense
+    activations stream through the layers: each visit sees its layer's inputs, and the layer's outputs (the visit's,
+    if it returns them) feed the next. Without, visits see the weights only (hidden and kwargs empty). `what` names
+    the pass in errors and on its progress bar."""
+    device = torch.device(device)
+    hidden: list[Tensor] = []
+    kwargs: list[dict[str, Any]] = []
+    if calibration is not None:
+        check_calibration(model, calibration, what)
+        store = activation_store(model, calibration, device)
+        with layers.stem(device):
+            hidden, kwargs = capture_layer_inputs(model, calibration, device, batch_size, store)
+    rank, _ = distributed.rank_and_size()
+    for i in tqdm(range(len(layers)), desc=what, unit="layer", disable=rank != 0):
+        layer = layers.load(i, device, original=True)
+        try:
+            outputs = visit(i, layer, hidden, kwargs)
+            if hidden and i + 1 < len(layers):
+                hidden = outputs or [_forward(layer, h, kw, device) for h, kw in zip(hidden, kwargs, strict=True)]
+        finally:
+            layers.unload(i, layer)
+        release_host_memory()
 
 
 def zero_share(weight: Tensor) -> float:
@@ -390,7 +424,8 @@ def prune_layers(
     Under torch.distributed each rank brings its share of `calibration` (see llm_sparsify.distributed).
     """
     device = torch.device(device)
-    targets = target_modules(model, recipe)
+    # a recipe without a pruning section (depth, width only) writes each layer as the structure stages left it
+    targets = target_modules(model, recipe) if recipe.method else [{} for _ in range(len(layers))]
     statistic = None if recipe.statistic == "fisher" else recipe.statistic  # OBD: gradients, taken before
     if recipe.method == "obd" and fisher is None:
         raise ValueError("OBD needs the Fisher diagonal of every target weight (prune/fisher.fisher_diagonal)")
@@ -412,7 +447,8 @@ def prune_layers(
 
     rank, _ = distributed.rank_and_size()
     quantized = f" + {recipe.quantization.method}" if recipe.quantization else ""
-    progress = tqdm(total=len(layers), desc=f"{recipe.method} {recipe.pattern_text}{quantized}", unit="layer",
+    desc = f"{recipe.method} {recipe.pattern_text}{quantized}" if recipe.method else "writing layers"
+    progress = tqdm(total=len(layers), desc=desc, unit="layer",
                     initial=len(reports), disable=rank != 0)
     groups: dict[tuple[str, ...], list[list[str]]] = {}  # module grouping, per layer structure
     permute = bool(recipe.options.get("permute"))

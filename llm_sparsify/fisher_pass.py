@@ -18,6 +18,7 @@ from transformers.utils.logging import tqdm
 
 from llm_sparsify import engine
 from llm_sparsify.architecture import home_device
+from llm_sparsify.prune.fisher import obd_scores
 
 
 def sample_losses(logits: Tensor, ids: Tensor) -> Tensor:
@@ -102,3 +103,15 @@ def fisher_diagonal(
             p.requires_grad_(flag)
         model.to(home).train(training)
     return {name: f.cpu() for name, f in fisher.items()}
+
+
+def obd_importance(model: PreTrainedModel, calibration: Tensor, names: tuple[str, ...],
+                   device: str | torch.device = "cpu") -> list[dict[str, Tensor]]:
+    """Per decoder layer, (½·F·w²)^½ of the named Linears (names within the layer), F their diagonal Fisher on
+    `calibration`: the per-weight importance of width pruning's score "obd"."""
+    layers = engine.decoder_layers(model)
+    prefix = engine.layers_prefix(model)
+    modules = {f"{prefix}.{i}.{name}": layer.get_submodule(name) for i, layer in enumerate(layers) for name in names}
+    fisher = fisher_diagonal(model, calibration, modules, device)
+    return [{name: obd_scores(layer.get_submodule(name).weight, fisher[f"{prefix}.{i}.{name}"]).sqrt().cpu()
+             for name in names} for i, layer in enumerate(layers)]

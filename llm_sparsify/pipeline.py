@@ -1,15 +1,18 @@
-"""A recipe on a model in memory: experts -> depth -> width -> pruning (+ quantization) -> recovery.
+"""A recipe's stages over a layer source (a model in memory, or a checkpoint streamed from disk):
+experts -> depth -> width -> pruning (+ quantization) -> recovery.
 
-    remove the least salient MoE experts                 structure/experts.py, scored by expert_pass.py
-    remove the least important decoder blocks            structure/depth.py
-    remove the weakest MLP channels or KV groups         structure/width.py
-    prune (and quantize) layer by layer                  engine.py, with per-layer sparsities (prune/owl.py)
-                                                         or the Fisher diagonal (prune/fisher.py) if asked
+    remove the least salient MoE experts                 structure/experts.py, scored by score_passes.py
+    remove the least important decoder blocks            structure/depth.py, scored by score_passes.py
+    remove the weakest MLP channels or KV groups         structure/width.py, scored by score_passes.py
+    prune (and quantize) layer by layer                  engine.py, with per-layer sparsities (prune/owl.py,
+                                                         prune/allocation.py) or the Fisher diagonal (prune/fisher.py)
     fine-tune with the masks frozen, or prune gradually  recover.py
 
-Stages that change the model's shape, need gradients (OBD, recovery) or a look at every layer before
-pruning (OWL) need the whole model in host memory; each decoder layer still visits the device alone where the
-stage allows. Plain pruning and quantization also stream from disk (api.prune_checkpoint).
+Each structure stage is score passes (read only) -> a pure decision -> the change, made through the source
+(LayerSource.remove_blocks / remove_units): on the model in memory, or on the skeleton and on the tensors of each
+layer as the transform pass reads them. So depth, width, OWL and sensitivity allocation stream from disk
+(api.prune_checkpoint) as plain pruning does. Expert removal, OBD (gradients through the whole network) and
+recovery fine-tuning are whole-model stages: they need the model in host memory (Recipe.whole_model_stages).
 """
 
 from __future__ import annotations
@@ -22,25 +25,39 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_sparsify.data import DataError, calibration_ids
-from llm_sparsify.engine import LayerReport, prune_model, target_modules, warn_untargeted
-from llm_sparsify.expert_pass import expert_saliencies
-from llm_sparsify.fisher_pass import fisher_diagonal
+from llm_sparsify.engine import LayerReport, LayerSource, ResidentLayers, prune_layers, target_modules, warn_untargeted
+from llm_sparsify.fisher_pass import fisher_diagonal, obd_importance
 from llm_sparsify.models import decoder_layers
-from llm_sparsify.prune.allocation import layer_sensitivities, sensitivity_levels, sensitivity_sparsities
-from llm_sparsify.prune.owl import layer_outlier_ratios, owl_sparsities
-from llm_sparsify.recipe import Depth, ExpertRemoval, Recipe, RecipeError
+from llm_sparsify.prune.allocation import sensitivity_levels, sensitivity_sparsities
+from llm_sparsify.prune.owl import owl_sparsities
+from llm_sparsify.recipe import Depth, ExpertRemoval, Recipe, RecipeError, Width
 from llm_sparsify.recover import finetune, gradual_prune
-from llm_sparsify.structure.depth import (
-    baseline_importance,
+from llm_sparsify.score_passes import (
     block_importance,
+    expert_saliencies,
+    layer_outlier_ratios,
+    layer_sensitivities,
+    unit_scores,
+)
+from llm_sparsify.structure.depth import (
+    DepthError,
+    baseline_importance,
     blocks_for_budget,
+    check_interval,
     choose_blocks,
     fuse_importance,
-    prune_depth,
-    remove_blocks,
 )
 from llm_sparsify.structure.experts import experts_to_keep, moe_blocks, remove_experts
-from llm_sparsify.structure.width import UNIT_WORDS, check_amount, prune_width, units_per_layer
+from llm_sparsify.structure.resize import UNITS, WidthError, width_parameters
+from llm_sparsify.structure.width import (
+    SCORES,
+    UNIT_WORDS,
+    channel_scores,
+    check_amount,
+    choose_units,
+    group_scores,
+    units_per_layer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,71 +97,158 @@ def remove_weak_experts(model: PreTrainedModel, removal: ExpertRemoval, calibrat
     return {"kept": kept, "saliency": [[round(v, 6) for v in s.tolist()] for s in saliency]}
 
 
-def remove_depth(model: PreTrainedModel, depth: Depth, calibration: Tensor | None,
+def remove_depth(model: PreTrainedModel, layers: LayerSource, depth: Depth, calibration: Tensor | None,
                  tokenizer: PreTrainedTokenizerBase | None, device: str, batch_size: int) -> dict[str, Any]:
-    """Score the decoder blocks (per calibration source, fused) and remove the least important ones."""
-    layers = len(decoder_layers(model))
+    """Score the decoder blocks (per calibration source, fused) and remove the least important ones; `iterative`
+    removes one span at a time and scores the smaller model again (each removal changes what later blocks see)."""
+    count = len(layers)
     if depth.iterative:
-        removed = prune_depth(model, calibration, depth.blocks, depth.interval, iterative=True, device=device,
-                              batch_size=batch_size)
-        return {"removed": removed, "iterative": True}
+        alive, removed = list(range(count)), []  # original index of each block still in the model
+        for _ in range(depth.blocks):
+            blocks = choose_blocks(block_importance(model, calibration, depth.interval, device, batch_size,
+                                                    layers=layers), 1, depth.interval)
+            layers.remove_blocks(blocks)
+            removed += [alive[i] for i in blocks]
+            alive = [index for i, index in enumerate(alive) if i not in blocks]
+        log.info("depth: removed blocks %s of %d, one span at a time", sorted(removed), count)
+        return {"removed": sorted(removed), "iterative": True}
     if depth.score == "cosine":
         if len(depth.sources) == 1:  # the run's own calibration data
-            per_source = {next(iter(depth.sources)): block_importance(model, calibration, depth.interval, device,
-                                                                      batch_size)}
+            samples = {next(iter(depth.sources)): calibration}
         else:
             if tokenizer is None:
                 raise DataError("depth.sources names text sources: a tokenizer is needed to read them")
             n, seqlen = calibration.shape
-            per_source = {source: block_importance(model, calibration_ids(source, tokenizer, n, seqlen, depth.seed),
-                                                   depth.interval, device, batch_size)
-                          for source in depth.sources}
-        importance = fuse_importance(per_source, depth.sources)
+            samples = {source: calibration_ids(source, tokenizer, n, seqlen, depth.seed) for source in depth.sources}
+        importance = fuse_importance({source: block_importance(model, ids, depth.interval, device, batch_size,
+                                                               layers=layers) for source, ids in samples.items()},
+                                     depth.sources)
     else:
-        importance = baseline_importance(depth.score, layers - depth.interval + 1, depth.seed)
+        importance = baseline_importance(depth.score, count - depth.interval + 1, depth.seed)
     if depth.blocks is not None:
         removed = choose_blocks(importance, depth.blocks, depth.interval)
     else:
         removed = blocks_for_budget(model, depth.max_parameters, importance, depth.interval)
-    remove_blocks(model, removed)
-    log.info("depth: removed blocks %s of %d", removed, layers)
+    layers.remove_blocks(removed)
+    log.info("depth: removed blocks %s of %d", removed, count)
     return {"removed": removed, "importance": [round(v, 6) for v in importance.tolist()]}
 
 
-def allocate_by_sensitivity(model: PreTrainedModel, recipe: Recipe, calibration: Tensor, device: str,
-                            batch_size: int) -> tuple[list[float], dict[str, Any]]:
-    """Per-layer sparsities from each layer's measured damage at several sparsities (prune/allocation.py)."""
-    options = recipe.sensitivity
+def prune_width(
+    model: PreTrainedModel,
+    unit: str,
+    amount: float,
+    score: str = "weight",
+    scope: str = "layer",
+    calibration: Tensor | None = None,
+    device: str = "cpu",
+    batch_size: int = 8,
+    importance: list[dict[str, Tensor]] | None = None,
+    *,
+    layers: LayerSource | None = None,
+) -> dict[str, Any]:
+    """Score, choose and physically remove `amount` of the MLP channels ("mlp") or KV groups ("heads") of every
+    decoder layer that `layers` (default: the model in memory) holds; in place. `importance`, when given (per layer,
+    e.g. Fisher saliency), is used in place of `score`. Returns a report: units kept per layer out of how many, and
+    the parameter count before and after."""
+    layers = layers or ResidentLayers(model)
+    if unit not in UNITS:
+        raise WidthError(f"unit must be one of {tuple(UNITS)}, not {unit!r}")
+    if score not in SCORES:
+        raise WidthError(f"score must be one of {SCORES}, not {score!r}")
+    if importance is not None and len(importance) != len(layers):
+        raise WidthError(f"importance has {len(importance)} entries, the model {len(layers)} decoder layers")
+    if importance is None and score != "weight" and calibration is None:
+        raise WidthError(f"score {score!r} needs calibration token ids (e.g. calibration_ids('c4', ...))")
+    check_amount(units_per_layer(model, unit), amount, scope, UNIT_WORDS[unit])  # before any work
+    given = "importance" if importance is not None else score
+    if importance is None and score == "obd":  # gradients through the whole model in memory
+        importance = obd_importance(model, calibration, UNITS[unit], device)
+    if importance is not None:
+        scorer = channel_scores if unit == "mlp" else group_scores
+        scores = [scorer(layer, imp) for layer, imp in zip(decoder_layers(model), importance, strict=True)]
+    else:
+        scores = unit_scores(model, unit, score, calibration, device, batch_size, layers=layers)
+    keep = choose_units(scores, amount, scope)
+    before = width_parameters(model)
+    layers.remove_units(unit, keep)
+    report = {"unit": unit, "amount": amount, "score": given,
+              "scope": scope, "kept": [int(k.sum()) for k in keep], "of": [k.numel() for k in keep],
+              "parameters_before": before, "parameters_after": width_parameters(model)}
+    log.info("width pruning: %s %s of %d, %d -> %d parameters", unit, sum(report["kept"]), sum(report["of"]),
+             before, report["parameters_after"])
+    return report
+
+
+def layer_sparsities(model: PreTrainedModel, layers: LayerSource, recipe: Recipe, calibration: Tensor | None,
+                     device: str, batch_size: int) -> tuple[list[float] | None, dict[str, Any]]:
+    """Each decoder layer's sparsity, if the recipe allocates it: OWL's (outlier ratios) or measured sensitivity's
+    (damage at several sparsities, prune/allocation.py), each from a score pass over `layers`; else None."""
+    if recipe.owl is None and recipe.sensitivity is None:
+        return None, {}
     if not isinstance(recipe.pattern, float):
-        raise RecipeError(f"allocation: sensitivity varies the sparsity per layer, so it takes a fraction, not "
-                          f"{recipe.pattern_text}")
+        raise RecipeError(f"allocation: {'owl' if recipe.owl else 'sensitivity'} varies the sparsity per layer, so it "
+                          f"takes a fraction, not {recipe.pattern_text}")
     targets = target_modules(model, recipe)
+    if recipe.owl is not None:
+        ratios = layer_outlier_ratios(model, calibration, recipe.owl.threshold, targets, device, batch_size,
+                                      layers=layers)
+        sparsities = owl_sparsities(ratios, recipe.pattern, recipe.owl.lam)
+        return sparsities, {"owl": {"outlier_ratios": ratios, "sparsities": sparsities}}
+    options = recipe.sensitivity
     levels = sensitivity_levels(recipe.pattern, options.spread, options.levels)
-    tables = layer_sensitivities(model, calibration[:options.samples], levels, targets, device, batch_size)
+    tables = layer_sensitivities(model, calibration[:options.samples], levels, targets, device, batch_size,
+                                 layers=layers)
     sparsities = sensitivity_sparsities(tables[options.error], levels, recipe.pattern, targets)
-    return sparsities, {"levels": levels, "errors": tables[options.error].tolist(), "sparsities": sparsities}
+    return sparsities, {"sensitivity": {"levels": levels, "errors": tables[options.error].tolist(),
+                                        "sparsities": sparsities}}
+
+
+def check_structure(model: PreTrainedModel, recipe: Recipe) -> None:
+    """Refuse, before any work, a width amount that removes no unit, or an impossible expert count, and warn about
+    targets that leave most of the decoder untouched."""
+    if recipe.method is not None:
+        warn_untargeted(model, recipe)
+    if recipe.width is not None:  # an amount that removes nothing fails here, not after the depth stage
+        check_amount(units_per_layer(model, recipe.width.unit), recipe.width.amount, recipe.width.scope,
+                     UNIT_WORDS[recipe.width.unit])
+    if recipe.experts is not None:
+        experts_kept(model, recipe.experts)
+    depth, layers = recipe.depth, len(decoder_layers(model))
+    if depth is not None and depth.blocks is not None:
+        check_interval(depth.interval, layers)
+        if depth.blocks * depth.interval >= layers:
+            raise DepthError(f"cannot remove {depth.blocks} span(s) of {depth.interval} block(s) from {layers} "
+                             "blocks: at least one must stay")
+
+
+def restructure(model: PreTrainedModel, layers: LayerSource, recipe: Recipe, calibration: Tensor | None, *,
+                tokenizer: PreTrainedTokenizerBase | None, device: str, batch_size: int) -> dict[str, Any]:
+    """The structure stages of `recipe` (experts, depth, width), each scored on what the stage before left; the model
+    and `layers` change in place. Returns what each did, and the parameter counts before and after."""
+    stages: dict[str, Any] = {"parameters_before": parameter_count(model)}
+    if recipe.experts is not None:
+        stages["experts"] = remove_weak_experts(model, recipe.experts, calibration, device, batch_size)
+    if recipe.depth is not None:
+        stages["depth"] = remove_depth(model, layers, recipe.depth, calibration, tokenizer, device, batch_size)
+    if recipe.width is not None:
+        width: Width = recipe.width
+        stages["width"] = prune_width(model, width.unit, width.amount, width.score, width.scope, calibration,
+                                      device, batch_size, layers=layers)
+    return stages
 
 
 def prune_weights_of(model: PreTrainedModel, recipe: Recipe, calibration: Tensor | None, device: str,
                      batch_size: int) -> tuple[list[LayerReport], dict[str, Any]]:
-    """The pruning stage: per-layer sparsities (OWL's or measured sensitivity's) or OBD's Fisher first, if the
-    recipe asks, then the engine."""
-    info: dict[str, Any] = {}
-    sparsities = fisher = None
-    if recipe.owl is not None:
-        if not isinstance(recipe.pattern, float):
-            raise RecipeError(f"allocation: owl varies the sparsity per layer, so it takes a fraction, not "
-                              f"{recipe.pattern_text}")
-        targets = target_modules(model, recipe)
-        ratios = layer_outlier_ratios(model, calibration, recipe.owl.threshold, targets, device, batch_size)
-        sparsities = owl_sparsities(ratios, recipe.pattern, recipe.owl.lam)
-        info["owl"] = {"outlier_ratios": ratios, "sparsities": sparsities}
-    if recipe.sensitivity is not None:
-        sparsities, info["sensitivity"] = allocate_by_sensitivity(model, recipe, calibration, device, batch_size)
+    """The pruning stage on a model in memory: per-layer sparsities (OWL's or measured sensitivity's) or OBD's Fisher
+    first, if the recipe asks, then the engine."""
+    layers = ResidentLayers(model)
+    sparsities, info = layer_sparsities(model, layers, recipe, calibration, device, batch_size)
+    fisher = None
     if recipe.method == "obd":
         modules = {name: module for layer in target_modules(model, recipe) for name, module in layer.items()}
         fisher = fisher_diagonal(model, calibration, modules, device)
-    reports = prune_model(model, recipe, calibration, device, batch_size, sparsities=sparsities, fisher=fisher)
+    reports = prune_layers(model, layers, recipe, calibration, device, batch_size, sparsities=sparsities, fisher=fisher)
     return reports, info
 
 
@@ -158,26 +262,12 @@ def run_recipe(
     device: str = "cpu",
     batch_size: int = 8,
 ) -> tuple[list[LayerReport], dict[str, Any]]:
-    """Run every stage of `recipe` on `model` in place; return the pruning's layer reports and what each stage did.
-
-    `calibration` [nsamples, seqlen] feeds the scores and statistics; `training` the recovery fine-tuning.
+    """Run every stage of `recipe` on `model` in memory, in place; return the pruning's layer reports and what each
+    stage did. `calibration` [nsamples, seqlen] feeds the scores and statistics; `training` the recovery fine-tuning.
     """
-    if recipe.method is not None:
-        warn_untargeted(model, recipe)
-    if recipe.width is not None:  # an amount that removes nothing fails here, not after the depth stage
-        check_amount(units_per_layer(model, recipe.width.unit), recipe.width.amount, recipe.width.scope,
-                     UNIT_WORDS[recipe.width.unit])
-    if recipe.experts is not None:
-        experts_kept(model, recipe.experts)  # an impossible count fails here, before any work
-    stages: dict[str, Any] = {"parameters_before": parameter_count(model)}
-    if recipe.experts is not None:
-        stages["experts"] = remove_weak_experts(model, recipe.experts, calibration, device, batch_size)
-    if recipe.depth is not None:
-        stages["depth"] = remove_depth(model, recipe.depth, calibration, tokenizer, device, batch_size)
-    if recipe.width is not None:
-        width = recipe.width
-        stages["width"] = prune_width(model, width.unit, width.amount, width.score, width.scope, calibration,
-                                      device, batch_size)
+    check_structure(model, recipe)
+    stages = restructure(model, ResidentLayers(model), recipe, calibration, tokenizer=tokenizer, device=device,
+                         batch_size=batch_size)
     reports: list[LayerReport] = []
     recovery = recipe.recovery
     if recipe.method is not None and recovery is not None and recovery.schedule:

@@ -273,9 +273,9 @@ class Recipe:
 
     @property
     def whole_model_stages(self) -> list[str]:
-        """The stages of the recipe that need the whole model in memory (pipeline.py), in words."""
-        stages = {"expert removal": self.experts, "depth": self.depth, "width": self.width, "OWL": self.owl,
-                  "sensitivity allocation": self.sensitivity, "OBD": self.method == "obd", "recovery": self.recovery}
+        """The stages of the recipe that need the whole model in memory (pipeline.py), in words: the others stream."""
+        obd = self.method == "obd" or bool(self.width and self.width.score == "obd")
+        stages = {"expert removal": self.experts, "OBD": obd, "recovery": self.recovery}
         return [name for name, present in stages.items() if present]
 
     @property

@@ -24,14 +24,16 @@ from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from llm_sparsify.checkpoint_layout import as_renaming, checkpoint_layout, model_layout
 from llm_sparsify.engine import LayerReport
 from llm_sparsify.files import MARKER, PROGRESS, RECORD, OutputExistsError, _remove, replace_directory, written_by_us
 from llm_sparsify.models import DEFAULT_MODEL, ModelError, decoder_layers, default_model_path
 from llm_sparsify.quantize.grid import GRIDS_FILE, Grid, load_grids, save_grids
+from llm_sparsify.structure.depth import remove_blocks
 from llm_sparsify.structure.experts import fused_tensors, unfused_tensors
+from llm_sparsify.structure.resize import cut_tensors, remove_units
 
 log = logging.getLogger(__name__)
 
@@ -291,8 +293,9 @@ class PartialOutput:
         self.finished.append(report)
         self._save_progress()
 
-    def finish(self, files: dict[str, str], source: Path, record: dict[str, Any]) -> Path:
-        """Index, config, tokenizer and record; then rename into place."""
+    def finish(self, files: dict[str, str], source: Path, record: dict[str, Any],
+               config: PretrainedConfig | None = None) -> Path:
+        """Index, config (`config`, else the source's), tokenizer and record; then rename into place."""
         total = sum((self.path / f).stat().st_size for f in set(files.values()))
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(files.items()))}
         (self.path / INDEX).write_text(json.dumps(index, indent=2) + "\n")
@@ -304,6 +307,8 @@ class PartialOutput:
         for item in source.iterdir():  # config, generation config, tokenizer, chat template, ...
             if item.is_file() and item.name not in _NOT_COPIED and not item.name.endswith(_WEIGHTS):
                 shutil.copy(item, self.path / item.name)
+        if config is not None:  # the structure stages changed it
+            config.to_json_file(self.path / "config.json")
         (self.path / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         (self.path / PROGRESS).unlink()
         replace_directory(self.path, self.output)
@@ -327,16 +332,13 @@ class StreamedLayers:
         self.files = weight_map(checkpoint)
         layers = decoder_layers(model)
         self.prefix = next(name for name, module in model.named_modules() if module is layers)
-        self.layers = layers
-        self.names = [list(layer.state_dict()) for layer in layers]  # per layer, e.g. "mlp.up_proj.weight"
-        self.renamings: list[dict[str, str] | None] = []  # per layer: name in the layer -> full name on disk
-        self.stored_names = []
-        for i, layer in enumerate(layers):
-            self.renamings.append(None)
-            stored = self._to_checkpoint(i, layer.state_dict())  # meta tensors: names and shapes only
-            self.stored_names.append(list(stored))
-            self.renamings[i] = as_renaming(lambda t, i=i: self._to_modules(i, t), _shapes(stored),
-                                            _shapes(layer.state_dict()))
+        self._index_layers()
+        # where each layer's tensors are read: its checkpoint layer (names and renamings as the checkpoint has them),
+        # and the rows and columns of its Linears kept there (width pruning; structure/resize.unit_slices)
+        self.sources = list(range(len(layers)))
+        self.source_names, self.source_renamings = list(self.stored_names), list(self.renamings)
+        self.slices: list[list[dict[str, tuple[int, Tensor]]]] = [[] for _ in layers]
+        self.restructured = False  # the skeleton's structure differs from the checkpoint's (its config too)
         missing = [name for names in self.stored_names for name in names if name not in self.files]
         tied = getattr(model, "all_tied_weights_keys", None) or {}  # e.g. lm_head.weight: the embeddings'
         missing += [name for name, _ in model.named_parameters()  # embeddings, norm, lm_head
@@ -347,6 +349,47 @@ class StreamedLayers:
         self.stored: dict[str, torch.dtype] = {}
         self.pending: LayerReport | None = None  # saved, not yet recorded in the progress file
 
+    def _index_layers(self) -> None:
+        """Names (within the layer and on disk) and the renaming between them of every decoder layer of the skeleton
+        as it is now: what the output's shards are written under."""
+        self.layers = decoder_layers(self.model)
+        self.names = [list(layer.state_dict()) for layer in self.layers]  # per layer, e.g. "mlp.up_proj.weight"
+        self.renamings: list[dict[str, str] | None] = []  # per layer: name in the layer -> full name on disk
+        self.stored_names = []
+        for i, layer in enumerate(self.layers):
+            self.renamings.append(None)
+            stored = self._to_checkpoint(i, layer.state_dict())  # meta tensors: names and shapes only
+            self.stored_names.append(list(stored))
+            self.renamings[i] = as_renaming(lambda t, i=i: self._to_modules(i, t), _shapes(stored),
+                                            _shapes(layer.state_dict()))
+
+    def remove_blocks(self, blocks: list[int]) -> None:
+        """Delete decoder blocks from the skeleton (structure/depth.remove_blocks, config included); the layers after
+        them are read from their own checkpoint layers and written under their new indices."""
+        self._check_renamed()
+        remove_blocks(self.model, blocks)
+        self.sources = [s for i, s in enumerate(self.sources) if i not in blocks]
+        self.slices = [s for i, s in enumerate(self.slices) if i not in blocks]
+        self._restructured()
+
+    def remove_units(self, unit: str, keep: list[Tensor]) -> None:
+        """Cut MLP channels or KV groups out of the skeleton's layers (structure/resize.remove_units, config included)
+        and out of each layer's tensors as they are read."""
+        self._check_renamed()
+        for slices, cut in zip(self.slices, remove_units(self.model, unit, keep), strict=True):
+            if cut:
+                slices.append(cut)
+        self._restructured()
+
+    def _check_renamed(self) -> None:
+        if any(renaming is None for renaming in self.source_renamings):
+            raise ModelError("depth and width pruning stream only checkpoints whose layers' tensors are stored as "
+                             "the model holds them (renamed at most); this one converts them on loading")
+
+    def _restructured(self) -> None:
+        self.restructured = True
+        self._index_layers()
+
     def _to_checkpoint(self, index: int, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         """Layer `index`'s tensors (names within the layer) under the checkpoint's full names and shapes."""
         if (renaming := self.renamings[index]) is not None:  # the common case: names change, tensors do not
@@ -354,9 +397,12 @@ class StreamedLayers:
         full = {f"{self.prefix}.{index}.{name}": t for name, t in tensors.items()}
         return checkpoint_layout(self.model, fused_tensors(full))
 
-    def _to_modules(self, index: int, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The inverse of _to_checkpoint: names within the layer, as its modules hold them."""
-        if (renaming := self.renamings[index]) is not None:
+    def _to_modules(self, index: int, tensors: dict[str, Tensor],
+                    renaming: dict[str, str] | None = None) -> dict[str, Tensor]:
+        """The inverse of _to_checkpoint: names within the layer, as its modules hold them (`renaming`: the one to
+        undo, default the output layer `index`'s)."""
+        renaming = renaming if renaming is not None else self.renamings[index]
+        if renaming is not None:
             return {name: tensors[source] for name, source in renaming.items()}
         full = unfused_tensors(model_layout(self.model, tensors))
         return {name.removeprefix(f"{self.prefix}.{index}."): t for name, t in full.items()}
@@ -365,12 +411,18 @@ class StreamedLayers:
         return len(self.layers)
 
     def _read(self, index: int, original: bool = False) -> dict[str, Tensor]:
-        full = self.stored_names[index]
+        """Layer `index`'s tensors (names within the layer): from the partial output if an earlier run finished it
+        (unless `original`), else from its checkpoint layer, cut to the layer's width."""
         if not original and self.output is not None and index < len(self.output.finished):
-            source, files = self.output.path, dict.fromkeys(full, self.output.shard_name(index))
-        else:
-            source, files = self.checkpoint, self.files
-        return self._to_modules(index, read_tensors(source, files, full))
+            full = self.stored_names[index]
+            files = dict.fromkeys(full, self.output.shard_name(index))
+            return self._to_modules(index, read_tensors(self.output.path, files, full))
+        source = self.sources[index]
+        stored = read_tensors(self.checkpoint, self.files, self.source_names[source])
+        tensors = self._to_modules(source, stored, self.source_renamings[source])
+        for slices in self.slices[index]:
+            tensors = cut_tensors(tensors, slices)
+        return tensors
 
     @contextlib.contextmanager
     def stem(self, device: torch.device) -> Iterator[None]:

@@ -11,15 +11,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from llm_sparsify.engine import ResidentLayers
 from llm_sparsify.evaluate import perplexity
+from llm_sparsify.pipeline import remove_depth
+from llm_sparsify.recipe import Depth
+from llm_sparsify.score_passes import block_importance
 from llm_sparsify.structure.depth import (
     DepthError,
     baseline_importance,
-    block_importance,
     blocks_for_budget,
     choose_blocks,
     fuse_importance,
-    prune_depth,
     rank_correlation,
     remove_blocks,
     skip_block_perplexity,
@@ -232,13 +234,17 @@ def test_iterative_returns_original_indices(calibration):
     with torch.no_grad():
         before = model(x).logits
     one_shot = copy.deepcopy(model)
-    assert prune_depth(one_shot, calibration, 2) == [2, 3]
-    assert prune_depth(model, calibration, 2, iterative=True) == [2, 3]
+    def prune_depth(model, count, iterative=False):
+        return remove_depth(model, ResidentLayers(model), Depth(blocks=count, iterative=iterative), calibration, None,
+                            "cpu", 8)["removed"]
+
+    assert prune_depth(one_shot, 2) == [2, 3]
+    assert prune_depth(model, 2, iterative=True) == [2, 3]
     assert len(model.model.layers) == model.config.num_hidden_layers == 3
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, before)
     with pytest.raises(DepthError):
-        prune_depth(model, calibration, 3)
+        prune_depth(model, 3)
 
 
 @pytest.mark.slow

@@ -243,7 +243,7 @@ def test_experts_unfused_fuses_back_on_error():
 
 def test_expert_saliency_is_the_router_weighted_output_norm(one_thread):
     """REAP's saliency against a brute force over the dense model's routed tokens (layer 1 of a tiny Mixtral)."""
-    from llm_sparsify.expert_pass import expert_saliencies
+    from llm_sparsify.score_passes import expert_saliencies
 
     model, ids = tiny_moe("mixtral"), calibration(4)
     captured = []

@@ -15,8 +15,9 @@ from llm_sparsify.engine import layer_linears
 from llm_sparsify.export.hf import read_record
 from llm_sparsify.fisher_pass import fisher_diagonal
 from llm_sparsify.prune.fisher import prune_obd
-from llm_sparsify.prune.owl import layer_outlier_ratios, owl_sparsities
+from llm_sparsify.prune.owl import owl_sparsities
 from llm_sparsify.recipe import RecipeError, builtin_recipes, recipe_from_dict
+from llm_sparsify.score_passes import layer_outlier_ratios
 from tests.conftest import tiny_model
 from tests.test_cli import workdir  # noqa: F401  (fixture; model_dir and calib use it)
 
@@ -34,7 +35,8 @@ def test_shipped_stage_recipes_round_trip(name):
     assert name in builtin_recipes()
     recipe = load_recipe(name)
     again = recipe_from_dict(recipe.to_dict(), name=name)
-    assert again == recipe and not recipe.streams and recipe.needs_calibration
+    assert again == recipe and recipe.needs_calibration
+    assert recipe.streams == (recipe.recovery is None)  # depth, width and OWL stream from disk
 
 
 @pytest.mark.parametrize(("data", "message"), [
@@ -136,8 +138,7 @@ def test_prune_command_runs_every_stage_and_saves_a_smaller_model(tmp_path, mode
     output = tmp_path / "out"
     assert main(["prune", str(model_dir), "--recipe", str(recipe), "--calibration", str(calib), "--output",
                  str(output), "--device", "cpu", "-q", "--seqlen", "16"]) == 0
-    said = [r.getMessage() for r in caplog.records if "whole model in host memory" in r.getMessage()]
-    assert len(said) == 1 and said[0].startswith("depth, width need the whole model in host memory: about ")
+    assert not [r for r in caplog.records if "whole model in host memory" in r.getMessage()]  # it streams
     model = AutoModelForCausalLM.from_pretrained(output)
     assert model.config.num_hidden_layers == 1 and model.config.num_key_value_heads == 1
     assert model.model.layers[0].self_attn.k_proj.out_features == model.config.head_dim
@@ -147,6 +148,15 @@ def test_prune_command_runs_every_stage_and_saves_a_smaller_model(tmp_path, mode
     assert record["sparsity"]["overall"] >= 0.5
     assert set(record["evaluation"]["models"]) == {"base", "pruned"}
     assert (tmp_path / "out-compact").is_dir() and (output / "README.md").exists()
+
+
+def test_a_whole_model_stage_says_so_before_loading(tmp_path, model_dir, calib, caplog):  # noqa: F811
+    recipe = tmp_path / "obd-width.yaml"
+    recipe.write_text(yaml.safe_dump({"width": {"unit": "mlp", "amount": 0.25, "score": "obd"}}))
+    assert main(["prune", str(model_dir), "--recipe", str(recipe), "--calibration", str(calib), "--output",
+                 str(tmp_path / "out"), "--device", "cpu", "-q", "--seqlen", "16"]) == 0
+    said = [r.getMessage() for r in caplog.records if "whole model in host memory" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("OBD needs the whole model in host memory: about ")
 
 
 def test_a_stage_that_cannot_run_exits_2_and_writes_nothing(tmp_path, model_dir, calib, capsys):  # noqa: F811

@@ -158,7 +158,7 @@ def test_group_lasso_takes_each_layers_own_kv_groups_after_global_head_pruning()
     groups are each layer's own, as width pruning defines them, not the config's count."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llm_sparsify.structure.width import prune_width
+    from llm_sparsify.pipeline import prune_width
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**dict(TINY, num_attention_heads=8, num_key_value_heads=4))).eval()

@@ -7,18 +7,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from llm_sparsify.structure.resize import load_width_pruned
+from llm_sparsify.pipeline import prune_width
+from llm_sparsify.score_passes import activation_importance
+from llm_sparsify.structure.resize import load_width_pruned, remove_kv_groups, remove_mlp_channels, width_parameters
 from llm_sparsify.structure.width import (
     UNITS,
     WidthError,
-    activation_importance,
     channel_scores,
     choose_units,
     group_scores,
-    prune_width,
-    remove_kv_groups,
-    remove_mlp_channels,
-    width_parameters,
 )
 from tests.conftest import TINY, tiny_model
 from tests.test_fisher import brute_fisher

@@ -1,10 +1,10 @@
 """Per-layer sparsity from measured sensitivity: prune each layer at several sparsities, measure the damage, and
 spend the sparsity budget where it costs least.
 
-Score pass (`layer_sensitivities`, one decoder layer at a time over the dense model, like OWL's): for layer ℓ and
-each level s_k, the layer's target weights are replaced by their Wanda mask at s_k (a copy: the model is left
-dense), the layer is run on its dense inputs x, and the damage its output f̂(x) does to the next hidden state
-f(x) is measured. The currencies (all from the same forwards):
+Score pass (score_passes.layer_sensitivities, over the dense model, like OWL's): for layer ℓ and each level s_k,
+the layer's target weights are replaced by their Wanda mask at s_k (a copy: the model is left dense), the layer is run
+on its dense inputs x, and the damage its output f̂(x) does to the next hidden state f(x) is measured.
+The currencies (all from the same forwards):
 
     token    mean over tokens t of ‖f̂_t − f_t‖² / ‖f_t‖²   (what the next layer's RMSNorm sees: each token
              divided by its own norm, so a few massive-activation tokens do not dominate)
@@ -25,16 +25,11 @@ every layer starts at the first level, and hull segments are taken whole in orde
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel
-from transformers.utils.logging import tqdm
 
-from llm_sparsify import distributed, engine
-from llm_sparsify.prune.wanda import prune_wanda
 from llm_sparsify.recipe import RecipeError
 
 log = logging.getLogger(__name__)
@@ -130,73 +125,6 @@ def allocate_sparsities(
     others = sum(w * s for i, (w, s) in enumerate(zip(weights, sparsity, strict=True)) if i != last)
     sparsity[last] = min(max((target * total - others) / weights[last], levels[0]), levels[-1])
     return sparsity
-
-
-def _output(output: Tensor | tuple) -> Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _damage(layer: nn.Module, hidden: list[Tensor], kwargs: list[dict], dense: list[Tensor],
-            device: torch.device) -> Tensor:
-    """[Σ‖f̂−f‖², Σ_t ‖f̂_t−f_t‖²/‖f_t‖²] of the layer as it is now, against the dense outputs `dense`."""
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for h, kw, f in zip(hidden, kwargs, dense, strict=True):
-        f = f.to(device).double()
-        diff = (_output(layer(h.to(device), **kw)).double() - f).square().sum(-1)
-        totals[0] += diff.sum()
-        totals[1] += (diff / f.square().sum(-1).clamp_min(1e-30)).sum()
-    return totals
-
-
-@torch.no_grad()
-def layer_sensitivities(
-    model: PreTrainedModel,
-    calibration: Tensor,
-    levels: Sequence[float],
-    targets: list[dict[str, nn.Linear]] | None = None,
-    device: str | torch.device = "cpu",
-    batch_size: int = 8,
-) -> dict[str, Tensor]:
-    """Every layer's damage at every level, in each currency (see the module docstring): {currency: [layers,
-    levels]}, streaming `calibration` through the dense model one decoder layer at a time on `device`.
-
-    The weights are pruned by Wanda (statistics of the dense inputs) on a copy and put back, so the model ends as it
-    began. A layer with no target gets NaN rows (leave it out before allocate_sparsities).
-    """
-    device = torch.device(device)
-    layers, targets, hidden, kwargs = engine.score_pass_start(model, calibration, targets, device, batch_size,
-                                                              "sensitivity allocation")
-    tables = {c: torch.full((len(layers), len(levels)), math.nan, dtype=torch.float64) for c in CURRENCIES}
-    for i in tqdm(range(len(layers)), desc="sensitivities", unit="layer"):
-        layer = layers.load(i, device)
-        dense = [_output(layer(h.to(device), **kw)).to(h.device) for h, kw in zip(hidden, kwargs, strict=True)]
-        if targets[i]:
-            norms = torch.zeros(3, dtype=torch.float64, device=device)  # Σ‖f‖², Σ‖f − x‖², tokens
-            for h, f in zip(hidden, dense, strict=True):
-                norms += torch.stack([f.double().square().sum(), (f.double() - h.double()).square().sum(),
-                                      torch.tensor(f[..., 0].numel(), dtype=torch.float64)]).to(device)
-            stats = engine.collect_statistics(layer, targets[i], hidden, kwargs, hessian=False, device=device)
-            distributed.sum_statistics(stats.values())
-            originals = {name: module.weight.data for name, module in targets[i].items()}
-            try:
-                for k, level in enumerate(levels):
-                    for name, module in targets[i].items():
-                        module.weight.data = prune_wanda(originals[name], stats[name].column_norms(), level)
-                    totals = torch.cat([_damage(layer, hidden, kwargs, dense, device), norms])
-                    distributed.average([totals])  # ratios of sums: a mean over ranks is as good as a sum
-                    diff, token, dense_sq, update_sq, tokens = totals.tolist()
-                    tables["sum"][i, k] = diff / dense_sq
-                    tables["token"][i, k] = token / tokens
-                    tables["update"][i, k] = diff / update_sq
-            finally:
-                for name, module in targets[i].items():
-                    module.weight.data = originals[name]
-            del stats
-        hidden = dense
-        layers.unload(i, layer)
-    log.info("sensitivities (token currency, levels %s): %s", [round(s, 4) for s in levels],
-             tables["token"].tolist())
-    return tables
 
 
 def target_weights_per_layer(targets: list[dict[str, nn.Linear]]) -> list[int]:

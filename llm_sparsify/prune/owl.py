@@ -18,13 +18,8 @@ from __future__ import annotations
 import logging
 import math
 
-import torch
-from torch import Tensor, nn
-from transformers import PreTrainedModel
-from transformers.utils.logging import tqdm
+from torch import Tensor
 
-from llm_sparsify import distributed, engine
-from llm_sparsify.prune.wanda import wanda_scores
 from llm_sparsify.recipe import RecipeError
 
 log = logging.getLogger(__name__)
@@ -64,43 +59,3 @@ def owl_sparsities(ratios: list[float], target: float, lam: float = 0.08) -> lis
         raise RecipeError(f"OWL with target {target} and lambda {lam} gives layer sparsities from "
                           f"{min(sparsities):.3f} to {max(sparsities):.3f}, outside [0, 1); use a smaller lambda")
     return sparsities
-
-
-def _output(output: Tensor | tuple) -> Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-@torch.no_grad()
-def layer_outlier_ratios(
-    model: PreTrainedModel,
-    calibration: Tensor,
-    m: float = 5.0,
-    targets: list[dict[str, nn.Linear]] | None = None,
-    device: str | torch.device = "cpu",
-    batch_size: int = 8,
-) -> list[float]:
-    """Outlier ratio D_ℓ of every decoder layer's Wanda scores, streaming `calibration` through the dense model.
-
-    One decoder layer at a time is on `device` (as in the engine); each layer's inputs are the dense outputs of the
-    layer before, so nothing is pruned here. `targets` (default: every Linear of each decoder layer) picks the
-    matrices scored; a layer with none gets NaN (leave it out before owl_sparsities).
-    """
-    device = torch.device(device)
-    layers, targets, hidden, kwargs = engine.score_pass_start(model, calibration, targets, device, batch_size, "OWL")
-    ratios = []
-    for i in tqdm(range(len(layers)), desc="OWL outlier ratios", unit="layer"):
-        layer = layers.load(i, device)
-        if targets[i]:
-            stats = engine.collect_statistics(layer, targets[i], hidden, kwargs, hessian=False, device=device)
-            distributed.sum_statistics(stats.values())
-            ratios.append(outlier_ratio([wanda_scores(mod.weight, stats[name].column_norms())
-                                         for name, mod in targets[i].items()], m))
-            del stats
-        else:
-            ratios.append(math.nan)
-        if i + 1 < len(layers):
-            hidden = [_output(layer(h.to(device), **kw)).to(h.device) for h, kw in zip(hidden, kwargs, strict=True)]
-        layers.unload(i, layer)
-    log.info("OWL outlier ratios (M=%g): %s", m, ", ".join(f"{r:.4f}" for r in ratios))
-    return ratios
-

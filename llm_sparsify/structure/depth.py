@@ -9,9 +9,10 @@ where X_{i,t} is the hidden state (residual stream) of token t entering block i 
 block that leaves the direction of the residual stream unchanged does little, and is removed first. A span of n
 consecutive blocks is scored the same way, between X_i and X_{i+n} (the angular distance of Gromov et al., 2024,
 "The Unreasonable Ineffectiveness of the Deeper Layers", up to the arccos; SANA 1.5 prunes its diffusion blocks by
-this same input/output similarity). The scores need one forward of calibration data, run here one decoder layer at a
-time. Removal is physical: the blocks leave model.model.layers, the remaining attention modules are renumbered (their
-KV cache index) and the config says how many layers are left, so the result saves and loads as a plain model.
+this same input/output similarity). The scores need one forward of calibration data, run one decoder layer at a time
+(score_passes.block_importance). Removal is physical: the blocks leave model.model.layers, the remaining attention
+modules are renumbered (their KV cache index) and the config says how many layers are left, so the result saves and
+loads as a plain model.
 
 `skip_block_perplexity` gives the ground truth the score approximates (perplexity with each span bypassed), and
 `rank_correlation` says how well the two agree.
@@ -20,15 +21,12 @@ KV cache index) and the config says how many layers are left, so the result save
 from __future__ import annotations
 
 import logging
-from collections import deque
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.utils.logging import tqdm
 
-from llm_sparsify.engine import ResidentLayers, _forward, activation_store, capture_layer_inputs, check_calibration
 from llm_sparsify.errors import UserError
 from llm_sparsify.evaluate import perplexity
 from llm_sparsify.models import decoder_layers
@@ -42,45 +40,9 @@ class DepthError(UserError, ValueError):
     """A depth-pruning request that cannot be met (too many blocks, bad indices, unreachable budget)."""
 
 
-def _check_interval(interval: int, layers: int) -> None:
+def check_interval(interval: int, layers: int) -> None:
     if not 1 <= interval <= layers:
         raise DepthError(f"interval must lie in [1, {layers}] (the number of decoder layers); got {interval}")
-
-
-@torch.no_grad()
-def block_importance(
-    model: PreTrainedModel,
-    calibration: Tensor,
-    interval: int = 1,
-    device: str | torch.device = "cpu",
-    batch_size: int = 8,
-) -> Tensor:
-    """1 − mean cosine between the hidden states entering block i and leaving block i+interval−1, one per span start.
-
-    Runs the calibration ids [nsamples, seqlen] through one decoder layer at a time on `device` (each layer returns to
-    where it was), keeping only the last interval+1 hidden states; cosines are computed in float32.
-    """
-    device = torch.device(device)
-    check_calibration(model, calibration, "depth pruning")
-    source = ResidentLayers(model)
-    _check_interval(interval, len(source))
-    store = activation_store(model, calibration, device)
-    with source.stem(device):
-        hidden, kwargs = capture_layer_inputs(model, calibration, device, batch_size, store)
-    states = deque([hidden], maxlen=interval + 1)  # states[0] enters the span that states[-1] leaves
-    scores = []
-    for i in tqdm(range(len(source)), desc="block importance", unit="layer"):
-        layer = source.load(i, device)
-        states.append([_forward(layer, h, kw, device) for h, kw in zip(states[-1], kwargs, strict=True)])
-        source.unload(i, layer)
-        if len(states) == interval + 1:
-            cosines = [F.cosine_similarity(a.float(), b.float(), dim=-1) for a, b in zip(states[0], states[-1],
-                                                                                          strict=True)]
-            scores.append(1 - torch.cat([c.flatten() for c in cosines]).mean().item())
-    importance = torch.tensor(scores)
-    log.info("block importance (interval %d), by span start: %s", interval,
-             " ".join(f"{i}:{s:.4f}" for i, s in enumerate(scores)))
-    return importance
 
 
 def fuse_importance(per_source: dict[str, Tensor], weights: dict[str, float] | None = None) -> Tensor:
@@ -207,7 +169,7 @@ def skip_block_perplexity(
     The ground truth that block_importance approximates; each span is swapped for an identity and put back.
     """
     layers = decoder_layers(model)
-    _check_interval(interval, len(layers))
+    check_interval(interval, len(layers))
     values = []
     for start in tqdm(range(len(layers) - interval + 1), desc="skip-block perplexity", unit="span"):
         span = range(start, start + interval)
@@ -245,36 +207,3 @@ def baseline_importance(kind: str, n: int, seed: int = 0) -> Tensor:
     if kind == "random":
         return torch.rand(n, generator=torch.Generator().manual_seed(seed))
     raise DepthError(f"unknown baseline {kind!r}: choose 'last' or 'random'")
-
-
-def prune_depth(
-    model: PreTrainedModel,
-    calibration: Tensor,
-    count: int,
-    interval: int = 1,
-    iterative: bool = False,
-    device: str | torch.device = "cpu",
-    batch_size: int = 8,
-) -> list[int]:
-    """Remove the `count` least important spans of `interval` blocks; return the removed blocks' original indices.
-
-    One-shot scores the model once; `iterative` removes one span at a time and scores the smaller model again
-    (each removal changes what the later blocks receive).
-    """
-    layers = len(decoder_layers(model))
-    _check_interval(interval, layers)
-    if count < 0 or count * interval >= layers:
-        raise DepthError(f"cannot remove {count} span(s) of {interval} block(s) from {layers} blocks: the count must "
-                         f"be >= 0 and leave at least one block")
-    if not iterative:
-        blocks = choose_blocks(block_importance(model, calibration, interval, device, batch_size), count, interval)
-        remove_blocks(model, blocks)
-        return blocks
-    alive = list(range(layers))  # original index of each block still in the model
-    removed = []
-    for _ in range(count):
-        blocks = choose_blocks(block_importance(model, calibration, interval, device, batch_size), 1, interval)
-        remove_blocks(model, blocks)
-        removed += [alive[i] for i in blocks]
-        alive = [index for i, index in enumerate(alive) if i not in blocks]
-    return sorted(removed)

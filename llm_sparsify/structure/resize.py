@@ -89,54 +89,87 @@ def _check_keep(keep: list[Tensor], sizes: list[int], what: str) -> list[Tensor]
     return masks
 
 
+def unit_slices(layer: nn.Module, unit: str, keep: Tensor) -> dict[str, tuple[int, Tensor]]:
+    """Which rows (dim 0) or columns (dim 1) of each Linear of a `unit` ("mlp", "heads") this layer keeps, for the
+    bool mask `keep` of its units: the one place where a unit's rows and columns are spelled out for surgery."""
+    index = keep.nonzero().squeeze(1)
+    if unit == "mlp":
+        return {"mlp.gate_proj": (0, index), "mlp.up_proj": (0, index), "mlp.down_proj": (1, index)}
+    head_dim, per_group, _ = head_layout(layer)
+    kv = (index[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    width = per_group * head_dim
+    queries = (index[:, None] * width + torch.arange(width)).reshape(-1)
+    q, k, v, o = ATTENTION
+    return {q: (0, queries), k: (0, kv), v: (0, kv), o: (1, queries)}
+
+
+def cut_tensors(tensors: dict[str, Tensor], slices: dict[str, tuple[int, Tensor]]) -> dict[str, Tensor]:
+    """A layer's tensors (names within the layer) with only the rows or columns `slices` keeps (unit_slices): the
+    same cut as cut_layer, on tensors read from a checkpoint rather than on modules."""
+    cut = dict(tensors)
+    for name, (dim, index) in slices.items():
+        cut[f"{name}.weight"] = tensors[f"{name}.weight"].index_select(dim, index)
+        if dim == 0 and f"{name}.bias" in tensors:
+            cut[f"{name}.bias"] = tensors[f"{name}.bias"].index_select(0, index)
+    return cut
+
+
 @torch.no_grad()
+def cut_layer(layer: nn.Module, unit: str, keep: Tensor) -> None:
+    """Physically drop one decoder layer's units whose `keep` entry is False (smaller Linears); in place."""
+    if keep.all():
+        return
+    for name, (dim, index) in unit_slices(layer, unit, keep).items():
+        owner, _, leaf = name.rpartition(".")
+        setattr(layer.get_submodule(owner), leaf, _take(linear(layer, name), index, dim))
+    kept = int(keep.sum())
+    if unit == "mlp" and hasattr(layer.mlp, "intermediate_size"):
+        layer.mlp.intermediate_size = kept
+    if unit == "heads":
+        heads = kept * layer.self_attn.num_key_value_groups
+        for attribute, value in (("num_heads", heads), ("num_attention_heads", heads), ("num_key_value_heads", kept)):
+            if hasattr(layer.self_attn, attribute):  # older transformers versions keep these on the module
+                setattr(layer.self_attn, attribute, value)
+
+
+def units_of(layer: nn.Module, unit: str) -> int:
+    """How many MLP channels ("mlp") or KV groups ("heads") a decoder layer has."""
+    return linear(layer, "mlp.gate_proj").out_features if unit == "mlp" else head_layout(layer)[2]
+
+
+def remove_units(model: PreTrainedModel, unit: str, keep: list[Tensor]) -> list[dict[str, tuple[int, Tensor]]]:
+    """Physically drop every decoder layer's units ("mlp" channels, "heads": KV groups with their query heads and
+    o_proj columns) whose keep entry is False, and record the widths in the config; in place. Works on a meta
+    skeleton too. Returns each layer's unit_slices (empty where the layer keeps everything)."""
+    if unit not in UNITS:
+        raise WidthError(f"unit must be one of {tuple(UNITS)}, not {unit!r}")
+    layers = decoder_layers(model)
+    what = "channels" if unit == "mlp" else "groups"
+    masks = _check_keep(keep, [units_of(layer, unit) for layer in layers], what)
+    slices = [{} if mask.all() else unit_slices(layer, unit, mask) for layer, mask in zip(layers, masks, strict=True)]
+    for layer, mask in zip(layers, masks, strict=True):
+        cut_layer(layer, unit, mask)
+    record_widths(model)
+    return slices
+
+
 def remove_mlp_channels(model: PreTrainedModel, keep: list[Tensor]) -> PreTrainedModel:
     """Physically drop the MLP channels whose keep entry is False (smaller gate/up/down weights); in place."""
-    layers = decoder_layers(model)
-    sizes = [linear(layer, "mlp.gate_proj").out_features for layer in layers]
-    for layer, mask in zip(layers, _check_keep(keep, sizes, "channels"), strict=True):
-        if mask.all():
-            continue
-        index = mask.nonzero().squeeze(1)
-        mlp = layer.mlp
-        mlp.gate_proj, mlp.up_proj = _take(mlp.gate_proj, index, 0), _take(mlp.up_proj, index, 0)
-        mlp.down_proj = _take(mlp.down_proj, index, 1)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = len(index)
-    record_widths(model)
+    remove_units(model, "mlp", keep)
     return model
 
 
-@torch.no_grad()
 def remove_kv_groups(model: PreTrainedModel, keep: list[Tensor]) -> PreTrainedModel:
     """Physically drop the KV groups whose keep entry is False, with their query heads and o_proj columns; in place."""
-    layers = decoder_layers(model)
-    layouts = [head_layout(layer) for layer in layers]
-    for layer, mask, (head_dim, per_group, _) in zip(layers, _check_keep(keep, [g for *_, g in layouts], "groups"),
-                                                      layouts, strict=True):
-        if mask.all():
-            continue
-        groups = mask.nonzero().squeeze(1)
-        kv = (groups[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
-        width = per_group * head_dim
-        queries = (groups[:, None] * width + torch.arange(width)).reshape(-1)
-        attention = layer.self_attn
-        attention.q_proj, attention.o_proj = _take(attention.q_proj, queries, 0), _take(attention.o_proj, queries, 1)
-        attention.k_proj, attention.v_proj = _take(attention.k_proj, kv, 0), _take(attention.v_proj, kv, 0)
-        heads = len(groups) * per_group
-        for attribute, value in (("num_heads", heads), ("num_attention_heads", heads),
-                                 ("num_key_value_heads", len(groups))):
-            if hasattr(attention, attribute):  # older transformers versions keep these on the module
-                setattr(attention, attribute, value)
-    record_widths(model)
+    remove_units(model, "heads", keep)
     return model
 
 
 def layer_widths(model: PreTrainedModel) -> dict[str, list[int]]:
     """Per decoder layer, its MLP intermediate size and number of KV heads, read off the weights."""
     layers = decoder_layers(model)
-    return {"intermediate_size": [linear(layer, "mlp.gate_proj").out_features for layer in layers],
-            "num_key_value_heads": [head_layout(layer)[2] for layer in layers]}
+    return {"intermediate_size": [units_of(layer, "mlp") for layer in layers],
+            "num_key_value_heads": [units_of(layer, "heads") for layer in layers]}
 
 
 def record_widths(model: PreTrainedModel) -> None:

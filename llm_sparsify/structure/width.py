@@ -22,28 +22,20 @@ computes what the full model computes with those units' output weights (down_pro
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
-from transformers.utils.logging import tqdm
 
-from llm_sparsify.engine import ResidentLayers, capture_layer_inputs, check_calibration, collect_statistics
-from llm_sparsify.fisher_pass import fisher_diagonal
 from llm_sparsify.models import decoder_layers
-from llm_sparsify.prune.fisher import obd_scores
 from llm_sparsify.structure.resize import (
     ATTENTION,
     MLP,
     UNITS,
     WidthError,
-    head_layout,
     linear,
-    remove_kv_groups,
-    remove_mlp_channels,
     unit_squares,
-    width_parameters,
+    units_of,
 )
 
 log = logging.getLogger(__name__)
@@ -78,51 +70,6 @@ def group_scores(layer: nn.Module, importance: dict[str, Tensor] | None = None) 
     return unit_squares(layer, "heads", _importance(layer, ATTENTION, importance)).sqrt().cpu()
 
 
-def _layer_output(output: Tensor | tuple) -> Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-@torch.no_grad()
-def _activation_importance_layers(model: PreTrainedModel, calibration: Tensor, device: str | torch.device,
-                                  batch_size: int, names: tuple[str, ...] | None = None):
-    """Yield per decoder layer the Wanda importance |W|·‖X‖ of its Linears (relative names), dense inputs."""
-    check_calibration(model, calibration, "activation-aware width scores")
-    device = torch.device(device)
-    layers = ResidentLayers(model)
-    with layers.stem(device):
-        hidden, kwargs = capture_layer_inputs(model, calibration, device, batch_size)
-    for i in tqdm(range(len(layers)), desc="activation norms", unit="layer"):
-        layer = layers.load(i, device)
-        try:
-            modules = {n: m for n, m in layer.named_modules()
-                       if isinstance(m, nn.Linear) and (names is None or n in names)}
-            stats = collect_statistics(layer, modules, hidden, kwargs, hessian=False, device=device)
-            yield {name: (module.weight.detach().float().abs() * stats[name].column_norms().reshape(1, -1)).cpu()
-                   for name, module in modules.items()}
-            del stats
-            if i + 1 < len(layers):  # the dense layer's outputs feed the next layer
-                hidden = [_layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
-        finally:
-            layers.unload(i, layer)
-
-
-def activation_importance(model: PreTrainedModel, calibration: Tensor, device: str | torch.device = "cpu",
-                          batch_size: int = 8) -> list[dict[str, Tensor]]:
-    """Per decoder layer, Wanda importance |W_ij|·‖X_j‖₂ of every Linear (by relative name), from dense inputs."""
-    return list(_activation_importance_layers(model, calibration, device, batch_size))
-
-
-def obd_importance(model: PreTrainedModel, calibration: Tensor, names: tuple[str, ...],
-                   device: str | torch.device = "cpu") -> list[dict[str, Tensor]]:
-    """Per decoder layer, (½·F·w²)^½ of the named Linears (relative names), F their diagonal Fisher on `calibration`."""
-    layers = decoder_layers(model)
-    prefix = next(name for name, module in model.named_modules() if module is layers)
-    modules = {f"{prefix}.{i}.{name}": linear(layer, name) for i, layer in enumerate(layers) for name in names}
-    fisher = fisher_diagonal(model, calibration, modules, device)
-    return [{name: obd_scores(linear(layer, name).weight, fisher[f"{prefix}.{i}.{name}"]).sqrt().cpu()
-             for name in names} for i, layer in enumerate(layers)]
-
-
 def _check_amount_scope(amount: float, scope: str) -> None:
     if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 < amount < 1:
         raise WidthError(f"amount must be a fraction in (0, 1) of the units to remove, not {amount!r}")
@@ -134,8 +81,7 @@ def units_per_layer(model: PreTrainedModel, unit: str) -> list[int]:
     """How many MLP channels ("mlp") or KV groups ("heads") each decoder layer has."""
     if unit not in UNITS:
         raise WidthError(f"unit must be one of {tuple(UNITS)}, not {unit!r}")
-    return [linear(layer, "mlp.gate_proj").out_features if unit == "mlp" else head_layout(layer)[2]
-            for layer in decoder_layers(model)]
+    return [units_of(layer, unit) for layer in decoder_layers(model)]
 
 
 def check_amount(sizes: list[int], amount: float, scope: str = "layer", unit: str = "units") -> None:
@@ -184,51 +130,3 @@ def choose_units(scores: list[Tensor], amount: float, scope: str = "layer") -> l
     mask = torch.ones(flat.numel(), dtype=torch.bool)
     mask[torch.argsort(flat, stable=True)[:remove]] = False
     return list(mask.split([s.numel() for s in scores]))
-
-
-def prune_width(
-    model: PreTrainedModel,
-    unit: str,
-    amount: float,
-    score: str = "weight",
-    scope: str = "layer",
-    calibration: Tensor | None = None,
-    device: str | torch.device = "cpu",
-    batch_size: int = 8,
-    importance: list[dict[str, Tensor]] | None = None,
-) -> dict[str, Any]:
-    """Score, choose and physically remove `amount` of the MLP channels ("mlp") or KV groups ("heads"); in place.
-
-    `importance`, when given (per layer, e.g. Fisher saliency), is used in place of `score`. Returns a report:
-    units kept per layer out of how many, and the parameter count before and after.
-    """
-    if unit not in UNITS:
-        raise WidthError(f"unit must be one of {tuple(UNITS)}, not {unit!r}")
-    if score not in SCORES:
-        raise WidthError(f"score must be one of {SCORES}, not {score!r}")
-    layers = decoder_layers(model)
-    if importance is not None and len(importance) != len(layers):
-        raise WidthError(f"importance has {len(importance)} entries, the model {len(layers)} decoder layers")
-    if importance is None and score != "weight" and calibration is None:
-        raise WidthError(f"score {score!r} needs calibration token ids (e.g. calibration_ids('c4', ...))")
-    check_amount(units_per_layer(model, unit), amount, scope, UNIT_WORDS[unit])  # before any work
-    scorer = channel_scores if unit == "mlp" else group_scores
-    if importance is not None:
-        per_layer = importance
-    elif score == "activation":
-        per_layer = _activation_importance_layers(model, calibration, device, batch_size, UNITS[unit])
-    elif score == "obd":
-        per_layer = obd_importance(model, calibration, UNITS[unit], device)
-    else:
-        per_layer = [None] * len(layers)
-    scores = [scorer(layer, imp) for layer, imp in zip(layers, per_layer, strict=True)]
-    keep = choose_units(scores, amount, scope)
-    before = width_parameters(model)
-    (remove_mlp_channels if unit == "mlp" else remove_kv_groups)(model, keep)
-    report = {"unit": unit, "amount": amount, "score": "importance" if importance is not None else score,
-              "scope": scope, "kept": [int(k.sum()) for k in keep], "of": [k.numel() for k in keep],
-              "parameters_before": before, "parameters_after": width_parameters(model)}
-    log.info("width pruning: %s %s of %d, %d -> %d parameters", unit, sum(report["kept"]), sum(report["of"]),
-             before, report["parameters_after"])
-    return report
-
