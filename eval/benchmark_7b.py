@@ -367,6 +367,67 @@ def verify_output(output: Path, model_dir: Path, recipe: dict) -> dict:
             "decoder_sparsity": decoder_zeros / decoder_total if decoder_total else None}
 
 
+def ordered_subset(out: torch.Tensor, ref: torch.Tensor, dim: int) -> bool:
+    """Whether the rows (dim 0) or columns (dim 1) of `out` are rows/columns of `ref`, in order (width pruning
+    keeps units in their order), matched by their bytes."""
+    def rows(t: torch.Tensor) -> list[bytes]:
+        t = (t.t() if dim == 1 else t).contiguous()
+        return [row.tobytes() for row in t.view(torch.uint8).reshape(t.shape[0], -1).numpy()]
+
+    place = {row: i for i, row in enumerate(rows(ref))}
+    index = [place.get(row, -1) for row in rows(out)]
+    return min(index) >= 0 and index == sorted(set(index))
+
+
+def verify_structure(output: Path, model_dir: Path, record: dict) -> dict:
+    """Check a depth/width/OWL output against the input tensor by tensor: the layers the record keeps, renumbered;
+    the planned shapes (a meta model built from OUT's config, the weight map covering it); per kept layer, tensors
+    equal to the input's (cut to the kept units, in order, where no pruning follows); the per-layer sparsity the
+    record planned over the targets; everything outside the decoder layers identical."""
+    stages, pruning = record["stages"], record["recipe"].get("pruning")
+    in_config, out_config = AutoConfig.from_pretrained(model_dir), AutoConfig.from_pretrained(output)
+    removed = set(stages.get("depth", {}).get("removed", []))
+    kept_layers = [i for i in range(in_config.num_hidden_layers) if i not in removed]
+    allocation = (stages.get("pruning") or {}).get("owl", {}).get("sparsities")
+    source, result = shard_map(model_dir), shard_map(output)
+    planned = parameter_shapes(out_config)
+    checks = {"layers_as_planned": out_config.num_hidden_layers == len(kept_layers),
+              "weight_map_covers_model": set(planned) == set(result)}
+    if "width" in stages:
+        unit = stages["width"]["unit"]
+        field = "intermediate_size" if unit == "mlp" else "num_key_value_heads"
+        checks["width_as_planned"] = [getattr(out_config, field)] * len(kept_layers) == stages["width"]["kept"]
+    shapes_ok = copies_ok = untouched_ok = sparsity_ok = True
+    decoder_zeros = decoder_total = 0
+    with contextlib.ExitStack() as stack:
+        files = {path: stack.enter_context(safe_open(str(path), "pt"))
+                 for path in set(source.values()) | set(result.values())}
+        for name in sorted(result):
+            out = files[result[name]].get_tensor(name)
+            shapes_ok &= tuple(out.shape) == planned.get(name)
+            if not name.startswith("model.layers."):
+                untouched_ok &= torch.equal(out, files[source[name]].get_tensor(name))
+                continue
+            index, part = name.removeprefix("model.layers.").split(".", 1)
+            origin = f"model.layers.{kept_layers[int(index)]}.{part}"
+            ref = files[source[origin]].get_tensor(origin)
+            if out.dim() >= 2:
+                decoder_zeros += int((out == 0).sum())
+                decoder_total += out.numel()
+            if pruning and is_target(name, pruning):
+                target = allocation[int(index)] if allocation else float(pruning["sparsity"])
+                sparsity_ok &= abs(int((out == 0).sum()) / out.numel() - target) < 0.02
+            elif out.shape == ref.shape:
+                copies_ok &= torch.equal(out, ref)
+            else:
+                copies_ok &= ordered_subset(out, ref, 0 if out.shape[1] == ref.shape[1] else 1)
+    checks.update(shapes_as_planned=shapes_ok, kept_tensors_copied=copies_ok, untouched_identical=untouched_ok)
+    if pruning:
+        checks["layer_sparsity_as_planned"] = sparsity_ok
+    return {"checks": checks, "sparsity": record["sparsity"]["overall"] if pruning else None,
+            "output_dtype": "", "decoder_sparsity": decoder_zeros / decoder_total if decoder_total else None}
+
+
 def load_check(output: Path, calibration: Path) -> bool:
     """Really load OUT with from_pretrained in its saved dtype and run a short forward pass."""
     model = AutoModelForCausalLM.from_pretrained(output, dtype="auto")
@@ -382,9 +443,9 @@ def load_check(output: Path, calibration: Path) -> bool:
 
 def benchmark_recipe(args: argparse.Namespace, recipe: str, model_dir: Path, model_info: dict,
                      calibration: Path) -> dict:
-    output = args.workdir / "outputs" / f"{model_dir.name}-{recipe}"
+    output = args.workdir / "outputs" / f"{model_dir.name}-{Path(recipe).stem}"
     cmd = prune_command(model_dir, recipe, calibration, output, args.device, args.prune_dtype)
-    log_path = args.workdir / "logs" / f"{model_dir.name}-{recipe}.log"
+    log_path = args.workdir / "logs" / f"{model_dir.name}-{Path(recipe).stem}.log"
     print(f"running: {' '.join(cmd)}  (log: {log_path})")
     code, wall, rss = run_child(cmd, log_path)
     row = {
@@ -399,8 +460,12 @@ def benchmark_recipe(args: argparse.Namespace, recipe: str, model_dir: Path, mod
         return dict(row, checks_passed=False, error=error)
     record = json.loads((output / RECORD).read_text())
     seconds = [layer["seconds"] for layer in record.get("layers", [])]
-    verified = verify_output(output, model_dir, record["recipe"]["pruning"] | {
-        "reconstruction": record["recipe"].get("reconstruction")})
+    stages = record.get("stages", {})
+    if "depth" in stages or "width" in stages or (stages.get("pruning") or {}).get("owl"):
+        verified = verify_structure(output, model_dir, record)
+    else:
+        verified = verify_output(output, model_dir, record["recipe"]["pruning"] | {
+            "reconstruction": record["recipe"].get("reconstruction")})
     decoder = record["sparsity"].get("decoder")
     verified["checks"]["decoder_sparsity_matches_record"] = (
         decoder is not None and verified["decoder_sparsity"] is not None

@@ -178,7 +178,7 @@ def measured_sparsity(reports: list[LayerReport], model: PreTrainedModel) -> dic
     return {
         "overall": weighted(list(modules)),
         "decoder": zeros / max(weights, 1),
-        "untargeted": untargeted_weights(model, list(modules)) if reports else {},
+        "untargeted": untargeted_weights(model, list(modules)) if modules else {},
         "by_type": {kind: weighted(names) for kind, names in by_type.items()},
         "modules": modules,
     }

@@ -18,6 +18,8 @@ recovery fine-tuning are whole-model stages: they need the model in host memory 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -190,18 +192,21 @@ def layer_sparsities(model: PreTrainedModel, layers: LayerSource, recipe: Recipe
         raise RecipeError(f"allocation: {'owl' if recipe.owl else 'sensitivity'} varies the sparsity per layer, so it "
                           f"takes a fraction, not {recipe.pattern_text}")
     targets = target_modules(model, recipe)
+    start = time.perf_counter()
     if recipe.owl is not None:
         ratios = layer_outlier_ratios(model, calibration, recipe.owl.threshold, targets, device, batch_size,
                                       layers=layers)
         sparsities = owl_sparsities(ratios, recipe.pattern, recipe.owl.lam)
-        return sparsities, {"owl": {"outlier_ratios": ratios, "sparsities": sparsities}}
-    options = recipe.sensitivity
-    levels = sensitivity_levels(recipe.pattern, options.spread, options.levels)
-    tables = layer_sensitivities(model, calibration[:options.samples], levels, targets, device, batch_size,
-                                 layers=layers)
-    sparsities = sensitivity_sparsities(tables[options.error], levels, recipe.pattern, targets)
-    return sparsities, {"sensitivity": {"levels": levels, "errors": tables[options.error].tolist(),
-                                        "sparsities": sparsities}}
+        found = {"owl": {"outlier_ratios": ratios, "sparsities": sparsities}}
+    else:
+        options = recipe.sensitivity
+        levels = sensitivity_levels(recipe.pattern, options.spread, options.levels)
+        tables = layer_sensitivities(model, calibration[:options.samples], levels, targets, device, batch_size,
+                                     layers=layers)
+        sparsities = sensitivity_sparsities(tables[options.error], levels, recipe.pattern, targets)
+        found = {"sensitivity": {"levels": levels, "errors": tables[options.error].tolist(), "sparsities": sparsities}}
+    next(iter(found.values()))["seconds"] = round(time.perf_counter() - start, 2)
+    return sparsities, found
 
 
 def check_structure(model: PreTrainedModel, recipe: Recipe) -> None:
@@ -222,19 +227,25 @@ def check_structure(model: PreTrainedModel, recipe: Recipe) -> None:
                              "blocks: at least one must stay")
 
 
+def timed(stage: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """What `stage` returns, with the seconds it took."""
+    start = time.perf_counter()
+    return stage(*args, **kwargs) | {"seconds": round(time.perf_counter() - start, 2)}
+
+
 def restructure(model: PreTrainedModel, layers: LayerSource, recipe: Recipe, calibration: Tensor | None, *,
                 tokenizer: PreTrainedTokenizerBase | None, device: str, batch_size: int) -> dict[str, Any]:
     """The structure stages of `recipe` (experts, depth, width), each scored on what the stage before left; the model
     and `layers` change in place. Returns what each did, and the parameter counts before and after."""
     stages: dict[str, Any] = {"parameters_before": parameter_count(model)}
     if recipe.experts is not None:
-        stages["experts"] = remove_weak_experts(model, recipe.experts, calibration, device, batch_size)
+        stages["experts"] = timed(remove_weak_experts, model, recipe.experts, calibration, device, batch_size)
     if recipe.depth is not None:
-        stages["depth"] = remove_depth(model, layers, recipe.depth, calibration, tokenizer, device, batch_size)
+        stages["depth"] = timed(remove_depth, model, layers, recipe.depth, calibration, tokenizer, device, batch_size)
     if recipe.width is not None:
         width: Width = recipe.width
-        stages["width"] = prune_width(model, width.unit, width.amount, width.score, width.scope, calibration,
-                                      device, batch_size, layers=layers)
+        stages["width"] = timed(prune_width, model, width.unit, width.amount, width.score, width.scope, calibration,
+                                device, batch_size, layers=layers)
     return stages
 
 

@@ -198,10 +198,10 @@ def test_a_damaged_checkpoint_fails_before_the_work(tmp_path, sharded_dir, calib
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_a_damaged_checkpoint_fails_before_the_work_in_memory_too(tmp_path, sharded_dir, calib, capsys, no_pruning,
                                                                   damage):
-    """A depth recipe loads the whole model (transformers reads every shard) before any block is scored."""
+    """A recovery recipe loads the whole model (transformers reads every shard) before any work."""
     checkpoint, shard = damaged_copy(sharded_dir, tmp_path, "lm_head.weight", damage)
     out = tmp_path / "out"
-    line = refused(prune_args(checkpoint, calib, out, recipe="depth-cosine-4"), capsys)
+    line = refused(prune_args(checkpoint, calib, out, recipe="wanda-70-recover"), capsys)
     assert f"could not load model {str(checkpoint)!r}" in line
     assert nothing_written(tmp_path, out)
 
@@ -404,7 +404,8 @@ def test_a_width_amount_that_removes_nothing_is_refused_before_the_depth_stage(t
 
 @pytest.mark.parametrize(("recipe", "hint"), [
     ("wanda-2of4", "; the same command continues from the last finished layer"),  # streamed: resumes
-    ("depth-cosine-4", ""),  # in memory: nothing to resume, so no promise
+    ("depth-cosine-4", "; the same command continues from the last finished layer"),  # streams too
+    ("wanda-70-recover", ""),  # in memory: nothing to resume, so no promise
 ])
 def test_the_interrupt_hint_promises_a_resume_only_where_one_exists(tmp_path, model_dir, calib, capsys, monkeypatch,
                                                                     recipe, hint):
