@@ -7,6 +7,8 @@ rank correlation between the depth score and the ground truth it stands for (per
 
     python eval/structure_table.py                       # every row (about 20 minutes on 2 idle cores)
     python eval/structure_table.py --rows dense,depth-4-cosine --max-windows 8   # quick
+    python eval/structure_table.py --streamed --rows depth-4-cosine,width-mlp-20%,owl-wanda-70% --no-skip-check \
+        --speed-rounds 0                                 # the same rows streamed from disk to disk
 
 Finished rows are kept under --workdir and reused by a second run with the same settings.
 """
@@ -24,12 +26,13 @@ from typing import Any
 
 import torch
 
-from llm_sparsify import compress, load_model, perplexity
+from llm_sparsify import compress, load_model, perplexity, prune_checkpoint
 from llm_sparsify.data import calibration_ids, evaluation_ids
 from llm_sparsify.pipeline import parameter_count
 from llm_sparsify.recipe import load_recipe
 from llm_sparsify.score_passes import block_importance
 from llm_sparsify.structure.depth import rank_correlation, skip_block_perplexity
+from llm_sparsify.structure.resize import load_width_pruned
 
 
 def wanda(sparsity: float, owl: bool = False, method: str = "wanda") -> dict[str, Any]:
@@ -102,12 +105,18 @@ def decode_speeds(args: argparse.Namespace, new_tokens: int = 64) -> dict[str, f
 
 
 def run_row(name: str, args: argparse.Namespace, eval_ids: torch.Tensor) -> dict[str, Any]:
-    model, tokenizer = load_model(None, device="cpu")
     recipe = ROWS[name]
     start = time.perf_counter()
-    if recipe is not None:
-        compress(model, load_recipe(recipe), "c4", tokenizer=tokenizer, device="cpu", nsamples=args.nsamples,
-                 seqlen=args.seqlen, seed=args.seed)
+    if args.streamed and recipe is not None and load_recipe(recipe).streams:  # from disk to disk, then loaded
+        output = args.workdir / f"{name}-streamed-output"
+        prune_checkpoint(None, load_recipe(recipe), output, "c4", device="cpu", dtype=torch.float32,
+                         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, overwrite=True)
+        model = load_width_pruned(output, dtype=torch.float32)
+    else:
+        model, tokenizer = load_model(None, device="cpu")
+        if recipe is not None:
+            compress(model, load_recipe(recipe), "c4", tokenizer=tokenizer, device="cpu", nsamples=args.nsamples,
+                     seqlen=args.seqlen, seed=args.seed)
     seconds = time.perf_counter() - start
     model.config.use_cache = True
     result = {"perplexity": perplexity(model, eval_ids, seqlen=512, max_windows=args.max_windows),
@@ -138,10 +147,13 @@ def main() -> None:
     parser.add_argument("--no-skip-check", action="store_true", help="leave out the skip-one-block correlation")
     parser.add_argument("--speed-rounds", type=int, default=5, help="decode-speed rounds over the smaller models "
                         "(default: 5; 0 leaves speed out)")
+    parser.add_argument("--streamed", action="store_true", help="run the rows whose recipe streams through "
+                        "prune_checkpoint from the checkpoint on disk (as `llm-sparsify prune` does) and load the "
+                        "output back, instead of compress() on the model in memory")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/llm_sparsify_structure"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    settings = {k: v for k, v in vars(args).items() if k in ("nsamples", "seqlen", "seed", "max_windows")}
+    settings = {k: v for k, v in vars(args).items() if k in ("nsamples", "seqlen", "seed", "max_windows", "streamed")}
     args.workdir.mkdir(parents=True, exist_ok=True)
     _, tokenizer = load_model(None, device="cpu")
     eval_ids = evaluation_ids("wikitext2", tokenizer)
@@ -150,7 +162,7 @@ def main() -> None:
     for name in args.rows.split(","):
         if name not in ROWS:
             parser.error(f"unknown row {name!r}; rows: {', '.join(ROWS)}")
-        cache = args.workdir / f"{name}.json"
+        cache = args.workdir / f"{name}{'-streamed' if args.streamed else ''}.json"
         if cache.exists() and (saved := json.loads(cache.read_text()))["settings"] == settings:
             results[name] = saved["result"]
             continue

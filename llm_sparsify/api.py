@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import platform
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,19 @@ from llm_sparsify import __version__, distributed
 from llm_sparsify.data import calibration_ids, check_count, is_token_ids, warn_long_windows
 from llm_sparsify.engine import LayerReport, count_zeros, prune_layers, untargeted_weights
 from llm_sparsify.errors import UserError
-from llm_sparsify.export.hf import save_checkpoint
+from llm_sparsify.export.hf import read_record, save_checkpoint
+from llm_sparsify.export.hub import PushError, finished_files
 from llm_sparsify.files import check_apart, check_output, check_writable
-from llm_sparsify.models import DEFAULT_MODEL, ModelError, decoder_layers, default_dtype, load_model
+from llm_sparsify.finish import Steps, check_steps, run_steps
+from llm_sparsify.models import (
+    DEFAULT_MODEL,
+    ModelError,
+    decoder_layers,
+    default_calibration_size,
+    default_device,
+    default_dtype,
+    load_model,
+)
 from llm_sparsify.pipeline import check_structure, layer_sparsities, parameter_count, restructure, run_recipe
 from llm_sparsify.recipe import Recipe, RecipeError, load_recipe
 from llm_sparsify.stream import PartialOutput, StreamedLayers, fingerprint, resolve_checkpoint, skeleton
@@ -32,10 +44,6 @@ log = logging.getLogger(__name__)
 
 class DeviceError(UserError, ValueError):
     """A device string torch does not know, or a device this machine (or this torch build) does not have."""
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_device(device: str | None) -> str:
@@ -58,11 +66,6 @@ def check_device(device: str | None) -> str:
     return device
 
 
-def default_calibration_size(device: str | torch.device) -> tuple[int, int]:
-    """(nsamples, seqlen): the papers' 128 x 2048 on an accelerator, 64 x 512 on a CPU."""
-    return (64, 512) if torch.device(device).type == "cpu" else (128, 2048)
-
-
 def compress(
     model: PreTrainedModel,
     recipe: str | Path | dict | Recipe,
@@ -74,6 +77,9 @@ def compress(
     seqlen: int | None = None,
     seed: int = 0,
     batch_size: int = 8,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    steps: Steps | None = None,
 ) -> PreTrainedModel:
     """Prune (and quantize, if the recipe says so) a loaded transformers model in place, layer by layer on
     `device`, and return it. Quantized modules hold ŵ and keep their grid as `module.quantization_grid`.
@@ -81,14 +87,34 @@ def compress(
     `recipe` is a Recipe, a dict, a YAML path or a built-in name ("wanda-50"). `calibration` is a
     LongTensor of token ids [nsamples, seqlen], or a data source name/file (then `tokenizer` is
     used, or loaded from the model's path); it defaults to "c4" for methods that need data.
+    With `output`, the pruned model is also saved there with its record, and the steps after saving run on it as
+    prune_checkpoint runs them (model card, the recipe's `evaluate:` and `export:`, `steps`); a recipe with such
+    sections and no `output` is refused before any work, never silently cut short.
     """
     recipe = load_recipe(recipe)
+    steps = steps or Steps()
     device = check_device(device)
     check_count(batch_size, "batch_size")
-    ids, _ = prepare_calibration(model, recipe, calibration, tokenizer, device, nsamples, seqlen, seed)
+    if output is None:
+        asked = [name for name, present in (("evaluate", recipe.evaluate), ("export", recipe.export),
+                                            ("ppl", steps.ppl), ("push", steps.push_to_hub)) if present]
+        if asked:
+            raise RecipeError(f"{', '.join(asked)} run on a saved output: give compress() an output directory")
+    else:
+        output = Path(output)
+        check_output(output, overwrite)
+        check_writable(output)
+        check_steps(recipe, output, steps, device, overwrite=overwrite, rerun=False)
+    ids, calibration_info = prepare_calibration(model, recipe, calibration, tokenizer, device, nsamples, seqlen, seed)
     training = prepare_training(model, recipe, calibration, tokenizer, device, seed)
+    start = time.perf_counter()
     with experts_unfused(model):  # MoE experts are pruned as Linears, then fused back
-        run_recipe(model, recipe, ids, training=training, tokenizer=tokenizer, device=device, batch_size=batch_size)
+        reports, stages = run_recipe(model, recipe, ids, training=training, tokenizer=tokenizer, device=device,
+                                     batch_size=batch_size)
+        record = run_record(model.name_or_path, recipe, calibration_info, device, model.dtype, start, reports, model)
+    if output is not None:
+        save_checkpoint(model, tokenizer, output, record | {"processes": 1, "stages": stages}, overwrite=overwrite)
+        run_steps(output, recipe, model.name_or_path, steps, device, None, overwrite=overwrite)
     return model
 
 
@@ -184,6 +210,23 @@ def measured_sparsity(reports: list[LayerReport], model: PreTrainedModel) -> dic
     }
 
 
+@dataclass(frozen=True)
+class Run:
+    """One prune_checkpoint call's settings, as each step of the run reads them (see prune_checkpoint)."""
+
+    model_name: str | None
+    recipe: Recipe
+    output: Path
+    calibration: str | Path | Tensor | None
+    device: str
+    dtype: torch.dtype
+    nsamples: int | None
+    seqlen: int | None
+    seed: int
+    batch_size: int
+    overwrite: bool
+
+
 def prune_checkpoint(
     model_name: str | None,
     recipe: str | Path | Recipe,
@@ -197,42 +240,93 @@ def prune_checkpoint(
     seed: int = 0,
     batch_size: int = 8,
     overwrite: bool = False,
+    steps: Steps | None = None,
+    on_saved: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Prune a safetensors checkpoint from disk to disk, one decoder layer in memory at a time.
+    """Prune a safetensors checkpoint from disk to disk, one decoder layer in memory at a time, then run the recipe's
+    steps after saving: the model card, its `evaluate:` and `export:` sections, and `steps` (--ppl, a Hub push).
 
     Every finished layer is written to `output`'s partial directory as it goes: killed and started
     again with the same arguments, the run continues after the last finished layer. `dtype` is the
     compute dtype; the output keeps the checkpoint's own. A quantized recipe adds quantization.safetensors (the
     grids, see quantize/grid.py). Under torchrun the work is shared by the ranks (see llm_sparsify.distributed).
-    Returns the record saved as llm_sparsify.json.
+    Every step's needs are checked before the pruning. An output that a finished run of the same settings wrote is
+    not pruned again: only the steps after saving not done yet are done. `on_saved(record)` is called once the
+    pruned output is complete, before those steps. Returns the record saved as llm_sparsify.json, with what the
+    steps did under "steps" (not saved).
     """
     recipe = load_recipe(recipe)
-    output = Path(output)
-    local = Path(model_name) if model_name and Path(model_name).is_dir() else None
-    check_output(output, overwrite, source=local)  # before the work, not after
-    check_writable(output)
+    steps = steps or Steps()
     check_count(batch_size, "batch_size")
     device = distributed.init_from_environment(check_device(device))
-    dtype = dtype or default_dtype(device)
-    checkpoint = resolve_checkpoint(model_name)
-    check_apart(output, checkpoint)  # a Hub model's or the default model's folder, known only now
-    if not recipe.streams:
-        return _prune_in_memory(model_name, checkpoint, recipe, output, calibration, device, dtype, nsamples, seqlen,
-                                seed, batch_size, overwrite)
-    model = skeleton(checkpoint, dtype)
+    run = Run(model_name, recipe, Path(output), calibration, device, dtype or default_dtype(device), nsamples, seqlen,
+              seed, batch_size, overwrite)
+    record = finished_record(run)
+    check_steps(recipe, run.output, steps, device, overwrite=overwrite, rerun=record is not None)  # before the work
+    if record is not None:
+        log.info("%s already holds this command's pruned model (same model, recipe, calibration and dtype): doing "
+                 "only the steps after pruning that are not done yet", run.output)
+    else:
+        local = Path(model_name) if model_name and Path(model_name).is_dir() else None
+        check_output(run.output, overwrite, source=local)  # before the work, not after
+        check_writable(run.output)
+        checkpoint = resolve_checkpoint(model_name)
+        check_apart(run.output, checkpoint)  # a Hub model's or the default model's folder, known only now
+        record = _prune_streamed(run, checkpoint) if recipe.streams else _prune_in_memory(run, checkpoint)
+    if distributed.rank_and_size()[0] != 0:  # under torchrun, rank 0 writes and finishes
+        return record
+    if on_saved is not None:
+        on_saved(record)
+    done = run_steps(run.output, recipe, model_name, steps, device, dtype, overwrite=overwrite)
+    return record | {"steps": done}
+
+
+def finished_record(run: Run) -> dict[str, Any] | None:
+    """The record of `run.output` if it is a finished output of this run's pruning (same model, recipe, calibration
+    and dtype), so that running again does only the steps after it; None otherwise, or with `overwrite` (which
+    starts over), or with calibration given as a tensor (its content is not recorded)."""
+    output, recipe = run.output, run.recipe
+    if run.overwrite or not output.is_dir() or isinstance(run.calibration, Tensor):
+        return None
+    try:
+        finished_files(output)
+    except PushError:  # not a finished output: the pruning says what is wrong
+        return None
+    calibration = {}
+    if recipe.needs_calibration:
+        source = "c4" if run.calibration is None else run.calibration
+        if is_token_ids(source):
+            shape = tuple(calibration_ids(source, None, 1, 2).shape)  # token ids are used as they are
+        else:
+            default_n, default_len = default_calibration_size(run.device)
+            shape = (run.nsamples or default_n, run.seqlen or default_len)
+        calibration = {"source": str(source), "nsamples": shape[0], "seqlen": shape[1], "seed": run.seed}
+    this_run = {"base_model": run.model_name or DEFAULT_MODEL, "recipe": recipe.to_dict(), "calibration": calibration,
+                "dtype": str(run.dtype).removeprefix("torch.")}
+    record = read_record(output)
+    same = all(record.get(key) == value for key, value in json.loads(json.dumps(this_run)).items())
+    return record if same else None
+
+
+def _prune_streamed(run: Run, checkpoint: Path) -> dict[str, Any]:
+    """The streamed path: a meta skeleton, each layer read, visited and written in turn (stream.py)."""
+    recipe, device, batch_size = run.recipe, run.device, run.batch_size
+    model = skeleton(checkpoint, run.dtype)
     unfuse_experts(model)  # MoE experts as Linears; written back in the checkpoint's layout
-    layers = StreamedLayers(model, checkpoint, dtype)
+    layers = StreamedLayers(model, checkpoint, run.dtype)
     check_structure(model, recipe)
-    ids, calibration_info = prepare_calibration(model, recipe, calibration, None, device, nsamples, seqlen, seed)
+    ids, calibration_info = prepare_calibration(model, recipe, run.calibration, None, device, run.nsamples,
+                                                run.seqlen, run.seed)
     rank, world_size = distributed.rank_and_size()
-    key = fingerprint(checkpoint, recipe.to_dict(), ids, dtype, batch_size)
+    key = fingerprint(checkpoint, recipe.to_dict(), ids, run.dtype, batch_size)
+    shards = len(layers) + len(layers.others)
     partial, finished = None, None
     if rank == 0:  # a partial output of other settings is refused here, before any work
-        partial = PartialOutput(output, key, len(layers) + len(layers.others), overwrite)
+        partial = PartialOutput(run.output, key, shards, run.overwrite)
         finished = partial.finished
     finished = list(distributed.same_on_all_ranks(finished))  # a copy: the partial output appends to its own
     if rank != 0:
-        partial = PartialOutput(output, key, len(layers) + len(layers.others), overwrite, finished=finished)
+        partial = PartialOutput(run.output, key, shards, run.overwrite, finished=finished)
         layers.write = False
 
     start = time.perf_counter()
@@ -245,7 +339,7 @@ def prune_checkpoint(
     partial.shard_count = len(layers) + len(layers.others)
     layers.output = partial  # from here on, layers an earlier run finished are read back from it
     reports = prune_layers(model, layers, recipe, own_ids, device, batch_size, finished, sparsities=sparsities)
-    record = run_record(model_name, recipe, calibration_info, device, dtype, start, reports, model)
+    record = run_record(run.model_name, recipe, calibration_info, device, run.dtype, start, reports, model)
     record |= {"processes": world_size, "resumed_after_layers": len(finished)}
     if recipe.method is not None:
         stages["pruning"] = allocation
@@ -289,28 +383,29 @@ def run_record(model_name: str | None, recipe: Recipe, calibration_info: dict[st
     return record
 
 
-def _prune_in_memory(model_name: str | None, checkpoint: Path, recipe: Recipe, output: Path,
-                     calibration: str | Path | Tensor | None, device: str, dtype: torch.dtype, nsamples: int | None,
-                     seqlen: int | None, seed: int, batch_size: int, overwrite: bool) -> dict[str, Any]:
-    """The whole-model path (depth, width, OWL, OBD, recovery; see pipeline.py): load, run, save atomically.
+def _prune_in_memory(run: Run, checkpoint: Path) -> dict[str, Any]:
+    """The whole-model path (expert removal, OBD, recovery: Recipe.whole_model_stages): load, run, save atomically.
 
     Nothing is resumable here: an interrupted run leaves no output, and the same command starts it again."""
+    recipe, device, dtype = run.recipe, run.device, run.dtype
     if distributed.rank_and_size()[1] > 1:
-        raise RecipeError("depth, width, OWL, OBD and recovery run in one process; start it without torchrun")
+        raise RecipeError(f"the whole-model stages ({', '.join(recipe.whole_model_stages)}) run in one process; start "
+                          "it without torchrun")
     weights = sum(p.numel() for p in skeleton(checkpoint, dtype).parameters()) * dtype.itemsize
     log.warning("%s need%s the whole model in host memory: about %.1f GiB of weights in %s, more while it runs "
                 "(plain pruning and quantization stream one layer at a time)", ", ".join(recipe.whole_model_stages),
                 "s" if len(recipe.whole_model_stages) == 1 else "", weights / 2**30, str(dtype).removeprefix("torch."))
     model, tokenizer = load_model(str(checkpoint), dtype=dtype, device=device)
     stored_dtype = AutoConfig.from_pretrained(checkpoint).dtype or dtype
-    ids, calibration_info = prepare_calibration(model, recipe, calibration, tokenizer, device, nsamples, seqlen, seed)
-    training = prepare_training(model, recipe, calibration, tokenizer, device, seed)
+    ids, calibration_info = prepare_calibration(model, recipe, run.calibration, tokenizer, device, run.nsamples,
+                                                run.seqlen, run.seed)
+    training = prepare_training(model, recipe, run.calibration, tokenizer, device, run.seed)
     start = time.perf_counter()
     with experts_unfused(model):
         reports, stages = run_recipe(model, recipe, ids, training=training, tokenizer=tokenizer, device=device,
-                                     batch_size=batch_size)
-        record = run_record(model_name, recipe, calibration_info, device, dtype, start, reports, model)
+                                     batch_size=run.batch_size)
+        record = run_record(run.model_name, recipe, calibration_info, device, dtype, start, reports, model)
     record |= {"processes": 1, "stages": stages}
     model.config = saved_config(model, checkpoint)
-    save_checkpoint(model.to(stored_dtype), tokenizer, output, record, overwrite=overwrite)
+    save_checkpoint(model.to(stored_dtype), tokenizer, run.output, record, overwrite=run.overwrite)
     return record

@@ -16,27 +16,21 @@ import torch
 from safetensors import SafetensorError
 
 from llm_sparsify import __version__, distributed
-from llm_sparsify.api import check_device, default_calibration_size, prune_checkpoint
+from llm_sparsify.api import check_device, prune_checkpoint
 from llm_sparsify.data import (
     DataError,
-    calibration_ids,
     check_count,
     check_evaluation_source,
-    evaluation_ids,
-    is_token_ids,
 )
 from llm_sparsify.errors import UserError
-from llm_sparsify.evaluate import perplexity
-from llm_sparsify.export.card import removed_in_words, sparsity_summary, write_model_card
-from llm_sparsify.export.hf import RECORD, read_record
-from llm_sparsify.export.hub import PushError, check_token, finished_files, push_to_hub
-from llm_sparsify.files import atomic_file, check_output, check_writable, disk_size
-from llm_sparsify.models import DEFAULT_MODEL, default_dtype, load_model
+from llm_sparsify.export.card import removed_in_words, sparsity_summary
+from llm_sparsify.export.hub import push_to_hub
+from llm_sparsify.files import atomic_file, check_writable
+from llm_sparsify.finish import StepError, Steps, export_checkpoint, perplexity_of
+from llm_sparsify.models import DEFAULT_MODEL, load_model
 from llm_sparsify.recipe import (
     EXPORT_FORMATS,
     GGUF_TYPES,
-    Evaluation,
-    Recipe,
     builtin_recipes,
     load_recipe,
 )
@@ -49,10 +43,6 @@ EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 # I/O failures of the machine rather than bugs: one line and exit 2, like bad input
 OPERATIONAL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 CONTINUES = "the same command continues from the last finished layer"
-
-
-class StepError(UserError):
-    """A step after saving (evaluation, model card, export, push) failed; the saved output itself is complete."""
 
 
 def window_count(text: str) -> int | None:
@@ -183,21 +173,6 @@ def _push_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login)")
 
 
-def _perplexity(model_name: str | None, dataset: str, seqlen: int | None, max_windows: int | None,
-                dtype: str | None, device: str) -> dict:
-    model, tokenizer = load_model(model_name, dtype=DTYPES.get(dtype), device=device)
-    return {"model": model_name or DEFAULT_MODEL,
-            **_perplexity_of(model, tokenizer, dataset, seqlen, max_windows, device)}
-
-
-def _perplexity_of(model, tokenizer, dataset: str, seqlen: int | None, max_windows: int | None, device: str) -> dict:
-    seqlen = seqlen or default_calibration_size(device)[1]
-    ids = evaluation_ids(dataset, tokenizer)
-    value = perplexity(model, ids, seqlen=seqlen, device=device, max_windows=max_windows)
-    windows = min(ids.numel() // seqlen, max_windows or ids.numel())
-    return {"dataset": dataset, "seqlen": seqlen, "windows": windows, "perplexity": value}
-
-
 def run_prune(args: argparse.Namespace) -> None:
     device = check_device(args.device)
     for option in ("nsamples", "seqlen", "batch_size", "ppl_windows"):
@@ -205,156 +180,54 @@ def run_prune(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe)
     recipe_name = Path(args.recipe).name.removesuffix(".yaml")
     output = args.output or Path(f"{Path(args.model or DEFAULT_MODEL).name}-{recipe_name}")
-    record = _same_pruning(args, recipe, output, device)
-    _check_steps_after_saving(args, recipe, output, device, rerun=record is not None)  # before the work, not after
-    if record is None:
-        check_writable(output)  # a read-only output is no resume
-        args.resume_hint = CONTINUES if recipe.streams else ""
+    check_writable(output)  # a read-only output is no resume
+    args.resume_hint = CONTINUES if recipe.streams else ""
+    steps = Steps(ppl=args.ppl, ppl_windows=args.ppl_windows, push_to_hub=args.push_to_hub, token=args.token,
+                  private=args.private, revision=args.revision, command_line=args.command_line)
+
+    finished = []  # the pruned output, once complete
+
+    def saved(record: dict) -> None:
+        """The pruned output is complete: say what was done; whatever fails from here leaves it so."""
+        stages = record.get("stages", {})
+        done = [sparsity_summary(record["sparsity"])] if recipe.method is not None else []
+        if removed := removed_in_words(stages):  # depth, width: what went, not "0.00% of the targeted weights"
+            done.insert(0, f"removed {' and '.join(removed.values())} (parameters {stages['parameters_before']:,} "
+                           f"-> {stages['parameters_after']:,})")
+        print(f"pruned {record['base_model']} with {record['recipe_name']} in {record['seconds']:.1f} s: "
+              + "; ".join(done))
+        print(f"saved to {output}")
+        args.resume_hint = f"the pruned model in {output} is complete, and the same command does the remaining steps"
+        finished.append(output)
+
+    try:
         record = prune_checkpoint(
             args.model, recipe, output, args.calibration, device=device, dtype=DTYPES.get(args.dtype),
             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, steps=steps, on_saved=saved,
         )
-    else:
-        log.info("%s already holds this command's pruned model (same model, recipe, calibration and dtype): doing "
-                 "only the steps after pruning that are not done yet", output)
-    if distributed.rank_and_size()[0] != 0:  # under torchrun, rank 0 reports
-        return
-    stages = record.get("stages", {})
-    done = [sparsity_summary(record["sparsity"])] if recipe.method is not None else []
-    if removed := removed_in_words(stages):  # depth, width: what went, not "0.00% of the targeted weights"
-        done.insert(0, f"removed {' and '.join(removed.values())} (parameters {stages['parameters_before']:,} -> "
-                       f"{stages['parameters_after']:,})")
-    print(f"pruned {record['base_model']} with {record['recipe_name']} in {record['seconds']:.1f} s: "
-          + "; ".join(done))
-    print(f"saved to {output}")
-    args.resume_hint = f"the pruned model in {output} is complete, and the same command does the remaining steps"
-    try:
-        _steps_after_saving(args, recipe, output, device)
     except (UserError, OSError, SafetensorError) as error:
         reason = _failure(error)
-        if reason is None:
+        if reason is None or not finished:
             raise
         raise StepError(f"{reason}; {args.resume_hint}") from error
+    done = record.get("steps", {})
+    if ppl := done.get("perplexity"):
+        base, pruned = ppl["base"], ppl["pruned"]
+        print(f"WikiText-2 perplexity (seqlen {base['seqlen']}, {base['windows']} windows): "
+              f"base {base['perplexity']:.3f} -> pruned {pruned['perplexity']:.3f}")
+    if models := done.get("evaluation"):
+        print(markdown_table(models, list(models)))
+    for export in done.get("exports", []):
+        _print_export(export)
+    if url := done.get("pushed"):
+        print(f"pushed {output} to {url}")
 
 
-def _same_pruning(args: argparse.Namespace, recipe: Recipe, output: Path, device: str) -> dict | None:
-    """The record of `output` if it is a finished output of this command's pruning (same model, recipe, calibration
-    and dtype), so that running the command again does only the steps after it; None otherwise, or with
-    --overwrite (which starts over)."""
-    if args.overwrite or not output.is_dir():
-        return None
-    try:
-        finished_files(output)
-    except PushError:  # not a finished output: prune_checkpoint says what is wrong
-        return None
-    calibration = {}
-    if recipe.needs_calibration:
-        if is_token_ids(args.calibration):
-            shape = tuple(calibration_ids(args.calibration, None, 1, 2).shape)  # token ids are used as they are
-        else:
-            default_n, default_len = default_calibration_size(device)
-            shape = (args.nsamples or default_n, args.seqlen or default_len)
-        calibration = {"source": args.calibration, "nsamples": shape[0], "seqlen": shape[1], "seed": args.seed}
-    this_run = {"base_model": args.model or DEFAULT_MODEL, "recipe": recipe.to_dict(), "calibration": calibration,
-                "dtype": str(DTYPES.get(args.dtype) or default_dtype(device)).removeprefix("torch.")}
-    record = read_record(output)
-    same = all(record.get(key) == value for key, value in json.loads(json.dumps(this_run)).items())
-    return record if same else None
-
-
-def _export_path(output: Path, format: str, qtype: str) -> Path:
-    """Where an export of `output` goes by default: OUTPUT-FORMAT (OUTPUT-QTYPE.gguf) beside it."""
-    suffix = f"{qtype}.gguf" if format == "gguf" else format
-    return output.with_name(f"{output.name}-{suffix}")
-
-
-def _check_steps_after_saving(args: argparse.Namespace, recipe: Recipe, output: Path, device: str,
-                              rerun: bool) -> None:
-    """What the steps after saving need, checked before the pruning: the evaluation's texts and tasks, free export
-    outputs (on a rerun, existing ones count as done) and a working bitsandbytes, a Hub token that may write."""
-    if evaluation := recipe.evaluate:
-        for dataset in evaluation.perplexity:
-            check_evaluation_source(dataset)
-        if evaluation.tasks:
-            check_tasks(list(evaluation.tasks))
-    for name in recipe.export.formats if recipe.export else ():
-        path = _export_path(output, name, recipe.export.qtype)
-        if not (rerun and path.exists()):
-            check_output(path, args.overwrite)
-            check_writable(path)
-        if name.startswith("bnb-"):
-            from llm_sparsify.export.bitsandbytes import check_backend
-
-            check_backend(name.removeprefix("bnb-"), device)
-    if args.push_to_hub:
-        check_token(args.token, args.push_to_hub)
-
-
-def _steps_after_saving(args: argparse.Namespace, recipe: Recipe, output: Path, device: str) -> None:
-    """--ppl and the recipe's `evaluate:` section (into the record), the model card, the recipe's exports and
-    --push-to-hub; an evaluation with the same settings already in the record, or an export already there, is done."""
-    write_model_card(output, command=args.command_line)  # the output is complete with its card from here on
-    evaluation = recipe.evaluate
-    settings = {"ppl_windows": args.ppl_windows if args.ppl else False, "dtype": args.dtype, "device": device}
-    if (args.ppl or evaluation) and (read_record(output).get("evaluation") or {}).get("settings") == settings:
-        log.info("%s already holds this command's evaluation", output)
-    elif args.ppl or evaluation:
-        if args.ppl:
-            base = _perplexity(args.model, "wikitext2", None, args.ppl_windows, args.dtype, device)
-            pruned = _perplexity(str(output), "wikitext2", None, args.ppl_windows, args.dtype, device)
-            print(f"WikiText-2 perplexity (seqlen {base['seqlen']}, {base['windows']} windows): "
-                  f"base {base['perplexity']:.3f} -> pruned {pruned['perplexity']:.3f}")
-            _add_evaluation(output, {label: {"wikitext2": {"perplexity": result["perplexity"]}}
-                                     for label, result in (("base", base), ("pruned", pruned))},
-                            f"WikiText-2 test perplexity over {base['windows']} windows of {base['seqlen']} tokens",
-                            None if evaluation else settings)
-        if evaluation:
-            models = {label: _evaluate_section(name, evaluation, args.dtype, device)
-                      for label, name in (("base", args.model), ("pruned", str(output)))}
-            print(markdown_table(models, list(models)))
-            _add_evaluation(output, models, _protocol(evaluation, device), settings)
-        write_model_card(output, command=args.command_line)
-    for name in recipe.export.formats if recipe.export else ():
-        path = _export_path(output, name, recipe.export.qtype)
-        if path.exists() and not args.overwrite:  # a rerun's: the first run refused an existing one before work
-            log.info("%s is already there", path)
-            continue
-        export_checkpoint(output, name, recipe.export.qtype, path, args.overwrite, device)
-    if args.push_to_hub:
-        _push(output, args.push_to_hub, args)
-
-
-def _evaluate_section(model_name: str | None, evaluation: Evaluation, dtype: str | None, device: str) -> dict:
-    """What a recipe's `evaluate:` section asks of one model: {dataset or task: {metric: value}}."""
-    model, tokenizer = load_model(model_name, dtype=DTYPES.get(dtype), device=device)
-    result = {dataset: {"perplexity": _perplexity_of(model, tokenizer, dataset, None, evaluation.max_windows,
-                                                     device)["perplexity"]}
-              for dataset in evaluation.perplexity}
-    if evaluation.tasks:
-        result |= evaluate_tasks(model, tokenizer, list(evaluation.tasks), limit=evaluation.limit, device=device)
-    return result
-
-
-def _protocol(evaluation: Evaluation, device: str) -> str:
-    """The settings behind an `evaluate:` section's figures, in words, for the model card."""
-    windows = f"the first {evaluation.max_windows}" if evaluation.max_windows else "all"
-    words = []
-    if evaluation.perplexity:
-        words.append(f"perplexity over {windows} windows of {default_calibration_size(device)[1]} tokens")
-    if evaluation.tasks:
-        words.append("lm-eval zero-shot" + (f" on the first {evaluation.limit} items per task" if evaluation.limit
-                                            else ""))
-    return "; ".join(words)
-
-
-def _add_evaluation(output: Path, models: dict, protocol: str, settings: dict | None = None) -> None:
-    """Keep evaluation results (and how they were taken) in the output's record, where the model card finds them;
-    `settings` (the command's, given once its evaluation is complete) let a rerun of the command skip it."""
-    record = read_record(output)
-    record["evaluation"] = {"models": models, "protocol": protocol} | ({"settings": settings} if settings else {})
-    with atomic_file(output / RECORD, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+def _print_export(export: dict) -> None:
+    size, base = export["bytes"], export["source_bytes"]
+    print(f"exported {export['source']} as {export['format']} to {export['path']}: {size / 2**20:.1f} MiB "
+          f"({size / base:.1%} of the checkpoint's {base / 2**20:.1f} MiB)")
 
 
 def _evaluate_model(model_name: str | None, args: argparse.Namespace, tasks: list[str], data_dir: Path | None,
@@ -363,7 +236,7 @@ def _evaluate_model(model_name: str | None, args: argparse.Namespace, tasks: lis
     model, tokenizer = load_model(model_name, dtype=DTYPES.get(args.dtype), device=device)
     record = {"model": model_name or DEFAULT_MODEL}
     if not args.no_perplexity:
-        record.update(_perplexity_of(model, tokenizer, args.dataset, args.seqlen, args.max_windows, device))
+        record.update(perplexity_of(model, tokenizer, args.dataset, args.seqlen, args.max_windows, device))
     if tasks:
         record["tasks"] = evaluate_tasks(model, tokenizer, tasks, limit=args.limit, data_dir=data_dir,
                                          batch_size=args.batch_size, device=device)
@@ -406,39 +279,12 @@ def run_eval(args: argparse.Namespace) -> None:
 
 def run_export(args: argparse.Namespace) -> None:
     device = check_device(args.device) if args.format.startswith("bnb-") else None
-    export_checkpoint(args.checkpoint, args.format, args.qtype, args.output, args.overwrite, device)
-
-
-def export_checkpoint(source: Path, format: str, qtype: str, output: Path | None, overwrite: bool,
-                      device: str | None) -> Path:
-    """Write `source` as `format` to `output` (default: SOURCE-FORMAT beside it) and print the sizes."""
-    from llm_sparsify.export.bitsandbytes import export_bitsandbytes
-    from llm_sparsify.export.compact import save_compact
-    from llm_sparsify.export.compressed_tensors import export_compressed_tensors
-    from llm_sparsify.export.gguf import export_gguf
-
-    output = output or _export_path(source, format, qtype)
-    if format == "gguf":
-        export_gguf(source, output, qtype=qtype, overwrite=overwrite)
-    elif format == "compressed-tensors":
-        export_compressed_tensors(source, output, overwrite=overwrite)
-    elif format == "compact":
-        save_compact(source, output, overwrite=overwrite)
-    else:
-        export_bitsandbytes(source, output, mode=format.removeprefix("bnb-"), device=device, overwrite=overwrite)
-    size, base = disk_size(output), disk_size(source)
-    print(f"exported {source} as {format} to {output}: {size / 2**20:.1f} MiB ({size / base:.1%} of the "
-          f"checkpoint's {base / 2**20:.1f} MiB)")
-    return output
-
-
-def _push(folder: Path, repo: str, args: argparse.Namespace) -> None:
-    url = push_to_hub(folder, repo, token=args.token, private=args.private, revision=args.revision)
-    print(f"pushed {folder} to {url}")
+    _print_export(export_checkpoint(args.checkpoint, args.format, args.qtype, args.output, args.overwrite, device))
 
 
 def run_push(args: argparse.Namespace) -> None:
-    _push(args.folder, args.repo, args)
+    url = push_to_hub(args.folder, args.repo, token=args.token, private=args.private, revision=args.revision)
+    print(f"pushed {args.folder} to {url}")
 
 
 def _failure(error: BaseException) -> str | None:

@@ -427,7 +427,7 @@ def prune_layers(
     # a recipe without a pruning section (depth, width only) writes each layer as the structure stages left it
     targets = target_modules(model, recipe) if recipe.method else [{} for _ in range(len(layers))]
     statistic = None if recipe.statistic == "fisher" else recipe.statistic  # OBD: gradients, taken before
-    if recipe.method == "obd" and fisher is None:
+    if recipe.needs_fisher and fisher is None:
         raise ValueError("OBD needs the Fisher diagonal of every target weight (prune/fisher.fisher_diagonal)")
     fit = recipe.reconstruction
     walks = statistic is not None or fit is not None  # calibration activations go through the layers
@@ -442,7 +442,7 @@ def prune_layers(
     dense_hidden = hidden[:fit_batches] if fit is not None and fit.targets == "dense" else None  # the dense stream
 
     threshold = None
-    if recipe.method == "magnitude" and recipe.options.get("scope") == "global":
+    if recipe.options.get("scope") == "global":  # magnitude ranked across the model
         threshold = global_magnitude_threshold(lambda: layers.target_weights(targets), recipe.pattern)
 
     rank, _ = distributed.rank_and_size()

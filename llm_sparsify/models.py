@@ -100,9 +100,19 @@ def build_default_model(path: Path) -> Path:
     return path
 
 
+def default_device() -> str:
+    """cuda if this machine has it, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def default_dtype(device: str | torch.device) -> torch.dtype:
     """bfloat16 on accelerators, float32 on the CPU (where bf16 matmuls are slow and lossy)."""
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def default_calibration_size(device: str | torch.device) -> tuple[int, int]:
+    """(nsamples, seqlen): the papers' 128 x 2048 on an accelerator, 64 x 512 on a CPU."""
+    return (64, 512) if torch.device(device).type == "cpu" else (128, 2048)
 
 
 def load_model(

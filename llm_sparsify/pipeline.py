@@ -256,7 +256,7 @@ def prune_weights_of(model: PreTrainedModel, recipe: Recipe, calibration: Tensor
     layers = ResidentLayers(model)
     sparsities, info = layer_sparsities(model, layers, recipe, calibration, device, batch_size)
     fisher = None
-    if recipe.method == "obd":
+    if recipe.needs_fisher:  # OBD: gradients through the whole model first
         modules = {name: module for layer in target_modules(model, recipe) for name, module in layer.items()}
         fisher = fisher_diagonal(model, calibration, modules, device)
     reports = prune_layers(model, layers, recipe, calibration, device, batch_size, sparsities=sparsities, fisher=fisher)

@@ -33,9 +33,10 @@
                                #   groups); default on, except with N:M chosen in the same sweep (its groups
                                #   need their columns in order)
 
-Stages that change the model's shape or train it run on the whole model in memory, in this order:
-experts -> depth -> width -> pruning (+ quantization) -> recovery; then evaluate and export the saved output. Every
-section is optional, but a recipe needs at least one of experts, depth, width, pruning.
+The stages run in this order: experts -> depth -> width -> pruning (+ quantization) -> recovery; then evaluate and
+export the saved output. Depth, width and the per-layer allocations stream one decoder layer at a time like plain
+pruning; expert removal, OBD and recovery need the whole model in memory (Recipe.whole_model_stages). Every section
+is optional, but a recipe needs at least one of experts, depth, width, pruning.
 
     experts:                   # remove whole MoE experts, the same count in every MoE layer (structure/experts.py)
       remove: 2                #   experts removed per layer (or max_parameters: a budget for the whole model),
@@ -274,7 +275,7 @@ class Recipe:
     @property
     def whole_model_stages(self) -> list[str]:
         """The stages of the recipe that need the whole model in memory (pipeline.py), in words: the others stream."""
-        obd = self.method == "obd" or bool(self.width and self.width.score == "obd")
+        obd = self.needs_fisher or bool(self.width and self.width.score == "obd")
         stages = {"expert removal": self.experts, "OBD": obd, "recovery": self.recovery}
         return [name for name, present in stages.items() if present]
 
@@ -283,6 +284,11 @@ class Recipe:
         needs = self.depth and self.depth.score == "cosine" or self.width and self.width.score != "weight"
         return bool(needs or self.experts or self.recovery or self.owl or self.sensitivity or self.reconstruction
                     or self.statistic is not None)
+
+    @property
+    def needs_fisher(self) -> bool:
+        """Whether the method scores weights by the diagonal Fisher (OBD): gradients through the whole model."""
+        return bool(self.method) and method_statistic(self.method, self.options) == "fisher"
 
     @property
     def statistic(self) -> str | None:

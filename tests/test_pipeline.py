@@ -168,3 +168,40 @@ def test_a_stage_that_cannot_run_exits_2_and_writes_nothing(tmp_path, model_dir,
     error = capsys.readouterr().err
     assert "llm-sparsify: error: cannot remove 5 span(s)" in error and "Traceback" not in error
     assert not output.exists() and not list(tmp_path.glob(".out*"))
+
+
+# --- the API runs the whole recipe (issue 19, item 3) ---------------------------------------------------------------
+
+SECTIONS = {"pruning": {"method": "wanda", "sparsity": 0.5},
+            "evaluate": {"perplexity": ["wikitext2"], "max_windows": 1}, "export": {"formats": ["compact"]}}
+
+
+def test_prune_checkpoint_runs_the_evaluate_and_export_sections(tmp_path, model_dir, calib):  # noqa: F811
+    from llm_sparsify import prune_checkpoint
+    from llm_sparsify.finish import Steps
+
+    output = tmp_path / "out"
+    saved = []
+    record = prune_checkpoint(str(model_dir), SECTIONS, output, str(calib), device="cpu", seqlen=16,
+                              steps=Steps(ppl=True, ppl_windows=1), on_saved=saved.append)
+    assert saved and saved[0]["recipe_name"] == record["recipe_name"]  # told once the output was complete
+    done = record["steps"]
+    assert set(done["evaluation"]) == {"base", "pruned"} and set(done["perplexity"]) == {"base", "pruned"}
+    assert [export["path"] for export in done["exports"]] == [str(tmp_path / "out-compact")]
+    assert (tmp_path / "out-compact").is_dir() and (output / "README.md").exists()
+    assert read_record(output)["evaluation"]["models"] == done["evaluation"]
+    again = prune_checkpoint(str(model_dir), SECTIONS, output, str(calib), device="cpu", seqlen=16,
+                             steps=Steps(ppl=True, ppl_windows=1))
+    assert again["steps"] == {}  # the same call again: pruned, evaluated and exported already
+
+
+def test_compress_runs_the_sections_on_its_output_and_refuses_them_without_one(tmp_path):
+    model, calibration = tiny_model("llama"), torch.randint(0, 128, (4, 16))
+    with pytest.raises(RecipeError, match="evaluate, export run on a saved output"):
+        compress(model, SECTIONS, calibration, device="cpu")
+    assert zero_shares(model) == zero_shares(tiny_model("llama"))  # refused before any work
+    recipe = {key: SECTIONS[key] for key in ("pruning", "export")}  # a random model has no tokenizer to evaluate
+    compress(model, recipe, calibration, device="cpu", output=tmp_path / "out")
+    assert min(zero_shares(model)) >= 0.5
+    assert read_record(tmp_path / "out")["recipe"]["pruning"]["method"] == "wanda"
+    assert (tmp_path / "out-compact").is_dir() and (tmp_path / "out" / "README.md").exists()

@@ -13,7 +13,7 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, Qwen3Config,
 
 from llm_sparsify import compress, prune_checkpoint
 from llm_sparsify.structure.resize import load_width_pruned
-from tests.test_stream import output_tensors, prune_command, run, run_killed_after, save_sharded
+from tests.test_stream import output_tensors, prune_command, resumable, run, run_killed_after, save_sharded  # noqa: F401
 
 COMBINED = {"depth": {"blocks": 2}, "width": {"unit": "mlp", "amount": 0.2},
             "pruning": {"method": "sparsegpt", "sparsity": 0.6, "allocation": "owl"}}
@@ -106,17 +106,11 @@ def test_a_streamed_structure_recipe_shrinks_the_checkpoint_as_planned(tmp_path,
 # --- resume after SIGKILL, torchrun ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def structure_run(tmp_path_factory):
-    """The 8-layer bf16 checkpoint of test_stream's resume tests, the combined recipe as a file, one finished run."""
-    path = tmp_path_factory.mktemp("structure")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=8,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    save_sharded(LlamaForCausalLM(config), path / "model", dtype=torch.bfloat16)
-    torch.save(torch.randint(0, 256, (16, 128), generator=torch.Generator().manual_seed(0)), path / "ids.pt")
-    (path / "combined.yaml").write_text(yaml.safe_dump(COMBINED))
-    run(prune_command(path, path / "uninterrupted", str(path / "combined.yaml")))
-    return path
+def structure_run(resumable):  # noqa: F811
+    """test_stream's 8-layer bf16 checkpoint, the combined recipe as a file, one uninterrupted run."""
+    (resumable / "combined.yaml").write_text(yaml.safe_dump(COMBINED))
+    run(prune_command(resumable, resumable / "uninterrupted-structure", str(resumable / "combined.yaml")))
+    return resumable
 
 
 def same_checkpoints(first: Path, second: Path) -> None:
@@ -128,19 +122,19 @@ def same_checkpoints(first: Path, second: Path) -> None:
 
 
 def test_a_killed_structure_run_resumes_to_the_same_checkpoint(structure_run):
-    resumed = structure_run / "resumed"
+    resumed = structure_run / "resumed-structure"
     command = prune_command(structure_run, resumed, str(structure_run / "combined.yaml"))
-    run_killed_after(command, structure_run / ".resumed.partial" / "progress.json", 2)
+    run_killed_after(command, structure_run / ".resumed-structure.partial" / "progress.json", 2)
     assert not resumed.exists()
     run(command)
     assert json.loads((resumed / "llm_sparsify.json").read_text())["resumed_after_layers"] >= 2
-    same_checkpoints(structure_run / "uninterrupted", resumed)
+    same_checkpoints(structure_run / "uninterrupted-structure", resumed)
 
 
 def test_two_processes_give_the_same_structure_checkpoint_as_one(structure_run):
-    two = structure_run / "two"
+    two = structure_run / "two-structure"
     run(prune_command(structure_run, two, str(structure_run / "combined.yaml"), processes=2))
     record = json.loads((two / "llm_sparsify.json").read_text())
-    alone = json.loads((structure_run / "uninterrupted" / "llm_sparsify.json").read_text())
+    alone = json.loads((structure_run / "uninterrupted-structure" / "llm_sparsify.json").read_text())
     assert record["processes"] == 2 and without_seconds(record["stages"]) == without_seconds(alone["stages"])
-    same_checkpoints(structure_run / "uninterrupted", two)
+    same_checkpoints(structure_run / "uninterrupted-structure", two)

@@ -299,7 +299,7 @@ def test_an_interrupted_step_after_saving_says_the_output_is_complete(tmp_path, 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("llm_sparsify.cli.write_model_card", interrupted)
+    monkeypatch.setattr("llm_sparsify.finish.write_model_card", interrupted)
     out = tmp_path / "out"
     capsys.readouterr()
     assert main(prune_args(model_dir, calib, out)) == 130

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-from llm_sparsify.api import default_device
 from llm_sparsify.export import ExportError
 from llm_sparsify.export.hf import copy_side_files, read_record
 from llm_sparsify.files import atomic_directory, check_output
+from llm_sparsify.models import default_device
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,184 @@
+"""After the walk, on a saved output: evaluation (--ppl and the recipe's `evaluate:`), the model card, the recipe's
+exports and the Hub push. Each step is checked before any pruning (check_steps) and done once: run again, the same
+command skips an evaluation with the same settings already in the record and an export already there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm_sparsify.data import check_evaluation_source, evaluation_ids
+from llm_sparsify.errors import UserError
+from llm_sparsify.evaluate import perplexity
+from llm_sparsify.export.card import write_model_card
+from llm_sparsify.export.hf import RECORD, read_record
+from llm_sparsify.export.hub import check_token, push_to_hub
+from llm_sparsify.files import atomic_file, check_output, check_writable, disk_size
+from llm_sparsify.models import DEFAULT_MODEL, default_calibration_size, load_model
+from llm_sparsify.recipe import Evaluation, Recipe
+from llm_sparsify.zero_shot import check_tasks, evaluate_tasks
+
+log = logging.getLogger(__name__)
+
+
+class StepError(UserError):
+    """A step after saving (evaluation, model card, export, push) failed; the saved output itself is complete."""
+
+
+@dataclass(frozen=True)
+class Steps:
+    """What a run does after saving besides the recipe's `evaluate:` and `export:` sections: WikiText-2 perplexity of
+    the base and the pruned model (`ppl`, over the first `ppl_windows` windows, None: all), a Hub push, and the
+    command line the model card quotes."""
+
+    ppl: bool = False
+    ppl_windows: int | None = 64
+    push_to_hub: str | None = None
+    token: str | None = None
+    private: bool = False
+    revision: str | None = None
+    command_line: str | None = None
+
+
+def export_path(output: Path, format: str, qtype: str) -> Path:
+    """Where an export of `output` goes by default: OUTPUT-FORMAT (OUTPUT-QTYPE.gguf) beside it."""
+    suffix = f"{qtype}.gguf" if format == "gguf" else format
+    return output.with_name(f"{output.name}-{suffix}")
+
+
+def check_steps(recipe: Recipe, output: Path, steps: Steps, device: str, *, overwrite: bool, rerun: bool) -> None:
+    """What the steps after saving need, checked before the pruning: the evaluation's texts and tasks, free export
+    outputs (on a rerun, existing ones count as done) and a working bitsandbytes, a Hub token that may write."""
+    if evaluation := recipe.evaluate:
+        for dataset in evaluation.perplexity:
+            check_evaluation_source(dataset)
+        if evaluation.tasks:
+            check_tasks(list(evaluation.tasks))
+    for name in recipe.export.formats if recipe.export else ():
+        path = export_path(output, name, recipe.export.qtype)
+        if not (rerun and path.exists()):
+            check_output(path, overwrite)
+            check_writable(path)
+        if name.startswith("bnb-"):
+            from llm_sparsify.export.bitsandbytes import check_backend
+
+            check_backend(name.removeprefix("bnb-"), device)
+    if steps.push_to_hub:
+        check_token(steps.token, steps.push_to_hub)
+
+
+def run_steps(output: Path, recipe: Recipe, base_model: str | None, steps: Steps, device: str,
+              dtype: torch.dtype | None, *, overwrite: bool) -> dict[str, Any]:
+    """The model card, --ppl and the recipe's `evaluate:` section (into the record, and the card again), the
+    recipe's exports and the push. Returns what was done: {"perplexity": the --ppl figures, "evaluation": the
+    section's, "exports": [...], "pushed": url}, each present only where done now."""
+    write_model_card(output, command=steps.command_line)  # the output is complete with its card from here on
+    done: dict[str, Any] = {}
+    evaluation = recipe.evaluate
+    settings = {"ppl_windows": steps.ppl_windows if steps.ppl else False,
+                "dtype": str(dtype).removeprefix("torch.") if dtype else None, "device": device}
+    if (steps.ppl or evaluation) and (read_record(output).get("evaluation") or {}).get("settings") == settings:
+        log.info("%s already holds this command's evaluation", output)
+    elif steps.ppl or evaluation:
+        if steps.ppl:
+            base, pruned = (model_perplexity(name, "wikitext2", None, steps.ppl_windows, dtype, device)
+                            for name in (base_model, str(output)))
+            done["perplexity"] = {"base": base, "pruned": pruned}
+            add_evaluation(output, {label: {"wikitext2": {"perplexity": result["perplexity"]}}
+                                    for label, result in (("base", base), ("pruned", pruned))},
+                           f"WikiText-2 test perplexity over {base['windows']} windows of {base['seqlen']} tokens",
+                           None if evaluation else settings)
+        if evaluation:
+            done["evaluation"] = {label: evaluate_section(name, evaluation, dtype, device)
+                                  for label, name in (("base", base_model), ("pruned", str(output)))}
+            add_evaluation(output, done["evaluation"], protocol(evaluation, device), settings)
+        write_model_card(output, command=steps.command_line)
+    for name in recipe.export.formats if recipe.export else ():
+        path = export_path(output, name, recipe.export.qtype)
+        if path.exists() and not overwrite:  # a rerun's: the first run refused an existing one before work
+            log.info("%s is already there", path)
+            continue
+        done.setdefault("exports", []).append(export_checkpoint(output, name, recipe.export.qtype, path, overwrite,
+                                                                device))
+    if steps.push_to_hub:
+        done["pushed"] = push_to_hub(output, steps.push_to_hub, token=steps.token, private=steps.private,
+                                     revision=steps.revision)
+    return done
+
+
+def perplexity_of(model, tokenizer, dataset: str, seqlen: int | None, max_windows: int | None,
+                  device: str) -> dict[str, Any]:
+    """Perplexity of a loaded model on an evaluation text, with the windows it was taken over."""
+    seqlen = seqlen or default_calibration_size(device)[1]
+    ids = evaluation_ids(dataset, tokenizer)
+    value = perplexity(model, ids, seqlen=seqlen, device=device, max_windows=max_windows)
+    windows = min(ids.numel() // seqlen, max_windows or ids.numel())
+    return {"dataset": dataset, "seqlen": seqlen, "windows": windows, "perplexity": value}
+
+
+def model_perplexity(model_name: str | None, dataset: str, seqlen: int | None, max_windows: int | None,
+                     dtype: torch.dtype | None, device: str) -> dict[str, Any]:
+    """perplexity_of a model loaded by name (None: the built-in default)."""
+    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
+    return {"model": model_name or DEFAULT_MODEL, **perplexity_of(model, tokenizer, dataset, seqlen, max_windows,
+                                                                  device)}
+
+
+def evaluate_section(model_name: str | None, evaluation: Evaluation, dtype: torch.dtype | None,
+                     device: str) -> dict[str, dict[str, float]]:
+    """What a recipe's `evaluate:` section asks of one model: {dataset or task: {metric: value}}."""
+    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
+    result = {dataset: {"perplexity": perplexity_of(model, tokenizer, dataset, None, evaluation.max_windows,
+                                                    device)["perplexity"]}
+              for dataset in evaluation.perplexity}
+    if evaluation.tasks:
+        result |= evaluate_tasks(model, tokenizer, list(evaluation.tasks), limit=evaluation.limit, device=device)
+    return result
+
+
+def protocol(evaluation: Evaluation, device: str) -> str:
+    """The settings behind an `evaluate:` section's figures, in words, for the model card."""
+    windows = f"the first {evaluation.max_windows}" if evaluation.max_windows else "all"
+    words = []
+    if evaluation.perplexity:
+        words.append(f"perplexity over {windows} windows of {default_calibration_size(device)[1]} tokens")
+    if evaluation.tasks:
+        words.append("lm-eval zero-shot" + (f" on the first {evaluation.limit} items per task" if evaluation.limit
+                                            else ""))
+    return "; ".join(words)
+
+
+def add_evaluation(output: Path, models: dict, protocol: str, settings: dict | None = None) -> None:
+    """Keep evaluation results (and how they were taken) in the output's record, where the model card finds them;
+    `settings` (the command's, given once its evaluation is complete) let a rerun of the command skip it."""
+    record = read_record(output)
+    record["evaluation"] = {"models": models, "protocol": protocol} | ({"settings": settings} if settings else {})
+    with atomic_file(output / RECORD, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def export_checkpoint(source: Path, format: str, qtype: str, output: Path | None, overwrite: bool,
+                      device: str | None) -> dict[str, Any]:
+    """Write `source` as `format` to `output` (default: SOURCE-FORMAT beside it); return where, and the sizes."""
+    from llm_sparsify.export.bitsandbytes import export_bitsandbytes
+    from llm_sparsify.export.compact import save_compact
+    from llm_sparsify.export.compressed_tensors import export_compressed_tensors
+    from llm_sparsify.export.gguf import export_gguf
+
+    output = output or export_path(source, format, qtype)
+    if format == "gguf":
+        export_gguf(source, output, qtype=qtype, overwrite=overwrite)
+    elif format == "compressed-tensors":
+        export_compressed_tensors(source, output, overwrite=overwrite)
+    elif format == "compact":
+        save_compact(source, output, overwrite=overwrite)
+    else:
+        export_bitsandbytes(source, output, mode=format.removeprefix("bnb-"), device=device, overwrite=overwrite)
+    return {"source": str(source), "format": format, "path": str(output), "bytes": disk_size(output),
+            "source_bytes": disk_size(source)}
