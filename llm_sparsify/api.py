@@ -7,7 +7,6 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from llm_sparsify.errors import UserError
 from llm_sparsify.export.hf import read_record, save_checkpoint
 from llm_sparsify.export.hub import PushError, finished_files
 from llm_sparsify.files import check_apart, check_output, check_writable
-from llm_sparsify.finish import Steps, check_steps, run_steps
+from llm_sparsify.finish import Event, Steps, check_steps, run_steps
 from llm_sparsify.models import (
     DEFAULT_MODEL,
     ModelError,
@@ -241,7 +240,7 @@ def prune_checkpoint(
     batch_size: int = 8,
     overwrite: bool = False,
     steps: Steps | None = None,
-    on_saved: Callable[[dict[str, Any]], None] | None = None,
+    on_event: Event | None = None,
 ) -> dict[str, Any]:
     """Prune a safetensors checkpoint from disk to disk, one decoder layer in memory at a time, then run the recipe's
     steps after saving: the model card, its `evaluate:` and `export:` sections, and `steps` (--ppl, a Hub push).
@@ -251,9 +250,9 @@ def prune_checkpoint(
     compute dtype; the output keeps the checkpoint's own. A quantized recipe adds quantization.safetensors (the
     grids, see quantize/grid.py). Under torchrun the work is shared by the ranks (see llm_sparsify.distributed).
     Every step's needs are checked before the pruning. An output that a finished run of the same settings wrote is
-    not pruned again: only the steps after saving not done yet are done. `on_saved(record)` is called once the
-    pruned output is complete, before those steps. Returns the record saved as llm_sparsify.json, with what the
-    steps did under "steps" (not saved).
+    not pruned again: only the steps after saving not done yet are done. `on_event` is told ("saved", record)
+    once the pruned output is complete, and of each step after it as it finishes (finish.Event). Returns the record
+    saved as llm_sparsify.json, with what the steps did under "steps" (not saved).
     """
     recipe = load_recipe(recipe)
     steps = steps or Steps()
@@ -275,9 +274,9 @@ def prune_checkpoint(
         record = _prune_streamed(run, checkpoint) if recipe.streams else _prune_in_memory(run, checkpoint)
     if distributed.rank_and_size()[0] != 0:  # under torchrun, rank 0 writes and finishes
         return record
-    if on_saved is not None:
-        on_saved(record)
-    done = run_steps(run.output, recipe, model_name, steps, device, dtype, overwrite=overwrite)
+    if on_event is not None:
+        on_event("saved", record)
+    done = run_steps(run.output, recipe, model_name, steps, device, dtype, overwrite=overwrite, on_event=on_event)
     return record | {"steps": done}
 
 

@@ -11,6 +11,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -187,41 +188,42 @@ def run_prune(args: argparse.Namespace) -> None:
 
     finished = []  # the pruned output, once complete
 
-    def saved(record: dict) -> None:
-        """The pruned output is complete: say what was done; whatever fails from here leaves it so."""
-        stages = record.get("stages", {})
-        done = [sparsity_summary(record["sparsity"])] if recipe.method is not None else []
-        if removed := removed_in_words(stages):  # depth, width: what went, not "0.00% of the targeted weights"
-            done.insert(0, f"removed {' and '.join(removed.values())} (parameters {stages['parameters_before']:,} "
-                           f"-> {stages['parameters_after']:,})")
-        print(f"pruned {record['base_model']} with {record['recipe_name']} in {record['seconds']:.1f} s: "
-              + "; ".join(done))
-        print(f"saved to {output}")
-        args.resume_hint = f"the pruned model in {output} is complete, and the same command does the remaining steps"
-        finished.append(output)
+    def show(kind: str, value: Any) -> None:
+        """Say what each step did as it finishes; once the output is saved, whatever fails later leaves it so."""
+        if kind == "saved":
+            stages = value.get("stages", {})
+            done = [sparsity_summary(value["sparsity"])] if recipe.method is not None else []
+            if removed := removed_in_words(stages):  # depth, width: what went, not "0.00% of the targeted weights"
+                done.insert(0, f"removed {' and '.join(removed.values())} (parameters "
+                               f"{stages['parameters_before']:,} -> {stages['parameters_after']:,})")
+            print(f"pruned {value['base_model']} with {value['recipe_name']} in {value['seconds']:.1f} s: "
+                  + "; ".join(done))
+            print(f"saved to {output}")
+            args.resume_hint = (f"the pruned model in {output} is complete, and the same command does the remaining "
+                                "steps")
+            finished.append(output)
+        elif kind == "perplexity":
+            base, pruned = value["base"], value["pruned"]
+            print(f"WikiText-2 perplexity (seqlen {base['seqlen']}, {base['windows']} windows): "
+                  f"base {base['perplexity']:.3f} -> pruned {pruned['perplexity']:.3f}")
+        elif kind == "evaluation":
+            print(markdown_table(value, list(value)))
+        elif kind == "export":
+            _print_export(value)
+        elif kind == "pushed":
+            print(f"pushed {output} to {value}")
 
     try:
-        record = prune_checkpoint(
+        prune_checkpoint(
             args.model, recipe, output, args.calibration, device=device, dtype=DTYPES.get(args.dtype),
             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
-            overwrite=args.overwrite, steps=steps, on_saved=saved,
+            overwrite=args.overwrite, steps=steps, on_event=show,
         )
     except (UserError, OSError, SafetensorError) as error:
         reason = _failure(error)
         if reason is None or not finished:
             raise
         raise StepError(f"{reason}; {args.resume_hint}") from error
-    done = record.get("steps", {})
-    if ppl := done.get("perplexity"):
-        base, pruned = ppl["base"], ppl["pruned"]
-        print(f"WikiText-2 perplexity (seqlen {base['seqlen']}, {base['windows']} windows): "
-              f"base {base['perplexity']:.3f} -> pruned {pruned['perplexity']:.3f}")
-    if models := done.get("evaluation"):
-        print(markdown_table(models, list(models)))
-    for export in done.get("exports", []):
-        _print_export(export)
-    if url := done.get("pushed"):
-        print(f"pushed {output} to {url}")
 
 
 def _print_export(export: dict) -> None:

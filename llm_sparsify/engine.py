@@ -319,12 +319,15 @@ def collect_statistics(
     kwargs: list[dict],
     hessian: bool,
     device: torch.device | None = None,
+    outputs: list[Tensor] | None = None,
 ) -> dict[str, InputStatistics]:
     """Run every batch through `layer`, accumulating input statistics of the given Linear modules.
 
     Modules called on the very same input tensor (q/k/v; gate/up) share one accumulator, so the
     work and memory are spent once per distinct input. Each forward stops as soon as every module
-    has seen its input: the last module's own product and whatever follows it are never computed.
+    has seen its input: the last module's own product and whatever follows it are never computed. Given an
+    `outputs` list, the forwards run to the end instead and append the layer's output per batch (a score pass
+    then needs no second forward to propagate).
     """
     stats: dict[str, InputStatistics] = {}
     shares: dict[str, str] = {}  # module -> module whose statistics it shares
@@ -343,7 +346,7 @@ def collect_statistics(
                 if name not in stats:
                     stats[name] = InputStatistics(x.shape[-1], hessian, x.device)
                 stats[name].add(x)
-            if len(called) == len(modules):  # the rest of the layer (e.g. down_proj) is not needed
+            if len(called) == len(modules) and outputs is None:  # the rest of the layer is not needed
                 raise _Captured
 
         return accumulate
@@ -352,7 +355,9 @@ def collect_statistics(
     try:
         for h, kw in zip(hidden, kwargs, strict=True):
             with contextlib.suppress(_Captured):
-                layer(h.to(device or h.device), **kw)
+                output = layer(h.to(device or h.device), **kw)
+                if outputs is not None:
+                    outputs.append(_layer_output(output).to(h.device))
             seen.clear()
             called.clear()
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,13 +74,27 @@ def check_steps(recipe: Recipe, output: Path, steps: Steps, device: str, *, over
         check_token(steps.token, steps.push_to_hub)
 
 
+Event = Callable[[str, Any], None]
+"""Told of each step as it finishes: ("saved", record), ("perplexity", {"base": ..., "pruned": ...}),
+("evaluation", {model: {task: {metric: value}}}), ("export", {...}), ("pushed", url)."""
+
+
 def run_steps(output: Path, recipe: Recipe, base_model: str | None, steps: Steps, device: str,
-              dtype: torch.dtype | None, *, overwrite: bool) -> dict[str, Any]:
+              dtype: torch.dtype | None, *, overwrite: bool, on_event: Event | None = None) -> dict[str, Any]:
     """The model card, --ppl and the recipe's `evaluate:` section (into the record, and the card again), the
-    recipe's exports and the push. Returns what was done: {"perplexity": the --ppl figures, "evaluation": the
-    section's, "exports": [...], "pushed": url}, each present only where done now."""
+    recipe's exports and the push, each told to `on_event` as it finishes. Returns what was done: {"perplexity":
+    the --ppl figures, "evaluation": the section's, "exports": [...], "pushed": url}, each only where done now."""
     write_model_card(output, command=steps.command_line)  # the output is complete with its card from here on
     done: dict[str, Any] = {}
+
+    def finished(kind: str, value: Any) -> None:
+        if kind == "export":
+            done.setdefault("exports", []).append(value)
+        else:
+            done[kind] = value
+        if on_event is not None:
+            on_event(kind, value)
+
     evaluation = recipe.evaluate
     settings = {"ppl_windows": steps.ppl_windows if steps.ppl else False,
                 "dtype": str(dtype).removeprefix("torch.") if dtype else None, "device": device}
@@ -89,26 +104,26 @@ def run_steps(output: Path, recipe: Recipe, base_model: str | None, steps: Steps
         if steps.ppl:
             base, pruned = (model_perplexity(name, "wikitext2", None, steps.ppl_windows, dtype, device)
                             for name in (base_model, str(output)))
-            done["perplexity"] = {"base": base, "pruned": pruned}
+            finished("perplexity", {"base": base, "pruned": pruned})
             add_evaluation(output, {label: {"wikitext2": {"perplexity": result["perplexity"]}}
                                     for label, result in (("base", base), ("pruned", pruned))},
                            f"WikiText-2 test perplexity over {base['windows']} windows of {base['seqlen']} tokens",
                            None if evaluation else settings)
         if evaluation:
-            done["evaluation"] = {label: evaluate_section(name, evaluation, dtype, device)
-                                  for label, name in (("base", base_model), ("pruned", str(output)))}
-            add_evaluation(output, done["evaluation"], protocol(evaluation, device), settings)
+            models = {label: evaluate_section(name, evaluation, dtype, device)
+                      for label, name in (("base", base_model), ("pruned", str(output)))}
+            add_evaluation(output, models, protocol(evaluation, device), settings)
+            finished("evaluation", models)
         write_model_card(output, command=steps.command_line)
     for name in recipe.export.formats if recipe.export else ():
         path = export_path(output, name, recipe.export.qtype)
         if path.exists() and not overwrite:  # a rerun's: the first run refused an existing one before work
             log.info("%s is already there", path)
             continue
-        done.setdefault("exports", []).append(export_checkpoint(output, name, recipe.export.qtype, path, overwrite,
-                                                                device))
+        finished("export", export_checkpoint(output, name, recipe.export.qtype, path, overwrite, device))
     if steps.push_to_hub:
-        done["pushed"] = push_to_hub(output, steps.push_to_hub, token=steps.token, private=steps.private,
-                                     revision=steps.revision)
+        finished("pushed", push_to_hub(output, steps.push_to_hub, token=steps.token, private=steps.private,
+                                       revision=steps.revision))
     return done
 
 

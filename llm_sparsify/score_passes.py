@@ -37,9 +37,10 @@ log = logging.getLogger(__name__)
 
 
 def _wanda_importance(layer: nn.Module, modules: dict[str, nn.Linear], hidden: list[Tensor], kwargs: list[dict],
-                      device: torch.device) -> dict[str, Tensor]:
-    """|W_ij|·‖X_j‖₂ of each given Linear of the layer, ‖X_j‖ over every rank's calibration tokens."""
-    stats = collect_statistics(layer, modules, hidden, kwargs, hessian=False, device=device)
+                      device: torch.device, outputs: list[Tensor] | None = None) -> dict[str, Tensor]:
+    """|W_ij|·‖X_j‖₂ of each given Linear of the layer, ‖X_j‖ over every rank's calibration tokens; the layer's
+    outputs appended to `outputs`, if given (from the same forwards)."""
+    stats = collect_statistics(layer, modules, hidden, kwargs, hessian=False, device=device, outputs=outputs)
     distributed.sum_statistics(stats.values())
     return {name: wanda_scores(module.weight, stats[name].column_norms()) for name, module in modules.items()}
 
@@ -85,12 +86,13 @@ def unit_scores(model: PreTrainedModel, unit: str, score: str, calibration: Tens
     scorer = channel_scores if unit == "mlp" else group_scores
     scores: list[Tensor] = []
 
-    def visit(i: int, layer: nn.Module, hidden: list[Tensor], kwargs: list[dict]) -> None:
-        importance = None
+    def visit(i: int, layer: nn.Module, hidden: list[Tensor], kwargs: list[dict]) -> list[Tensor] | None:
+        importance, outputs = None, []
         if score == "activation":
             importance = _wanda_importance(layer, {name: layer.get_submodule(name) for name in UNITS[unit]},
-                                           hidden, kwargs, device)
+                                           hidden, kwargs, device, outputs)
         scores.append(scorer(layer, importance))
+        return outputs or None
 
     read_pass(model, layers, calibration if score == "activation" else None, visit, device=device,
               batch_size=batch_size, what=f"{unit} unit scores")
@@ -126,9 +128,14 @@ def layer_outlier_ratios(model: PreTrainedModel, calibration: Tensor, m: float =
         raise ValueError(f"targets lists {len(targets)} layers, the model has {len(layers)}")
     ratios: list[float] = []
 
-    def visit(i: int, layer: nn.Module, hidden: list[Tensor], kwargs: list[dict]) -> None:
-        scores = _wanda_importance(layer, targets[i], hidden, kwargs, torch.device(device)) if targets[i] else {}
-        ratios.append(outlier_ratio(list(scores.values()), m) if scores else math.nan)
+    def visit(i: int, layer: nn.Module, hidden: list[Tensor], kwargs: list[dict]) -> list[Tensor] | None:
+        if not targets[i]:
+            ratios.append(math.nan)
+            return None
+        outputs: list[Tensor] = []
+        scores = _wanda_importance(layer, targets[i], hidden, kwargs, torch.device(device), outputs)
+        ratios.append(outlier_ratio(list(scores.values()), m))
+        return outputs
 
     read_pass(model, layers, calibration, visit, device=torch.device(device), batch_size=batch_size,
               what="OWL outlier ratios")

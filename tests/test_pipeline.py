@@ -181,10 +181,11 @@ def test_prune_checkpoint_runs_the_evaluate_and_export_sections(tmp_path, model_
     from llm_sparsify.finish import Steps
 
     output = tmp_path / "out"
-    saved = []
+    events = []
     record = prune_checkpoint(str(model_dir), SECTIONS, output, str(calib), device="cpu", seqlen=16,
-                              steps=Steps(ppl=True, ppl_windows=1), on_saved=saved.append)
-    assert saved and saved[0]["recipe_name"] == record["recipe_name"]  # told once the output was complete
+                              steps=Steps(ppl=True, ppl_windows=1), on_event=lambda *event: events.append(event))
+    assert [kind for kind, _ in events] == ["saved", "perplexity", "evaluation", "export"]  # each as it finished
+    assert events[0][1]["recipe_name"] == record["recipe_name"]
     done = record["steps"]
     assert set(done["evaluation"]) == {"base", "pruned"} and set(done["perplexity"]) == {"base", "pruned"}
     assert [export["path"] for export in done["exports"]] == [str(tmp_path / "out-compact")]

@@ -11,7 +11,8 @@ import torch
 import yaml
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from llm_sparsify import compress, prune_checkpoint
+from llm_sparsify import compress, load_recipe, prune_checkpoint
+from llm_sparsify.recipe import builtin_recipes
 from llm_sparsify.structure.resize import load_width_pruned
 from tests.test_stream import output_tensors, prune_command, resumable, run, run_killed_after, save_sharded  # noqa: F401
 
@@ -47,6 +48,29 @@ def eight_layers(kind: str = "llama"):
     if kind == "qwen3":  # per-layer config lists, q/k norms
         return Qwen3ForCausalLM(Qwen3Config(**shape, head_dim=16)).eval()
     return LlamaForCausalLM(LlamaConfig(**shape)).eval()
+
+
+@pytest.mark.parametrize("name", [name for name in builtin_recipes() if load_recipe(name).streams])
+def test_every_shipped_recipe_from_disk_gives_the_checkpoint_compress_makes(tmp_path, name, one_thread):
+    """`llm-sparsify prune`'s path (prune_checkpoint, streamed) and the in-memory API give the same tensors and config
+    for every recipe the package ships that streams (all but wanda-70-recover, whose fine-tuning needs the whole
+    model: there prune_checkpoint loads it and runs the in-memory code itself)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    calibration = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
+    checkpoint = save_sharded(model, tmp_path / "in")
+    record = prune_checkpoint(str(checkpoint), name, tmp_path / "out", calibration, device="cpu",
+                              dtype=torch.float32, batch_size=4)
+    compress(model, name, calibration, device="cpu", batch_size=4)
+    streamed = output_tensors(tmp_path / "out")
+    expected = {n: t for n, t in model.state_dict().items() if n in streamed}
+    assert set(streamed) == set(expected)
+    for key, tensor in expected.items():
+        assert torch.equal(streamed[key], tensor), key
+    saved = AutoConfig.from_pretrained(tmp_path / "out")
+    assert all(getattr(saved, field, None) == getattr(model.config, field, None) for field in STRUCTURE)
+    assert "resumed_after_layers" in record  # it streamed
 
 
 @pytest.mark.parametrize("name", RECIPES)
