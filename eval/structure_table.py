@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from llm_sparsify import compress, load_model, perplexity, prune_checkpoint
+from llm_sparsify.architecture import parameter_count
 from llm_sparsify.data import calibration_ids, evaluation_ids
-from llm_sparsify.pipeline import parameter_count
 from llm_sparsify.recipe import load_recipe
 from llm_sparsify.score_passes import block_importance
 from llm_sparsify.structure.depth import rank_correlation, skip_block_perplexity

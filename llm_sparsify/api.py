@@ -17,6 +17,7 @@ from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_sparsify import __version__, distributed
+from llm_sparsify.architecture import parameter_count
 from llm_sparsify.data import calibration_ids, check_count, is_token_ids, warn_long_windows
 from llm_sparsify.engine import LayerReport, count_zeros, prune_layers, untargeted_weights
 from llm_sparsify.errors import UserError
@@ -33,7 +34,7 @@ from llm_sparsify.models import (
     default_dtype,
     load_model,
 )
-from llm_sparsify.pipeline import check_structure, layer_sparsities, parameter_count, restructure, run_recipe
+from llm_sparsify.pipeline import check_structure, layer_sparsities, restructure, run_recipe
 from llm_sparsify.recipe import Recipe, RecipeError, load_recipe
 from llm_sparsify.stream import PartialOutput, StreamedLayers, fingerprint, resolve_checkpoint, skeleton
 from llm_sparsify.structure.experts import experts_unfused, unfuse_experts

@@ -30,3 +30,9 @@ def home_device(module: nn.Module) -> torch.device:
     if tensor is None:
         tensor = next(module.buffers(), None)
     return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters of the model, a tied embedding counted once (also on a meta skeleton, whose lm_head is not tied)."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return sum(p.numel() for name, p in model.named_parameters() if name not in tied)

@@ -26,6 +26,7 @@ from typing import Any
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from llm_sparsify.architecture import parameter_count
 from llm_sparsify.data import DataError, calibration_ids
 from llm_sparsify.engine import LayerReport, LayerSource, ResidentLayers, prune_layers, target_modules, warn_untargeted
 from llm_sparsify.fisher_pass import fisher_diagonal, obd_importance
@@ -50,7 +51,7 @@ from llm_sparsify.structure.depth import (
     fuse_importance,
 )
 from llm_sparsify.structure.experts import experts_to_keep, moe_blocks, remove_experts
-from llm_sparsify.structure.resize import UNITS, WidthError, width_parameters
+from llm_sparsify.structure.resize import UNITS, WidthError
 from llm_sparsify.structure.width import (
     SCORES,
     UNIT_WORDS,
@@ -62,11 +63,6 @@ from llm_sparsify.structure.width import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def parameter_count(model: PreTrainedModel) -> int:
-    """Parameters of the model, a tied embedding counted once."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def experts_kept(model: PreTrainedModel, removal: ExpertRemoval) -> int:
@@ -172,11 +168,11 @@ def prune_width(
     else:
         scores = unit_scores(model, unit, score, calibration, device, batch_size, layers=layers)
     keep = choose_units(scores, amount, scope)
-    before = width_parameters(model)
+    before = parameter_count(model)
     layers.remove_units(unit, keep)
     report = {"unit": unit, "amount": amount, "score": given,
               "scope": scope, "kept": [int(k.sum()) for k in keep], "of": [k.numel() for k in keep],
-              "parameters_before": before, "parameters_after": width_parameters(model)}
+              "parameters_before": before, "parameters_after": parameter_count(model)}
     log.info("width pruning: %s %s of %d, %d -> %d parameters", unit, sum(report["kept"]), sum(report["of"]),
              before, report["parameters_after"])
     return report

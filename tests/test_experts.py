@@ -304,7 +304,7 @@ def test_removing_experts_the_router_never_chooses_leaves_the_logits_unchanged(t
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_expert_removal_to_a_parameter_budget(kind, one_thread):
-    from llm_sparsify.pipeline import parameter_count
+    from llm_sparsify.architecture import parameter_count
 
     model = tiny_moe(kind)
     total = parameter_count(model)

@@ -45,8 +45,8 @@ def eight_layers(kind: str = "llama"):
     torch.manual_seed(0)
     shape = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=256)
-    if kind == "qwen3":  # per-layer config lists, q/k norms
-        return Qwen3ForCausalLM(Qwen3Config(**shape, head_dim=16)).eval()
+    if kind == "qwen3":  # per-layer config lists, q/k norms, a tied embedding
+        return Qwen3ForCausalLM(Qwen3Config(**shape, head_dim=16, tie_word_embeddings=True)).eval()
     return LlamaForCausalLM(LlamaConfig(**shape)).eval()
 
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from llm_sparsify.architecture import parameter_count
 from llm_sparsify.pipeline import prune_width
 from llm_sparsify.score_passes import activation_importance
-from llm_sparsify.structure.resize import load_width_pruned, remove_kv_groups, remove_mlp_channels, width_parameters
+from llm_sparsify.structure.resize import load_width_pruned, remove_kv_groups, remove_mlp_channels
 from llm_sparsify.structure.width import (
     UNITS,
     WidthError,
@@ -53,13 +54,13 @@ def test_removing_mlp_channels_equals_zeroing_their_down_columns(model):
     with torch.no_grad():
         for layer, mask in zip(reference.model.layers, keep, strict=True):
             layer.mlp.down_proj.weight[:, ~mask] = 0
-    before = width_parameters(model)
+    before = parameter_count(model)
     remove_mlp_channels(model, keep)
     for layer, mask in zip(model.model.layers, keep, strict=True):
         n = int(mask.sum())
         assert layer.mlp.gate_proj.weight.shape[0] == layer.mlp.up_proj.weight.shape[0] == n
         assert layer.mlp.down_proj.weight.shape[1] == n
-    assert width_parameters(model) == before - 3 * TINY["hidden_size"] * sum(int((~m).sum()) for m in keep)
+    assert parameter_count(model) == before - 3 * TINY["hidden_size"] * sum(int((~m).sum()) for m in keep)
     torch.testing.assert_close(logits(model), logits(reference), rtol=1e-4, atol=1e-5)
     assert model.config.layer_widths["intermediate_size"] == [int(m.sum()) for m in keep]
 
@@ -247,7 +248,7 @@ def test_uniform_widths_reload_with_plain_transformers(tmp_path, calibration):
     model = tiny_model("qwen2")
     prune_width(model, "heads", 0.5, score="activation", calibration=calibration)
     report = prune_width(model, "mlp", 0.25, score="activation", calibration=calibration)
-    assert report["parameters_after"] == width_parameters(model) < report["parameters_before"]
+    assert report["parameters_after"] == parameter_count(model) < report["parameters_before"]
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     config = loaded.config

@@ -192,11 +192,6 @@ def record_widths(model: PreTrainedModel) -> None:
         config.layer_widths = widths
 
 
-def width_parameters(model: nn.Module) -> int:
-    """Number of parameters of the model, tied weights counted once (what the width pruning shrank)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def _state_dict_files(path: Path) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
