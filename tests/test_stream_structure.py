@@ -34,6 +34,18 @@ STRUCTURE = ("num_hidden_layers", "intermediate_size", "num_key_value_heads", "n
              "layer_types", "max_window_layers")
 
 
+def holds_the_model(output: Path, model) -> None:
+    """The checkpoint at `output` has exactly the model's tensors (a tied lm_head stored once) and structure."""
+    streamed = output_tensors(output)
+    expected = {n: t for n, t in model.state_dict().items() if n in streamed}
+    assert set(streamed) == set(expected)
+    for key, tensor in expected.items():
+        assert torch.equal(streamed[key], tensor), key
+    saved = AutoConfig.from_pretrained(output)
+    for field in (*STRUCTURE, "layer_widths"):
+        assert getattr(saved, field, None) == getattr(model.config, field, None), field
+
+
 def without_seconds(stage: dict | None) -> dict | None:
     """A stage's record without the time it took (a per-layer allocation's nested one too)."""
     if not isinstance(stage, dict):
@@ -63,13 +75,7 @@ def test_every_shipped_recipe_from_disk_gives_the_checkpoint_compress_makes(tmp_
     record = prune_checkpoint(str(checkpoint), name, tmp_path / "out", calibration, device="cpu",
                               dtype=torch.float32, batch_size=4)
     compress(model, name, calibration, device="cpu", batch_size=4)
-    streamed = output_tensors(tmp_path / "out")
-    expected = {n: t for n, t in model.state_dict().items() if n in streamed}
-    assert set(streamed) == set(expected)
-    for key, tensor in expected.items():
-        assert torch.equal(streamed[key], tensor), key
-    saved = AutoConfig.from_pretrained(tmp_path / "out")
-    assert all(getattr(saved, field, None) == getattr(model.config, field, None) for field in STRUCTURE)
+    holds_the_model(tmp_path / "out", model)
     assert "resumed_after_layers" in record  # it streamed
 
 
@@ -79,28 +85,10 @@ def test_streamed_structure_recipe_equals_the_whole_model_in_memory(tmp_path, ca
     checkpoint = save_sharded(model, tmp_path / "in")
     record = prune_checkpoint(str(checkpoint), RECIPES[name], tmp_path / "out", calibration, device="cpu",
                               dtype=torch.float32, batch_size=4)
-    with pytest.MonkeyPatch.context() as patch:  # the in-memory path's record, to compare the stages
-        stages = {}
-        import llm_sparsify.api as api
-
-        original = api.run_recipe
-
-        def keep_stages(*args, **kwargs):
-            reports, found = original(*args, **kwargs)
-            stages.update(found)
-            return reports, found
-
-        patch.setattr(api, "run_recipe", keep_stages)
-        compress(model, RECIPES[name], calibration, device="cpu", batch_size=4)
-    streamed = output_tensors(tmp_path / "out")
-    expected = {n: t for n, t in model.state_dict().items() if n in streamed}
-    assert set(streamed) == set(expected)
-    for key, tensor in expected.items():
-        assert torch.equal(streamed[key], tensor), key
-    saved = AutoConfig.from_pretrained(tmp_path / "out")
-    for field in (*STRUCTURE, "layer_widths"):
-        assert getattr(saved, field, None) == getattr(model.config, field, None), field
-    assert saved.use_cache is True  # as the checkpoint had it, not as loading for pruning set it
+    compress(model, RECIPES[name], calibration, device="cpu", batch_size=4, output=tmp_path / "memory")
+    holds_the_model(tmp_path / "out", model)
+    assert AutoConfig.from_pretrained(tmp_path / "out").use_cache is True  # as the checkpoint had it
+    stages = json.loads((tmp_path / "memory" / "llm_sparsify.json").read_text())["stages"]
     for stage in ("depth", "width", "pruning"):
         assert without_seconds(record["stages"].get(stage)) == without_seconds(stages.get(stage)), stage
     assert record["stages"]["parameters_after"] == sum(p.numel() for p in model.parameters())
