@@ -391,7 +391,7 @@ def _prune_in_memory(run: Run, checkpoint: Path) -> dict[str, Any]:
     if distributed.rank_and_size()[1] > 1:
         raise RecipeError(f"the whole-model stages ({', '.join(recipe.whole_model_stages)}) run in one process; start "
                           "it without torchrun")
-    weights = sum(p.numel() for p in skeleton(checkpoint, dtype).parameters()) * dtype.itemsize
+    weights = parameter_count(skeleton(checkpoint, dtype)) * dtype.itemsize
     log.warning("%s need%s the whole model in host memory: about %.1f GiB of weights in %s, more while it runs "
                 "(plain pruning and quantization stream one layer at a time)", ", ".join(recipe.whole_model_stages),
                 "s" if len(recipe.whole_model_stages) == 1 else "", weights / 2**30, str(dtype).removeprefix("torch."))

@@ -29,6 +29,7 @@ RECIPES = {
     "depth-random-width-weight": {"depth": {"blocks": 1, "score": "random"}, "width": {"unit": "mlp", "amount": 0.5,
                                                                                        "score": "weight"}},
     "sensitivity": {"pruning": {"method": "wanda", "sparsity": 0.6, "allocation": "sensitivity"}},
+    "depth-budget-tied": {"depth": {"max_parameters": 193_376}},  # 3 blocks; 4 if the tied embedding counted twice
 }
 STRUCTURE = ("num_hidden_layers", "intermediate_size", "num_key_value_heads", "num_attention_heads", "head_dim",
              "layer_types", "max_window_layers")
@@ -81,7 +82,7 @@ def test_every_shipped_recipe_from_disk_gives_the_checkpoint_compress_makes(tmp_
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_streamed_structure_recipe_equals_the_whole_model_in_memory(tmp_path, calibration, name, one_thread):
-    model = eight_layers("qwen3" if name == "combined" else "llama")
+    model = eight_layers("qwen3" if name in ("combined", "depth-budget-tied") else "llama")
     checkpoint = save_sharded(model, tmp_path / "in")
     record = prune_checkpoint(str(checkpoint), RECIPES[name], tmp_path / "out", calibration, device="cpu",
                               dtype=torch.float32, batch_size=4)

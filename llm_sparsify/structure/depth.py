@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.utils.logging import tqdm
 
+from llm_sparsify.architecture import parameter_count
 from llm_sparsify.errors import UserError
 from llm_sparsify.evaluate import perplexity
 from llm_sparsify.models import decoder_layers
@@ -110,7 +111,7 @@ def blocks_for_budget(model: PreTrainedModel, max_parameters: int, importance: T
     """The fewest least-important spans whose removal brings the model to at most `max_parameters` parameters."""
     layers = decoder_layers(model)
     block_sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-    total = model.num_parameters()
+    total = parameter_count(model)  # a tied embedding once, on a meta skeleton too
     if importance.numel() != len(layers) - interval + 1:
         raise DepthError(f"{importance.numel()} scores do not fit {len(layers)} blocks in spans of {interval}")
     for count in range((len(layers) - 1) // interval + 1):
