@@ -105,17 +105,27 @@ def compress(
         check_output(output, overwrite)
         check_writable(output)
         check_steps(recipe, output, steps, device, overwrite=overwrite, rerun=False)
+    record = _run_in_memory(model, recipe, calibration, tokenizer=tokenizer, device=device, nsamples=nsamples,
+                            seqlen=seqlen, seed=seed, batch_size=batch_size, base_model=model.name_or_path)
+    if output is not None:
+        save_checkpoint(model, tokenizer, output, record, overwrite=overwrite)
+        run_steps(output, recipe, model.name_or_path, steps, device, None, overwrite=overwrite)
+    return model
+
+
+def _run_in_memory(model: PreTrainedModel, recipe: Recipe, calibration: Tensor | str | Path | None, *,
+                   tokenizer: PreTrainedTokenizerBase | None, device: str, nsamples: int | None, seqlen: int | None,
+                   seed: int, batch_size: int, base_model: str | None) -> dict[str, Any]:
+    """Every stage of `recipe` on a model in memory (pipeline.run_recipe), MoE experts pruned as Linears and fused
+    back; returns the run's record (what compress and the whole-model path of prune_checkpoint save)."""
     ids, calibration_info = prepare_calibration(model, recipe, calibration, tokenizer, device, nsamples, seqlen, seed)
     training = prepare_training(model, recipe, calibration, tokenizer, device, seed)
     start = time.perf_counter()
     with experts_unfused(model):  # MoE experts are pruned as Linears, then fused back
         reports, stages = run_recipe(model, recipe, ids, training=training, tokenizer=tokenizer, device=device,
                                      batch_size=batch_size)
-        record = run_record(model.name_or_path, recipe, calibration_info, device, model.dtype, start, reports, model)
-    if output is not None:
-        save_checkpoint(model, tokenizer, output, record | {"processes": 1, "stages": stages}, overwrite=overwrite)
-        run_steps(output, recipe, model.name_or_path, steps, device, None, overwrite=overwrite)
-    return model
+        record = run_record(base_model, recipe, calibration_info, device, model.dtype, start, reports, model)
+    return record | {"processes": 1, "stages": stages}
 
 
 def prepare_calibration(
@@ -393,19 +403,11 @@ def _prune_in_memory(run: Run, checkpoint: Path) -> dict[str, Any]:
                           "it without torchrun")
     weights = parameter_count(skeleton(checkpoint, dtype)) * dtype.itemsize
     log.warning("%s need%s the whole model in host memory: about %.1f GiB of weights in %s, more while it runs "
-                "(plain pruning and quantization stream one layer at a time)", ", ".join(recipe.whole_model_stages),
+                "(every other stage streams one layer at a time)", ", ".join(recipe.whole_model_stages),
                 "s" if len(recipe.whole_model_stages) == 1 else "", weights / 2**30, str(dtype).removeprefix("torch."))
     model, tokenizer = load_model(str(checkpoint), dtype=dtype, device=device)
-    stored_dtype = AutoConfig.from_pretrained(checkpoint).dtype or dtype
-    ids, calibration_info = prepare_calibration(model, recipe, run.calibration, tokenizer, device, run.nsamples,
-                                                run.seqlen, run.seed)
-    training = prepare_training(model, recipe, run.calibration, tokenizer, device, run.seed)
-    start = time.perf_counter()
-    with experts_unfused(model):
-        reports, stages = run_recipe(model, recipe, ids, training=training, tokenizer=tokenizer, device=device,
-                                     batch_size=run.batch_size)
-        record = run_record(run.model_name, recipe, calibration_info, device, dtype, start, reports, model)
-    record |= {"processes": 1, "stages": stages}
+    record = _run_in_memory(model, recipe, run.calibration, tokenizer=tokenizer, device=device, nsamples=run.nsamples,
+                            seqlen=run.seqlen, seed=run.seed, batch_size=run.batch_size, base_model=run.model_name)
     model.config = saved_config(model, checkpoint)
-    save_checkpoint(model.to(stored_dtype), tokenizer, run.output, record, overwrite=run.overwrite)
+    save_checkpoint(model.to(model.config.dtype or dtype), tokenizer, run.output, record, overwrite=run.overwrite)
     return record

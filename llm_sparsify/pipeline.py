@@ -193,16 +193,16 @@ def layer_sparsities(model: PreTrainedModel, layers: LayerSource, recipe: Recipe
         ratios = layer_outlier_ratios(model, calibration, recipe.owl.threshold, targets, device, batch_size,
                                       layers=layers)
         sparsities = owl_sparsities(ratios, recipe.pattern, recipe.owl.lam)
-        found = {"owl": {"outlier_ratios": ratios, "sparsities": sparsities}}
+        kind, found = "owl", {"outlier_ratios": ratios, "sparsities": sparsities}
     else:
         options = recipe.sensitivity
         levels = sensitivity_levels(recipe.pattern, options.spread, options.levels)
         tables = layer_sensitivities(model, calibration[:options.samples], levels, targets, device, batch_size,
                                      layers=layers)
         sparsities = sensitivity_sparsities(tables[options.error], levels, recipe.pattern, targets)
-        found = {"sensitivity": {"levels": levels, "errors": tables[options.error].tolist(), "sparsities": sparsities}}
-    next(iter(found.values()))["seconds"] = round(time.perf_counter() - start, 2)
-    return sparsities, found
+        kind, found = "sensitivity", {"levels": levels, "errors": tables[options.error].tolist(),
+                                      "sparsities": sparsities}
+    return sparsities, {kind: found | {"seconds": round(time.perf_counter() - start, 2)}}
 
 
 def check_structure(model: PreTrainedModel, recipe: Recipe) -> None:

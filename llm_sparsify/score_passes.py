@@ -169,16 +169,16 @@ def layer_sensitivities(model: PreTrainedModel, calibration: Tensor, levels: Seq
     device = torch.device(device)
     tables = {c: torch.full((len(layers), len(levels)), math.nan, dtype=torch.float64) for c in CURRENCIES}
 
-    def visit(i: int, layer: nn.Module, hidden: list[Tensor], kwargs: list[dict]) -> list[Tensor]:
-        dense = [_forward(layer, h, kw, device) for h, kw in zip(hidden, kwargs, strict=True)]
+    def visit(i: int, layer: nn.Module, hidden: list[Tensor], kwargs: list[dict]) -> list[Tensor] | None:
         if not targets[i]:
-            return dense
+            return None
+        dense: list[Tensor] = []  # the dense outputs, from the statistics' own forwards
+        stats = collect_statistics(layer, targets[i], hidden, kwargs, hessian=False, device=device, outputs=dense)
+        distributed.sum_statistics(stats.values())
         norms = torch.zeros(3, dtype=torch.float64, device=device)  # Σ‖f‖², Σ‖f − x‖², tokens
         for h, f in zip(hidden, dense, strict=True):
             norms += torch.stack([f.double().square().sum(), (f.double() - h.double()).square().sum(),
                                   torch.tensor(f[..., 0].numel(), dtype=torch.float64)]).to(device)
-        stats = collect_statistics(layer, targets[i], hidden, kwargs, hessian=False, device=device)
-        distributed.sum_statistics(stats.values())
         originals = {name: module.weight.data for name, module in targets[i].items()}
         try:
             for k, level in enumerate(levels):
