@@ -23,10 +23,11 @@ import torch
 from llm_sparsify import compress, load_model, perplexity
 from llm_sparsify.api import default_device
 from llm_sparsify.data import calibration_ids
-from llm_sparsify.engine import prune_model, target_modules
 from llm_sparsify.prune.allocation import sensitivity_sparsities
 from llm_sparsify.recipe import load_recipe
 from llm_sparsify.score_passes import layer_sensitivities
+from llm_sparsify.targets import target_modules
+from llm_sparsify.transform_pass import prune_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from better_masks import heldout_ids  # noqa: E402

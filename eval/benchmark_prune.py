@@ -22,7 +22,7 @@ import torch
 from llm_sparsify import load_model, load_recipe, prune_checkpoint
 from llm_sparsify.api import default_device
 from llm_sparsify.data import calibration_ids
-from llm_sparsify.engine import prune_model
+from llm_sparsify.transform_pass import prune_model
 
 
 def peak_rss_gib() -> float:

@@ -48,7 +48,7 @@ from transformers import default_data_collator
 import llm_sparsify
 from llm_sparsify import compress, load_model, load_recipe, perplexity
 from llm_sparsify.data import calibration_ids, evaluation_ids
-from llm_sparsify.engine import layer_linears
+from llm_sparsify.targets import layer_linears
 
 METHODS = ["wanda-50", "sparsegpt-50"]
 TWO_FOUR = ["wanda-2of4", "sparsegpt-2of4"]

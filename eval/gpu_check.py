@@ -56,8 +56,8 @@ import benchmark_7b as bench  # noqa: E402  (beside this file)
 
 from llm_sparsify import compress  # noqa: E402
 from llm_sparsify.architecture import decoder_layers  # noqa: E402
-from llm_sparsify.engine import layer_weights  # noqa: E402
 from llm_sparsify.prune.masks import nm_mask  # noqa: E402
+from llm_sparsify.targets import layer_weights  # noqa: E402
 
 # HuggingFaceTB/SmolLM2-135M-Instruct's config.json
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

@@ -22,7 +22,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llm_sparsify.architecture import decoder_layers
-from llm_sparsify.engine import _forward, capture_layer_inputs, collect_statistics
 from llm_sparsify.prune import input_permutation
 from llm_sparsify.prune.allocation import sensitivity_levels
 from llm_sparsify.prune.refit import update_kept
@@ -30,6 +29,7 @@ from llm_sparsify.prune.sparsegpt import sparsegpt_sweep
 from llm_sparsify.prune.wanda import prune_wanda
 from llm_sparsify.recipe import Reconstruction, Sensitivity
 from llm_sparsify.reconstruct import reconstruct_layer
+from llm_sparsify.walk import capture_layer_inputs, collect_statistics, forward_layer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from benchmark_7b import build_config  # noqa: E402
@@ -91,7 +91,7 @@ def main() -> None:
     for name, module in modules.items():  # the dense layer, for its targets
         module.weight.data.copy_(dense[name])
     targets = timed(times, "dense targets (forward)",
-                    lambda: [_forward(layer, h, kw, device) for h, kw in zip(hidden, kwargs, strict=True)])
+                    lambda: [forward_layer(layer, h, kw, device) for h, kw in zip(hidden, kwargs, strict=True)])
     for name, module in modules.items():
         module.weight.data.copy_(pruned[name])
     fit = Reconstruction()
@@ -103,7 +103,7 @@ def main() -> None:
         for level in sensitivity_levels(0.5, Sensitivity.spread, Sensitivity.levels):
             for name, module in modules.items():
                 module.weight.data = prune_wanda(dense[name], stats[name].column_norms(), level)
-            [_forward(layer, h, kw, device) for h, kw in zip(hidden, kwargs, strict=True)]
+            [forward_layer(layer, h, kw, device) for h, kw in zip(hidden, kwargs, strict=True)]
 
     timed(times, f"sensitivity ({Sensitivity.levels} levels: mask + forward)", sensitivity)
     if args.permute:

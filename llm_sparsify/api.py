@@ -19,12 +19,12 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from llm_sparsify import __version__, distributed
 from llm_sparsify.architecture import parameter_count
 from llm_sparsify.data import calibration_ids, check_count, is_token_ids, warn_long_windows
-from llm_sparsify.engine import LayerReport, count_zeros, prune_layers, untargeted_weights
 from llm_sparsify.errors import UserError
+from llm_sparsify.events import Event, emit
 from llm_sparsify.export.hf import read_record, save_checkpoint
 from llm_sparsify.export.hub import PushError, finished_files
 from llm_sparsify.files import check_apart, check_output, check_writable
-from llm_sparsify.finish import Event, Steps, check_steps, run_steps
+from llm_sparsify.finish import Steps, check_steps, run_steps
 from llm_sparsify.models import (
     DEFAULT_MODEL,
     ModelError,
@@ -38,6 +38,9 @@ from llm_sparsify.pipeline import check_structure, layer_sparsities, restructure
 from llm_sparsify.recipe import Recipe, RecipeError, load_recipe
 from llm_sparsify.stream import PartialOutput, StreamedLayers, fingerprint, resolve_checkpoint, skeleton
 from llm_sparsify.structure.experts import experts_unfused, unfuse_experts
+from llm_sparsify.targets import count_zeros, untargeted_weights
+from llm_sparsify.transform_pass import prune_layers
+from llm_sparsify.walk import LayerReport
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,7 @@ def compress(
     output: str | Path | None = None,
     overwrite: bool = False,
     steps: Steps | None = None,
+    on_event: Event | None = None,
 ) -> PreTrainedModel:
     """Prune (and quantize, if the recipe says so) a loaded transformers model in place, layer by layer on
     `device`, and return it. Quantized modules hold ŵ and keep their grid as `module.quantization_grid`.
@@ -89,7 +93,8 @@ def compress(
     used, or loaded from the model's path); it defaults to "c4" for methods that need data.
     With `output`, the pruned model is also saved there with its record, and the steps after saving run on it as
     prune_checkpoint runs them (model card, the recipe's `evaluate:` and `export:`, `steps`); a recipe with such
-    sections and no `output` is refused before any work, never silently cut short.
+    sections and no `output` is refused before any work, never silently cut short. `on_event` is told of each layer
+    as each walk finishes it, and of each step after saving (events.py).
     """
     recipe = load_recipe(recipe)
     steps = steps or Steps()
@@ -106,16 +111,19 @@ def compress(
         check_writable(output)
         check_steps(recipe, output, steps, device, overwrite=overwrite, rerun=False)
     record = _run_in_memory(model, recipe, calibration, tokenizer=tokenizer, device=device, nsamples=nsamples,
-                            seqlen=seqlen, seed=seed, batch_size=batch_size, base_model=model.name_or_path)
+                            seqlen=seqlen, seed=seed, batch_size=batch_size, base_model=model.name_or_path,
+                            on_event=on_event)
     if output is not None:
         save_checkpoint(model, tokenizer, output, record, overwrite=overwrite)
-        run_steps(output, recipe, model.name_or_path, steps, device, None, overwrite=overwrite)
+        emit(on_event, "saved", record)
+        run_steps(output, recipe, model.name_or_path, steps, device, None, overwrite=overwrite, on_event=on_event)
     return model
 
 
 def _run_in_memory(model: PreTrainedModel, recipe: Recipe, calibration: Tensor | str | Path | None, *,
                    tokenizer: PreTrainedTokenizerBase | None, device: str, nsamples: int | None, seqlen: int | None,
-                   seed: int, batch_size: int, base_model: str | None) -> dict[str, Any]:
+                   seed: int, batch_size: int, base_model: str | None,
+                   on_event: Event | None = None) -> dict[str, Any]:
     """Every stage of `recipe` on a model in memory (pipeline.run_recipe), MoE experts pruned as Linears and fused
     back; returns the run's record (what compress and the whole-model path of prune_checkpoint save)."""
     ids, calibration_info = prepare_calibration(model, recipe, calibration, tokenizer, device, nsamples, seqlen, seed)
@@ -123,7 +131,7 @@ def _run_in_memory(model: PreTrainedModel, recipe: Recipe, calibration: Tensor |
     start = time.perf_counter()
     with experts_unfused(model):  # MoE experts are pruned as Linears, then fused back
         reports, stages = run_recipe(model, recipe, ids, training=training, tokenizer=tokenizer, device=device,
-                                     batch_size=batch_size)
+                                     batch_size=batch_size, on_event=on_event)
         record = run_record(base_model, recipe, calibration_info, device, model.dtype, start, reports, model)
     return record | {"processes": 1, "stages": stages}
 
@@ -195,7 +203,7 @@ def prepare_training(
 def measured_sparsity(reports: list[LayerReport], model: PreTrainedModel) -> dict[str, Any]:
     """Share of zeros per pruned module, per module type (q_proj, ...) and over all pruned weights ("overall"); over
     all decoder-layer weights of two or more dimensions, targeted or not ("decoder"); and the decoder weights that no
-    target covers, each with its share of the decoder-layer weights ("untargeted", see engine.untargeted_weights;
+    target covers, each with its share of the decoder-layer weights ("untargeted", see targets.untargeted_weights;
     empty without a pruning stage)."""
     modules = {name: share for report in reports for name, share in report.sparsity.items()}
     if reports:  # counted as each layer was saved: a streamed model is not in memory now
@@ -235,6 +243,7 @@ class Run:
     seed: int
     batch_size: int
     overwrite: bool
+    on_event: Event | None
 
 
 def prune_checkpoint(
@@ -262,7 +271,8 @@ def prune_checkpoint(
     grids, see quantize/grid.py). Under torchrun the work is shared by the ranks (see llm_sparsify.distributed).
     Every step's needs are checked before the pruning. An output that a finished run of the same settings wrote is
     not pruned again: only the steps after saving not done yet are done. `on_event` is told ("saved", record)
-    once the pruned output is complete, and of each step after it as it finishes (finish.Event). Returns the record
+    once the pruned output is complete, of each step after it as it finishes, and of each layer as each walk finishes
+    it (events.py). Returns the record
     saved as llm_sparsify.json, with what the steps did under "steps" (not saved).
     """
     recipe = load_recipe(recipe)
@@ -270,7 +280,7 @@ def prune_checkpoint(
     check_count(batch_size, "batch_size")
     device = distributed.init_from_environment(check_device(device))
     run = Run(model_name, recipe, Path(output), calibration, device, dtype or default_dtype(device), nsamples, seqlen,
-              seed, batch_size, overwrite)
+              seed, batch_size, overwrite, on_event)
     record = finished_record(run)
     check_steps(recipe, run.output, steps, device, overwrite=overwrite, rerun=record is not None)  # before the work
     if record is not None:
@@ -285,8 +295,7 @@ def prune_checkpoint(
         record = _prune_streamed(run, checkpoint) if recipe.streams else _prune_in_memory(run, checkpoint)
     if distributed.rank_and_size()[0] != 0:  # under torchrun, rank 0 writes and finishes
         return record
-    if on_event is not None:
-        on_event("saved", record)
+    emit(on_event, "saved", record)
     done = run_steps(run.output, recipe, model_name, steps, device, dtype, overwrite=overwrite, on_event=on_event)
     return record | {"steps": done}
 
@@ -344,11 +353,13 @@ def _prune_streamed(run: Run, checkpoint: Path) -> dict[str, Any]:
     tokenizer = None
     if recipe.depth is not None and len(recipe.depth.sources) > 1:  # depth scored on text sources of its own
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    stages = restructure(model, layers, recipe, own_ids, tokenizer=tokenizer, device=device, batch_size=batch_size)
-    sparsities, allocation = layer_sparsities(model, layers, recipe, own_ids, device, batch_size)
+    stages = restructure(model, layers, recipe, own_ids, tokenizer=tokenizer, device=device, batch_size=batch_size,
+                         on_event=run.on_event)
+    sparsities, allocation = layer_sparsities(model, layers, recipe, own_ids, device, batch_size, run.on_event)
     partial.shard_count = len(layers) + len(layers.others)
     layers.output = partial  # from here on, layers an earlier run finished are read back from it
-    reports = prune_layers(model, layers, recipe, own_ids, device, batch_size, finished, sparsities=sparsities)
+    reports = prune_layers(model, layers, recipe, own_ids, device, batch_size, finished, sparsities=sparsities,
+                           on_event=run.on_event)
     record = run_record(run.model_name, recipe, calibration_info, device, run.dtype, start, reports, model)
     record |= {"processes": world_size, "resumed_after_layers": len(finished)}
     if recipe.method is not None:
@@ -407,7 +418,8 @@ def _prune_in_memory(run: Run, checkpoint: Path) -> dict[str, Any]:
                 "s" if len(recipe.whole_model_stages) == 1 else "", weights / 2**30, str(dtype).removeprefix("torch."))
     model, tokenizer = load_model(str(checkpoint), dtype=dtype, device=device)
     record = _run_in_memory(model, recipe, run.calibration, tokenizer=tokenizer, device=device, nsamples=run.nsamples,
-                            seqlen=run.seqlen, seed=run.seed, batch_size=run.batch_size, base_model=run.model_name)
+                            seqlen=run.seqlen, seed=run.seed, batch_size=run.batch_size, base_model=run.model_name,
+                            on_event=run.on_event)
     model.config = saved_config(model, checkpoint)
     save_checkpoint(model.to(model.config.dtype or dtype), tokenizer, run.output, record, overwrite=run.overwrite)
     return record

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from transformers.utils.logging import tqdm
 
 from llm_sparsify import __version__, distributed
 from llm_sparsify.api import check_device, prune_checkpoint
@@ -174,6 +175,28 @@ def _push_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login)")
 
 
+class LayerBars:
+    """A progress bar per walk, drawn from its ("layer", ...) events (events.py); off with --quiet, as every bar."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.walk, self.done = "", 0
+
+    def __call__(self, layer: dict[str, Any]) -> None:
+        done, total = layer["index"] + 1, layer["layers"]
+        if self.bar is not None and (layer["pass"] != self.walk or done <= self.done):  # the last one failed
+            self.bar.close()
+            self.bar = None
+        if self.bar is None:  # a walk begins (a resumed one after its finished layers)
+            self.bar = tqdm(total=total, desc=layer["pass"], unit="layer", initial=done - 1)
+            self.walk, self.done = layer["pass"], done - 1
+        self.bar.update(done - self.done)
+        self.done = done
+        if done == total:
+            self.bar.close()
+            self.bar = None
+
+
 def run_prune(args: argparse.Namespace) -> None:
     device = check_device(args.device)
     for option in ("nsamples", "seqlen", "batch_size", "ppl_windows"):
@@ -187,10 +210,14 @@ def run_prune(args: argparse.Namespace) -> None:
                   private=args.private, revision=args.revision, command_line=args.command_line)
 
     finished = []  # the pruned output, once complete
+    bars = LayerBars()
 
     def show(kind: str, value: Any) -> None:
-        """Say what each step did as it finishes; once the output is saved, whatever fails later leaves it so."""
-        if kind == "saved":
+        """Draw the walks' progress; say what each step did as it finishes (once the output is saved, whatever fails
+        later leaves it so)."""
+        if kind == "layer":
+            bars(value)
+        elif kind == "saved":
             stages = value.get("stages", {})
             done = [sparsity_summary(value["sparsity"])] if recipe.method is not None else []
             if removed := removed_in_words(stages):  # depth, width: what went, not "0.00% of the targeted weights"

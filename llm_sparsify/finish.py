@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 from llm_sparsify.data import check_evaluation_source, evaluation_ids
 from llm_sparsify.errors import UserError
 from llm_sparsify.evaluate import perplexity
+from llm_sparsify.events import Event, emit
 from llm_sparsify.export.card import write_model_card
 from llm_sparsify.export.hf import RECORD, read_record
 from llm_sparsify.export.hub import check_token, push_to_hub
@@ -74,11 +74,6 @@ def check_steps(recipe: Recipe, output: Path, steps: Steps, device: str, *, over
         check_token(steps.token, steps.push_to_hub)
 
 
-Event = Callable[[str, Any], None]
-"""Told of each step as it finishes: ("saved", record), ("perplexity", {"base": ..., "pruned": ...}),
-("evaluation", {model: {task: {metric: value}}}), ("export", {...}), ("pushed", url)."""
-
-
 def run_steps(output: Path, recipe: Recipe, base_model: str | None, steps: Steps, device: str,
               dtype: torch.dtype | None, *, overwrite: bool, on_event: Event | None = None) -> dict[str, Any]:
     """The model card, --ppl and the recipe's `evaluate:` section (into the record, and the card again), the
@@ -92,8 +87,7 @@ def run_steps(output: Path, recipe: Recipe, base_model: str | None, steps: Steps
             done.setdefault("exports", []).append(value)
         else:
             done[kind] = value
-        if on_event is not None:
-            on_event(kind, value)
+        emit(on_event, kind, value)
 
     evaluation = recipe.evaluate
     settings = {"ppl_windows": steps.ppl_windows if steps.ppl else False,

@@ -16,9 +16,10 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.utils.logging import tqdm
 
-from llm_sparsify import engine
-from llm_sparsify.architecture import home_device
+from llm_sparsify.architecture import decoder_layers, home_device
 from llm_sparsify.prune.fisher import obd_scores
+from llm_sparsify.targets import layer_linears, layers_prefix
+from llm_sparsify.walk import check_calibration
 
 
 def sample_losses(logits: Tensor, ids: Tensor) -> Tensor:
@@ -51,15 +52,15 @@ def fisher_diagonal(
     .grad is never filled. The model runs in eval mode (no dropout).
 
     The whole model goes to `device` for the backward. When it does not fit, the layer-wise alternative is the
-    Fisher of a per-layer reconstruction loss ‖WX − ŴX‖² on the engine's captured inputs (one layer on the device);
+    Fisher of a per-layer reconstruction loss ‖WX − ŴX‖² on the walk's captured inputs (one layer on the device);
     that is not implemented here.
     """
     chunk = chunk or 1
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}")
-    engine.check_calibration(model, calibration, "OBD")
+    check_calibration(model, calibration, "OBD")
     if modules is None:
-        modules = {name: m for layer in engine.layer_linears(model) for name, m in layer.items()}
+        modules = {name: m for layer in layer_linears(model) for name, m in layer.items()}
     if not modules:
         raise ValueError("fisher_diagonal needs at least one Linear module")
     device = torch.device(device)
@@ -109,8 +110,8 @@ def obd_importance(model: PreTrainedModel, calibration: Tensor, names: tuple[str
                    device: str | torch.device = "cpu") -> list[dict[str, Tensor]]:
     """Per decoder layer, (½·F·w²)^½ of the named Linears (names within the layer), F their diagonal Fisher on
     `calibration`: the per-weight importance of width pruning's score "obd"."""
-    layers = engine.decoder_layers(model)
-    prefix = engine.layers_prefix(model)
+    layers = decoder_layers(model)
+    prefix = layers_prefix(model)
     modules = {f"{prefix}.{i}.{name}": layer.get_submodule(name) for i, layer in enumerate(layers) for name in names}
     fisher = fisher_diagonal(model, calibration, modules, device)
     return [{name: obd_scores(layer.get_submodule(name).weight, fisher[f"{prefix}.{i}.{name}"]).sqrt().cpu()

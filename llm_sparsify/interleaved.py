@@ -54,7 +54,7 @@ class _PausableForward:
 
 
 def _pause(group: int, x: Tensor) -> None:
-    """Called inside a forward's greenlet by a pre-hook: hand (group, x) to the engine and wait for a turn."""
+    """Called inside a forward's greenlet by a pre-hook: hand (group, x) to the transform pass and wait for a turn."""
     greenlet.getcurrent().parent.switch((group, x))
 
 

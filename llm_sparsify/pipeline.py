@@ -4,7 +4,7 @@ experts -> depth -> width -> pruning (+ quantization) -> recovery.
     remove the least salient MoE experts                 structure/experts.py, scored by score_passes.py
     remove the least important decoder blocks            structure/depth.py, scored by score_passes.py
     remove the weakest MLP channels or KV groups         structure/width.py, scored by score_passes.py
-    prune (and quantize) layer by layer                  engine.py, with per-layer sparsities (prune/owl.py,
+    prune (and quantize) layer by layer                  transform_pass.py, with sparsities (prune/owl.py,
                                                          prune/allocation.py) or the Fisher diagonal (prune/fisher.py)
     fine-tune with the masks frozen, or prune gradually  recover.py
 
@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_sparsify.architecture import parameter_count
 from llm_sparsify.data import DataError, calibration_ids
-from llm_sparsify.engine import LayerReport, LayerSource, ResidentLayers, prune_layers, target_modules, warn_untargeted
+from llm_sparsify.events import Event
 from llm_sparsify.fisher_pass import fisher_diagonal, obd_importance
 from llm_sparsify.models import decoder_layers
 from llm_sparsify.prune.allocation import sensitivity_levels, sensitivity_sparsities
@@ -61,6 +61,9 @@ from llm_sparsify.structure.width import (
     group_scores,
     units_per_layer,
 )
+from llm_sparsify.targets import target_modules, warn_untargeted
+from llm_sparsify.transform_pass import prune_layers
+from llm_sparsify.walk import LayerReport, LayerSource, ResidentLayers
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +88,10 @@ def experts_kept(model: PreTrainedModel, removal: ExpertRemoval) -> int:
 
 
 def remove_weak_experts(model: PreTrainedModel, removal: ExpertRemoval, calibration: Tensor, device: str,
-                        batch_size: int) -> dict[str, Any]:
+                        batch_size: int, on_event: Event | None = None) -> dict[str, Any]:
     """Score every expert by REAP's saliency and keep the most salient, the same number in every MoE layer."""
     keep = experts_kept(model, removal)
-    saliency = expert_saliencies(model, calibration, device, batch_size)
+    saliency = expert_saliencies(model, calibration, device, batch_size, on_event=on_event)
     kept = [experts_to_keep(s, keep) for s in saliency]
     remove_experts(model, kept)
     log.info("experts: kept %d per layer: %s", keep, kept)
@@ -96,7 +99,8 @@ def remove_weak_experts(model: PreTrainedModel, removal: ExpertRemoval, calibrat
 
 
 def remove_depth(model: PreTrainedModel, layers: LayerSource, depth: Depth, calibration: Tensor | None,
-                 tokenizer: PreTrainedTokenizerBase | None, device: str, batch_size: int) -> dict[str, Any]:
+                 tokenizer: PreTrainedTokenizerBase | None, device: str, batch_size: int,
+                 on_event: Event | None = None) -> dict[str, Any]:
     """Score the decoder blocks (per calibration source, fused) and remove the least important ones; `iterative`
     removes one span at a time and scores the smaller model again (each removal changes what later blocks see)."""
     count = len(layers)
@@ -104,7 +108,7 @@ def remove_depth(model: PreTrainedModel, layers: LayerSource, depth: Depth, cali
         alive, removed = list(range(count)), []  # original index of each block still in the model
         for _ in range(depth.blocks):
             blocks = choose_blocks(block_importance(model, calibration, depth.interval, device, batch_size,
-                                                    layers=layers), 1, depth.interval)
+                                                    layers=layers, on_event=on_event), 1, depth.interval)
             layers.remove_blocks(blocks)
             removed += [alive[i] for i in blocks]
             alive = [index for i, index in enumerate(alive) if i not in blocks]
@@ -119,7 +123,8 @@ def remove_depth(model: PreTrainedModel, layers: LayerSource, depth: Depth, cali
             n, seqlen = calibration.shape
             samples = {source: calibration_ids(source, tokenizer, n, seqlen, depth.seed) for source in depth.sources}
         importance = fuse_importance({source: block_importance(model, ids, depth.interval, device, batch_size,
-                                                               layers=layers) for source, ids in samples.items()},
+                                                               layers=layers, on_event=on_event)
+                                      for source, ids in samples.items()},
                                      depth.sources)
     else:
         importance = baseline_importance(depth.score, count - depth.interval + 1, depth.seed)
@@ -144,6 +149,7 @@ def prune_width(
     importance: list[dict[str, Tensor]] | None = None,
     *,
     layers: LayerSource | None = None,
+    on_event: Event | None = None,
 ) -> dict[str, Any]:
     """Score, choose and physically remove `amount` of the MLP channels ("mlp") or KV groups ("heads") of every
     decoder layer that `layers` (default: the model in memory) holds; in place. `importance`, when given (per layer,
@@ -166,7 +172,7 @@ def prune_width(
         scorer = channel_scores if unit == "mlp" else group_scores
         scores = [scorer(layer, imp) for layer, imp in zip(decoder_layers(model), importance, strict=True)]
     else:
-        scores = unit_scores(model, unit, score, calibration, device, batch_size, layers=layers)
+        scores = unit_scores(model, unit, score, calibration, device, batch_size, layers=layers, on_event=on_event)
     keep = choose_units(scores, amount, scope)
     before = parameter_count(model)
     layers.remove_units(unit, keep)
@@ -179,7 +185,8 @@ def prune_width(
 
 
 def layer_sparsities(model: PreTrainedModel, layers: LayerSource, recipe: Recipe, calibration: Tensor | None,
-                     device: str, batch_size: int) -> tuple[list[float] | None, dict[str, Any]]:
+                     device: str, batch_size: int,
+                     on_event: Event | None = None) -> tuple[list[float] | None, dict[str, Any]]:
     """Each decoder layer's sparsity, if the recipe allocates it: OWL's (outlier ratios) or measured sensitivity's
     (damage at several sparsities, prune/allocation.py), each from a score pass over `layers`; else None."""
     if recipe.owl is None and recipe.sensitivity is None:
@@ -191,14 +198,14 @@ def layer_sparsities(model: PreTrainedModel, layers: LayerSource, recipe: Recipe
     start = time.perf_counter()
     if recipe.owl is not None:
         ratios = layer_outlier_ratios(model, calibration, recipe.owl.threshold, targets, device, batch_size,
-                                      layers=layers)
+                                      layers=layers, on_event=on_event)
         sparsities = owl_sparsities(ratios, recipe.pattern, recipe.owl.lam)
         kind, found = "owl", {"outlier_ratios": ratios, "sparsities": sparsities}
     else:
         options = recipe.sensitivity
         levels = sensitivity_levels(recipe.pattern, options.spread, options.levels)
         tables = layer_sensitivities(model, calibration[:options.samples], levels, targets, device, batch_size,
-                                     layers=layers)
+                                     layers=layers, on_event=on_event)
         sparsities = sensitivity_sparsities(tables[options.error], levels, recipe.pattern, targets)
         kind, found = "sensitivity", {"levels": levels, "errors": tables[options.error].tolist(),
                                       "sparsities": sparsities}
@@ -230,32 +237,36 @@ def timed(stage: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> di
 
 
 def restructure(model: PreTrainedModel, layers: LayerSource, recipe: Recipe, calibration: Tensor | None, *,
-                tokenizer: PreTrainedTokenizerBase | None, device: str, batch_size: int) -> dict[str, Any]:
+                tokenizer: PreTrainedTokenizerBase | None, device: str, batch_size: int,
+                on_event: Event | None = None) -> dict[str, Any]:
     """The structure stages of `recipe` (experts, depth, width), each scored on what the stage before left; the model
     and `layers` change in place. Returns what each did, and the parameter counts before and after."""
     stages: dict[str, Any] = {"parameters_before": parameter_count(model)}
     if recipe.experts is not None:
-        stages["experts"] = timed(remove_weak_experts, model, recipe.experts, calibration, device, batch_size)
+        stages["experts"] = timed(remove_weak_experts, model, recipe.experts, calibration, device, batch_size,
+                                    on_event)
     if recipe.depth is not None:
-        stages["depth"] = timed(remove_depth, model, layers, recipe.depth, calibration, tokenizer, device, batch_size)
+        stages["depth"] = timed(remove_depth, model, layers, recipe.depth, calibration, tokenizer, device, batch_size,
+                                  on_event)
     if recipe.width is not None:
         width: Width = recipe.width
         stages["width"] = timed(prune_width, model, width.unit, width.amount, width.score, width.scope, calibration,
-                                device, batch_size, layers=layers)
+                                device, batch_size, layers=layers, on_event=on_event)
     return stages
 
 
 def prune_weights_of(model: PreTrainedModel, recipe: Recipe, calibration: Tensor | None, device: str,
-                     batch_size: int) -> tuple[list[LayerReport], dict[str, Any]]:
+                     batch_size: int, on_event: Event | None = None) -> tuple[list[LayerReport], dict[str, Any]]:
     """The pruning stage on a model in memory: per-layer sparsities (OWL's or measured sensitivity's) or OBD's Fisher
-    first, if the recipe asks, then the engine."""
+    first, if the recipe asks, then the transform pass."""
     layers = ResidentLayers(model)
-    sparsities, info = layer_sparsities(model, layers, recipe, calibration, device, batch_size)
+    sparsities, info = layer_sparsities(model, layers, recipe, calibration, device, batch_size, on_event)
     fisher = None
     if recipe.needs_fisher:  # OBD: gradients through the whole model first
         modules = {name: module for layer in target_modules(model, recipe) for name, module in layer.items()}
         fisher = fisher_diagonal(model, calibration, modules, device)
-    reports = prune_layers(model, layers, recipe, calibration, device, batch_size, sparsities=sparsities, fisher=fisher)
+    reports = prune_layers(model, layers, recipe, calibration, device, batch_size, sparsities=sparsities, fisher=fisher,
+                           on_event=on_event)
     return reports, info
 
 
@@ -268,19 +279,20 @@ def run_recipe(
     tokenizer: PreTrainedTokenizerBase | None = None,
     device: str = "cpu",
     batch_size: int = 8,
+    on_event: Event | None = None,
 ) -> tuple[list[LayerReport], dict[str, Any]]:
     """Run every stage of `recipe` on `model` in memory, in place; return the pruning's layer reports and what each
     stage did. `calibration` [nsamples, seqlen] feeds the scores and statistics; `training` the recovery fine-tuning.
     """
     check_structure(model, recipe)
     stages = restructure(model, ResidentLayers(model), recipe, calibration, tokenizer=tokenizer, device=device,
-                         batch_size=batch_size)
+                         batch_size=batch_size, on_event=on_event)
     reports: list[LayerReport] = []
     recovery = recipe.recovery
     if recipe.method is not None and recovery is not None and recovery.schedule:
         def prune_to(pruned: PreTrainedModel, sparsity: float) -> None:
             reports[:], info = prune_weights_of(pruned, replace(recipe, pattern=sparsity), calibration, device,
-                                                batch_size)
+                                                batch_size, on_event)
             stages.setdefault("pruning", []).append({"sparsity": sparsity, **info})
 
         stages["recovery"] = gradual_prune(
@@ -289,7 +301,7 @@ def run_recipe(
             lasso_unit=recovery.lasso_unit, device=device)
     else:
         if recipe.method is not None:
-            reports, stages["pruning"] = prune_weights_of(model, recipe, calibration, device, batch_size)
+            reports, stages["pruning"] = prune_weights_of(model, recipe, calibration, device, batch_size, on_event)
         if recovery is not None:
             losses = finetune(model, training, recovery.steps, recovery.lr, recovery.batch_size, lora=recovery.lora,
                               group_lasso=recovery.group_lasso, lasso_unit=recovery.lasso_unit, device=device)

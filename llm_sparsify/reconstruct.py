@@ -11,10 +11,10 @@ layer through its attention and gated MLP, so each module's error is weighed by 
 
 Adam on float32 copies of the kept weights, `batch_size` calibration samples per step, each step on samples the
 steps before it have not seen until all have been (under torchrun each rank its own samples, the gradients
-averaged). The engine passes only the leading input batches that steps × batch_size samples fill, so the dense
+averaged). The transform pass passes only the leading input batches that steps × batch_size samples fill, so the dense
 stream and the targets are computed and held for those alone. A quantized weight is rounded to its fixed grid in
 the forward (straight-through gradient) and stored rounded. The layer's other parameters (norms, biases) stay as
-they are. Whether the fit is kept is the caller's call, from the outputs it computes anyway (engine.py keeps it
+they are. Whether the fit is kept is the caller's call, from the outputs it computes anyway (transform_pass.py keeps it
 only if the layer's output error on the fitted samples went down).
 """
 

@@ -39,9 +39,10 @@ from transformers import PreTrainedModel
 from transformers.utils.logging import tqdm
 
 from llm_sparsify.architecture import ModelError, decoder_layers, home_device
-from llm_sparsify.engine import check_calibration, layer_linears
 from llm_sparsify.errors import UserError
 from llm_sparsify.structure.resize import unit_squares
+from llm_sparsify.targets import layer_linears
+from llm_sparsify.walk import check_calibration
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Score passes: read-only walks of the decoder layers (engine.read_pass) that measure what a later decision needs.
+"""Score passes: read-only walks of the decoder layers (walk.walk) that measure what a later decision needs.
 
     block importance      1 − cos(block input, block output) per span    -> structure/depth.choose_blocks
     width unit scores     ‖|W|·‖X‖‖ (or ‖|W|‖) per MLP channel / KV group -> structure/width.choose_units
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from llm_sparsify import distributed
-from llm_sparsify.engine import LayerSource, ResidentLayers, _forward, collect_statistics, layer_linears, read_pass
+from llm_sparsify.events import Event
 from llm_sparsify.prune.allocation import CURRENCIES
 from llm_sparsify.prune.owl import outlier_ratio
 from llm_sparsify.prune.wanda import prune_wanda, wanda_scores
@@ -32,6 +32,8 @@ from llm_sparsify.structure.depth import check_interval
 from llm_sparsify.structure.experts import expert_saliency, moe_blocks
 from llm_sparsify.structure.resize import UNITS
 from llm_sparsify.structure.width import channel_scores, group_scores
+from llm_sparsify.targets import layer_linears
+from llm_sparsify.walk import LayerSource, ResidentLayers, collect_statistics, forward_layer, walk
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,8 @@ def _wanda_importance(layer: nn.Module, modules: dict[str, nn.Linear], hidden: l
 
 @torch.no_grad()
 def block_importance(model: PreTrainedModel, calibration: Tensor, interval: int = 1, device: str | torch.device = "cpu",
-                     batch_size: int = 8, *, layers: LayerSource | None = None) -> Tensor:
+                     batch_size: int = 8, *, layers: LayerSource | None = None,
+                     on_event: Event | None = None) -> Tensor:
     """1 − mean cosine between the hidden states entering block i and leaving block i+interval−1, one per span start
     (structure/depth.py); cosines in float32 along the hidden dimension, the mean over every token of every rank."""
     layers = layers or ResidentLayers(model)
@@ -59,14 +62,15 @@ def block_importance(model: PreTrainedModel, calibration: Tensor, interval: int 
     def visit(i: int, layer: nn.Module, hidden: list[Tensor], kwargs: list[dict]) -> list[Tensor]:
         if not states:
             states.append(hidden)
-        states.append([_forward(layer, h, kw, device) for h, kw in zip(hidden, kwargs, strict=True)])
+        states.append([forward_layer(layer, h, kw, device) for h, kw in zip(hidden, kwargs, strict=True)])
         if len(states) == interval + 1:
             for a, b in zip(states[0], states[-1], strict=True):
                 cosines = F.cosine_similarity(a.float(), b.float(), dim=-1)
                 totals[i + 1 - interval] += torch.tensor([cosines.double().sum().item(), cosines.numel()])
         return states[-1]
 
-    read_pass(model, layers, calibration, visit, device=device, batch_size=batch_size, what="block importance")
+    walk(model, layers, calibration, visit, device=device, batch_size=batch_size, what="block importance",
+         original=True, on_event=on_event)
     distributed.total(totals)
     importance = (1 - totals[:, 0] / totals[:, 1]).float()
     log.info("block importance (interval %d), by span start: %s", interval,
@@ -77,7 +81,7 @@ def block_importance(model: PreTrainedModel, calibration: Tensor, interval: int 
 @torch.no_grad()
 def unit_scores(model: PreTrainedModel, unit: str, score: str, calibration: Tensor | None,
                 device: str | torch.device = "cpu", batch_size: int = 8, *,
-                layers: LayerSource | None = None) -> list[Tensor]:
+                layers: LayerSource | None = None, on_event: Event | None = None) -> list[Tensor]:
     """Per decoder layer, the score of each MLP channel ("mlp") or KV group ("heads") (structure/width.py): the L2
     norm over the unit's weights of |W| (score "weight": weights only, no data) or of |W|·‖X‖ ("activation", the
     dense model's inputs)."""
@@ -94,14 +98,14 @@ def unit_scores(model: PreTrainedModel, unit: str, score: str, calibration: Tens
         scores.append(scorer(layer, importance))
         return outputs or None
 
-    read_pass(model, layers, calibration if score == "activation" else None, visit, device=device,
-              batch_size=batch_size, what=f"{unit} unit scores")
+    walk(model, layers, calibration if score == "activation" else None, visit, device=device,
+         batch_size=batch_size, what=f"{unit} unit scores", original=True, on_event=on_event)
     return scores
 
 
 @torch.no_grad()
 def activation_importance(model: PreTrainedModel, calibration: Tensor, device: str | torch.device = "cpu",
-                          batch_size: int = 8) -> list[dict[str, Tensor]]:
+                          batch_size: int = 8, *, on_event: Event | None = None) -> list[dict[str, Tensor]]:
     """Per decoder layer of a model in memory, the Wanda importance |W_ij|·‖X_j‖₂ of every Linear (by name within the
     layer), from the dense model's inputs. Every layer's importances at once: for small models and tests."""
     found: list[dict[str, Tensor]] = []
@@ -111,15 +115,16 @@ def activation_importance(model: PreTrainedModel, calibration: Tensor, device: s
         found.append({name: s.cpu() for name, s in _wanda_importance(layer, modules, hidden, kwargs,
                                                                      torch.device(device)).items()})
 
-    read_pass(model, ResidentLayers(model), calibration, visit, device=torch.device(device), batch_size=batch_size,
-              what="activation-aware width scores")
+    walk(model, ResidentLayers(model), calibration, visit, device=torch.device(device), batch_size=batch_size,
+         what="activation-aware width scores", original=True, on_event=on_event)
     return found
 
 
 @torch.no_grad()
 def layer_outlier_ratios(model: PreTrainedModel, calibration: Tensor, m: float = 5.0,
                          targets: list[dict[str, nn.Linear]] | None = None, device: str | torch.device = "cpu",
-                         batch_size: int = 8, *, layers: LayerSource | None = None) -> list[float]:
+                         batch_size: int = 8, *, layers: LayerSource | None = None,
+                         on_event: Event | None = None) -> list[float]:
     """OWL's outlier ratio D_ℓ of every decoder layer's Wanda scores over its `targets` (default: every Linear), the
     dense model's activations streamed through (prune/owl.py). A layer with no target gets NaN."""
     layers = layers or ResidentLayers(model)
@@ -137,8 +142,8 @@ def layer_outlier_ratios(model: PreTrainedModel, calibration: Tensor, m: float =
         ratios.append(outlier_ratio(list(scores.values()), m))
         return outputs
 
-    read_pass(model, layers, calibration, visit, device=torch.device(device), batch_size=batch_size,
-              what="OWL outlier ratios")
+    walk(model, layers, calibration, visit, device=torch.device(device), batch_size=batch_size,
+         what="OWL outlier ratios", original=True, on_event=on_event)
     log.info("OWL outlier ratios (M=%g): %s", m, ", ".join(f"{r:.4f}" for r in ratios))
     return ratios
 
@@ -149,7 +154,7 @@ def _damage(layer: nn.Module, hidden: list[Tensor], kwargs: list[dict], dense: l
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for h, kw, f in zip(hidden, kwargs, dense, strict=True):
         f = f.to(device).double()
-        diff = (_forward(layer, h, kw, device).to(device).double() - f).square().sum(-1)
+        diff = (forward_layer(layer, h, kw, device).to(device).double() - f).square().sum(-1)
         totals[0] += diff.sum()
         totals[1] += (diff / f.square().sum(-1).clamp_min(1e-30)).sum()
     return totals
@@ -158,7 +163,8 @@ def _damage(layer: nn.Module, hidden: list[Tensor], kwargs: list[dict], dense: l
 @torch.no_grad()
 def layer_sensitivities(model: PreTrainedModel, calibration: Tensor, levels: Sequence[float],
                         targets: list[dict[str, nn.Linear]] | None = None, device: str | torch.device = "cpu",
-                        batch_size: int = 8, *, layers: LayerSource | None = None) -> dict[str, Tensor]:
+                        batch_size: int = 8, *, layers: LayerSource | None = None,
+                        on_event: Event | None = None) -> dict[str, Tensor]:
     """Every layer's damage at every level, in each currency (prune/allocation.py): {currency: [layers, levels]}.
 
     The weights are pruned by Wanda (statistics of the dense inputs) on a copy and put back, so the model ends as it
@@ -195,7 +201,8 @@ def layer_sensitivities(model: PreTrainedModel, calibration: Tensor, levels: Seq
                 module.weight.data = originals[name]
         return dense
 
-    read_pass(model, layers, calibration, visit, device=device, batch_size=batch_size, what="sensitivities")
+    walk(model, layers, calibration, visit, device=device, batch_size=batch_size, what="sensitivities",
+         original=True, on_event=on_event)
     log.info("sensitivities (token currency, levels %s): %s", [round(s, 4) for s in levels],
              tables["token"].tolist())
     return tables
@@ -203,7 +210,8 @@ def layer_sensitivities(model: PreTrainedModel, calibration: Tensor, levels: Seq
 
 @torch.no_grad()
 def expert_saliencies(model: PreTrainedModel, calibration: Tensor, device: str | torch.device = "cpu",
-                      batch_size: int = 8, *, layers: LayerSource | None = None) -> list[Tensor]:
+                      batch_size: int = 8, *, layers: LayerSource | None = None,
+                      on_event: Event | None = None) -> list[Tensor]:
     """Per MoE block (in model order), each expert's mean over the tokens routed to it of g_j(x)·‖f_j(x)‖₂ (REAP); an
     expert no token chose scores 0. The model's experts must be unfused (structure/experts.py)."""
     layers = layers or ResidentLayers(model)
@@ -215,12 +223,12 @@ def expert_saliencies(model: PreTrainedModel, calibration: Tensor, device: str |
         totals[blocks[id(module)]] += torch.stack([total, tokens.double()])
 
     def visit(i: int, layer: nn.Module, hidden: list[Tensor], kwargs: list[dict]) -> list[Tensor]:
-        return [_forward(layer, h, kw, torch.device(device)) for h, kw in zip(hidden, kwargs, strict=True)]
+        return [forward_layer(layer, h, kw, torch.device(device)) for h, kw in zip(hidden, kwargs, strict=True)]
 
     handles = [block.experts.register_forward_pre_hook(record) for block in moe_blocks(model)]
     try:
-        read_pass(model, layers, calibration, visit, device=torch.device(device), batch_size=batch_size,
-                  what="expert saliency")
+        walk(model, layers, calibration, visit, device=torch.device(device), batch_size=batch_size,
+             what="expert saliency", original=True, on_event=on_event)
     finally:
         for handle in handles:
             handle.remove()

@@ -1,4 +1,4 @@
-"""Streaming a sharded safetensors checkpoint through the engine, one decoder layer in memory at a time.
+"""Streaming a sharded safetensors checkpoint through the layer walk, one decoder layer in memory at a time.
 
 The model is a skeleton with its parameters on the meta device. Each layer's tensors are read from
 the input shards when its turn comes, pruned on the device, written to an output shard of its own,
@@ -27,13 +27,13 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from llm_sparsify.checkpoint_layout import as_renaming, checkpoint_layout, model_layout
-from llm_sparsify.engine import LayerReport
 from llm_sparsify.files import MARKER, PROGRESS, RECORD, OutputExistsError, _remove, replace_directory, written_by_us
 from llm_sparsify.models import DEFAULT_MODEL, ModelError, decoder_layers, default_model_path
 from llm_sparsify.quantize.grid import GRIDS_FILE, Grid, load_grids, save_grids
 from llm_sparsify.structure.depth import remove_blocks
 from llm_sparsify.structure.experts import fused_tensors, unfused_tensors
 from llm_sparsify.structure.resize import cut_tensors, remove_units
+from llm_sparsify.walk import LayerReport
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from llm_sparsify.engine import layer_linears
 from llm_sparsify.pipeline import run_recipe
 from llm_sparsify.prune.allocation import (
     allocate_sparsities,
@@ -20,6 +19,7 @@ from llm_sparsify.prune.allocation import (
 from llm_sparsify.prune.wanda import prune_wanda
 from llm_sparsify.recipe import RecipeError, Sensitivity, load_recipe
 from llm_sparsify.score_passes import layer_sensitivities
+from llm_sparsify.targets import layer_linears
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from llm_sparsify.engine import prune_model
 from llm_sparsify.export.hf import RECORD, read_record, save_checkpoint
 from llm_sparsify.files import MARKER, OutputExistsError, atomic_directory, check_output
 from llm_sparsify.recipe import load_recipe
+from llm_sparsify.transform_pass import prune_model
 
 
 def leftovers(directory) -> list[str]:

@@ -11,7 +11,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from llm_sparsify.engine import ResidentLayers
 from llm_sparsify.evaluate import perplexity
 from llm_sparsify.pipeline import remove_depth
 from llm_sparsify.recipe import Depth
@@ -26,6 +25,7 @@ from llm_sparsify.structure.depth import (
     remove_blocks,
     skip_block_perplexity,
 )
+from llm_sparsify.walk import ResidentLayers
 from tests.conftest import TINY, tiny_model
 
 KINDS = ["llama", "mistral", "qwen2", "qwen3"]

@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from llm_sparsify import compress
-from llm_sparsify.engine import capture_layer_inputs, collect_statistics, prune_model, target_modules
 from llm_sparsify.models import ModelError, decoder_layers
 from llm_sparsify.prune.wanda import prune_wanda
 from llm_sparsify.recipe import Recipe, RecipeError, load_recipe
 from llm_sparsify.stats import InputStatistics
+from llm_sparsify.targets import target_modules
+from llm_sparsify.transform_pass import prune_model
+from llm_sparsify.walk import capture_layer_inputs, collect_statistics
 from tests.conftest import TINY, tiny_model
 
 
@@ -190,7 +192,7 @@ def test_forwards_per_layer(calibration, inputs, expected):
 
 def test_a_failure_during_the_forward_leaves_no_paused_work_behind(calibration, monkeypatch):
     """If pruning a group fails, the paused forwards are unwound and the hooks removed."""
-    import llm_sparsify.engine as engine
+    import llm_sparsify.transform_pass as engine
 
     model = tiny_model()
     original, calls = engine.prune_weights, []

@@ -442,8 +442,9 @@ def test_owl_and_gptq_after_the_mask_reach_the_experts(recipe, one_thread):
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_experts_that_share_one_input_are_pruned_a_few_at_a_time_alike(method, monkeypatch, one_thread):
     """Calibrated on all tokens, every expert's gate and up read one input: they are pruned in runs of whole matrices
-    (engine.PRUNED_AT_ONCE), so a layer's experts are never all held twice; the runs give what one group gives."""
-    import llm_sparsify.engine as engine
+    (transform_pass.PRUNED_AT_ONCE), so a layer's experts are never all held twice; the runs give what one group
+    gives."""
+    import llm_sparsify.transform_pass as engine
 
     recipe = {"pruning": {"method": method, "sparsity": 0.5, "expert_tokens": "all"}}
     sizes: list[int] = []

@@ -4,10 +4,10 @@ against magnitude on a small trained model."""
 import pytest
 import torch
 
-from llm_sparsify.engine import layer_linears
 from llm_sparsify.fisher_pass import fisher_diagonal, sample_losses
 from llm_sparsify.prune.fisher import obd_scores, prune_obd
 from llm_sparsify.prune.masks import select_mask
+from llm_sparsify.targets import layer_linears
 from tests.conftest import TINY, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

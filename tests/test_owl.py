@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from llm_sparsify.engine import layer_linears
 from llm_sparsify.prune.owl import outlier_ratio, owl_sparsities
 from llm_sparsify.recipe import RecipeError
 from llm_sparsify.score_passes import layer_outlier_ratios
+from llm_sparsify.targets import layer_linears
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -254,7 +254,7 @@ def test_the_engine_folds_what_it_permuted(pruning, monkeypatch):
     """Folding changes the storage order, not the function: the same pruning with the fold skipped gives the same
     logits; folded, every down_proj and o_proj row is exact 2:4 in storage order, and some groups only exist in the
     permuted order."""
-    from llm_sparsify import engine
+    from llm_sparsify import transform_pass as engine
     from tests.conftest import tiny_model
 
     calibration = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))

@@ -11,13 +11,13 @@ from transformers import AutoModelForCausalLM
 
 from llm_sparsify import compress, load_recipe
 from llm_sparsify.cli import main
-from llm_sparsify.engine import layer_linears
 from llm_sparsify.export.hf import read_record
 from llm_sparsify.fisher_pass import fisher_diagonal
 from llm_sparsify.prune.fisher import prune_obd
 from llm_sparsify.prune.owl import owl_sparsities
 from llm_sparsify.recipe import RecipeError, builtin_recipes, recipe_from_dict
 from llm_sparsify.score_passes import layer_outlier_ratios
+from llm_sparsify.targets import layer_linears
 from tests.conftest import tiny_model
 from tests.test_cli import workdir  # noqa: F401  (fixture; model_dir and calib use it)
 
@@ -184,8 +184,13 @@ def test_prune_checkpoint_runs_the_evaluate_and_export_sections(tmp_path, model_
     events = []
     record = prune_checkpoint(str(model_dir), SECTIONS, output, str(calib), device="cpu", seqlen=16,
                               steps=Steps(ppl=True, ppl_windows=1), on_event=lambda *event: events.append(event))
-    assert [kind for kind, _ in events] == ["saved", "perplexity", "evaluation", "export"]  # each as it finished
-    assert events[0][1]["recipe_name"] == record["recipe_name"]
+    layers = [value for kind, value in events if kind == "layer"]
+    steps = [event for event in events if event[0] != "layer"]
+    assert [kind for kind, _ in steps] == ["saved", "perplexity", "evaluation", "export"]  # each as it finished
+    assert events.index(steps[0]) == len(layers)  # every layer's event came before the output was saved
+    assert [(layer["pass"], layer["index"]) for layer in layers] == [("wanda 0.5", i) for i in range(len(layers))]
+    assert [layer["seconds"] for layer in layers] == [report["seconds"] for report in record["layers"]]
+    assert steps[0][1]["recipe_name"] == record["recipe_name"]
     done = record["steps"]
     assert set(done["evaluation"]) == {"base", "pruned"} and set(done["perplexity"]) == {"base", "pruned"}
     assert [export["path"] for export in done["exports"]] == [str(tmp_path / "out-compact")]
@@ -202,7 +207,14 @@ def test_compress_runs_the_sections_on_its_output_and_refuses_them_without_one(t
         compress(model, SECTIONS, calibration, device="cpu")
     assert zero_shares(model) == zero_shares(tiny_model("llama"))  # refused before any work
     recipe = {key: SECTIONS[key] for key in ("pruning", "export")}  # a random model has no tokenizer to evaluate
-    compress(model, recipe, calibration, device="cpu", output=tmp_path / "out")
-    assert min(zero_shares(model)) >= 0.5
+    events = []
+    owl = {**recipe, "pruning": {**recipe["pruning"], "allocation": "owl"}}
+    compress(model, owl, calibration, device="cpu", output=tmp_path / "out",
+             on_event=lambda *event: events.append(event))
+    assert min(zero_shares(model)) >= 0.4
+    walks = [(value["pass"], value["index"]) for kind, value in events if kind == "layer"]
+    count = len(walks) // 2  # a score pass, then the transform pass, each over every layer in order
+    assert walks == [("OWL outlier ratios", i) for i in range(count)] + [("wanda 0.5", i) for i in range(count)]
+    assert [kind for kind, _ in events[len(walks):]] == ["saved", "export"]
     assert read_record(tmp_path / "out")["recipe"]["pruning"]["method"] == "wanda"
     assert (tmp_path / "out-compact").is_dir() and (tmp_path / "out" / "README.md").exists()

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from llm_sparsify import compress, prune_checkpoint
-from llm_sparsify.engine import prune_model
 from llm_sparsify.export.hf import read_record, save_checkpoint
 from llm_sparsify.prune.magnitude import global_magnitude_threshold
 from llm_sparsify.prune.masks import nm_mask, unstructured_mask
@@ -19,6 +18,7 @@ from llm_sparsify.prune.wanda import prune_wanda
 from llm_sparsify.quantize.grid import GRIDS_FILE, QuantScheme, dequantize, fit_scale, load_grids, quantize, rtn
 from llm_sparsify.recipe import load_recipe, recipe_from_dict
 from llm_sparsify.stream import StreamedLayers
+from llm_sparsify.transform_pass import prune_model
 from tests.conftest import tiny_model
 from tests.test_methods import correlated_inputs
 from tests.test_stream import output_tensors, save_sharded

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from llm_sparsify import prune_checkpoint
-from llm_sparsify.engine import fitted_batches, layer_linears, prune_model
 from llm_sparsify.models import decoder_layers
 from llm_sparsify.quantize.grid import round_to_grid
 from llm_sparsify.recipe import RecipeError, Reconstruction, load_recipe
 from llm_sparsify.reconstruct import reconstruct_layer, relative_error, sample_batches
 from llm_sparsify.stream import StreamedLayers
+from llm_sparsify.targets import layer_linears
+from llm_sparsify.transform_pass import fitted_batches, prune_model
 from tests.conftest import tiny_model
 from tests.test_stream import output_tensors, save_sharded
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from llm_sparsify.engine import layer_linears
 from llm_sparsify.prune.magnitude import prune_magnitude
 from llm_sparsify.recover import (
     RecoveryError,
@@ -18,6 +17,7 @@ from llm_sparsify.recover import (
     lr_schedule,
     sparsity_masks,
 )
+from llm_sparsify.targets import layer_linears
 from tests.conftest import TINY, tiny_model
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_sparsify.engine import prune_model
 from llm_sparsify.prune import prune_weights
 from llm_sparsify.prune.refit import refit_lstsq, refit_obs, update_kept
 from llm_sparsify.prune.ria import prune_ria, ria_scores
@@ -13,6 +12,7 @@ from llm_sparsify.prune.wanda import prune_wanda
 from llm_sparsify.quantize.grid import QuantScheme
 from llm_sparsify.recipe import Quantization, RecipeError, load_recipe, recipe_from_dict
 from llm_sparsify.stats import InputStatistics
+from llm_sparsify.transform_pass import prune_model
 from tests.conftest import tiny_model
 from tests.test_methods import correlated_inputs
 from tests.test_quantize import assert_on_grid

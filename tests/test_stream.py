@@ -16,11 +16,11 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from llm_sparsify import prune_checkpoint
-from llm_sparsify.engine import prune_model
 from llm_sparsify.files import OutputExistsError
 from llm_sparsify.quantize.grid import GRIDS_FILE, load_grids
 from llm_sparsify.recipe import Recipe, load_recipe
 from llm_sparsify.stream import StreamedLayers
+from llm_sparsify.transform_pass import prune_model
 from tests.conftest import tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,8 +65,8 @@ def test_only_one_layer_is_materialised_at_a_time(tmp_path, calibration, monkeyp
     seen = []
     load = StreamedLayers.load
 
-    def checked_load(self, index, device):
-        layer = load(self, index, device)
+    def checked_load(self, index, device, original=False):
+        layer = load(self, index, device, original)
         real = [i for i, layer in enumerate(self.layers) if not next(layer.parameters()).is_meta]
         embeddings = self.model.get_input_embeddings().weight
         seen.append((real, embeddings.is_meta))

@@ -16,8 +16,8 @@ import subprocess
 import pytest
 import torch
 
-import llm_sparsify.engine
 import llm_sparsify.pipeline
+import llm_sparsify.transform_pass
 from llm_sparsify import __version__, compress
 from llm_sparsify.api import DeviceError, check_device, prune_checkpoint
 from llm_sparsify.cli import main
@@ -42,7 +42,7 @@ def no_pruning(monkeypatch):
     def pruned(*args, **kwargs):
         raise AssertionError("the work started before the check")
 
-    monkeypatch.setattr(llm_sparsify.engine, "prune_modules", pruned)
+    monkeypatch.setattr(llm_sparsify.transform_pass, "prune_modules", pruned)
     monkeypatch.setattr(llm_sparsify.pipeline, "remove_depth", pruned)
 
 

@@ -1,6 +1,6 @@
 """Pruning methods: plain functions (weight, statistics, pattern) -> pruned weight, one module each.
 
-The engine only needs to know which statistic of a Linear's inputs a method reads. Quantization, if a
+The transform pass only needs to know which statistic of a Linear's inputs a method reads. Quantization, if a
 recipe asks for it, follows the pruning (RTN; GPTQ with the mask fixed) or, for SparseGPT with GPTQ,
 happens in the same sweep. An N:M mask may be formed over a permutation of the inputs (input_permutation, then
 prune_weights(permutation=...); the caller folds it into the weights that produce those inputs, see prune/permute.py).
