@@ -344,10 +344,10 @@ def test_an_interrupted_quantized_run_resumes_to_the_same_grids(tmp_path, calibr
 
     load = StreamedLayers.load
 
-    def crash_at_layer_2(self, index, device):
+    def crash_at_layer_2(self, index, device, original=False):
         if index == 2:
             raise KeyboardInterrupt
-        return load(self, index, device)
+        return load(self, index, device, original)
 
     monkeypatch.setattr(StreamedLayers, "load", crash_at_layer_2)
     with pytest.raises(KeyboardInterrupt):
