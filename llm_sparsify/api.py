@@ -40,7 +40,7 @@ from llm_sparsify.stream import PartialOutput, StreamedLayers, fingerprint, reso
 from llm_sparsify.structure.experts import experts_unfused, unfuse_experts
 from llm_sparsify.targets import count_zeros, untargeted_weights
 from llm_sparsify.transform_pass import prune_layers
-from llm_sparsify.walk import LayerReport
+from llm_sparsify.walk import BATCH_SIZE, LayerReport
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def compress(
     nsamples: int | None = None,
     seqlen: int | None = None,
     seed: int = 0,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     output: str | Path | None = None,
     overwrite: bool = False,
     steps: Steps | None = None,
@@ -257,7 +257,7 @@ def prune_checkpoint(
     nsamples: int | None = None,
     seqlen: int | None = None,
     seed: int = 0,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     overwrite: bool = False,
     steps: Steps | None = None,
     on_event: Event | None = None,

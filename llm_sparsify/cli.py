@@ -25,17 +25,15 @@ from llm_sparsify.data import (
     check_evaluation_source,
 )
 from llm_sparsify.errors import UserError
+from llm_sparsify.export import FORMATS as EXPORT_FORMATS
+from llm_sparsify.export import GGUF_TYPE, GGUF_TYPES
 from llm_sparsify.export.card import removed_in_words, sparsity_summary
 from llm_sparsify.export.hub import push_to_hub
 from llm_sparsify.files import atomic_file, check_writable
 from llm_sparsify.finish import StepError, Steps, export_checkpoint, perplexity_of
 from llm_sparsify.models import DEFAULT_MODEL, load_model
-from llm_sparsify.recipe import (
-    EXPORT_FORMATS,
-    GGUF_TYPES,
-    builtin_recipes,
-    load_recipe,
-)
+from llm_sparsify.recipe import builtin_recipes, load_recipe
+from llm_sparsify.walk import BATCH_SIZE
 from llm_sparsify.zero_shot import DATA_ENV, check_tasks, evaluate_tasks, known_tasks, markdown_table
 
 log = logging.getLogger("llm_sparsify")
@@ -93,14 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--seqlen", type=int, default=None,
                        help="tokens per calibration sample (default: 2048 on an accelerator, 512 on the CPU)")
     prune.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default: 0)")
-    prune.add_argument("--batch-size", type=int, default=8, help="calibration samples per layer forward (default: 8)")
+    prune.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                       help=f"calibration samples per layer forward (default: {BATCH_SIZE})")
     prune.add_argument("--overwrite", action="store_true",
                        help="replace an existing output that llm-sparsify wrote (one with llm_sparsify.json), or "
                        "start over an unfinished run made with other settings or damaged; anything else is refused")
     prune.add_argument("--ppl", action="store_true",
                        help="also print WikiText-2 perplexity of the base and the pruned model")
-    prune.add_argument("--ppl-windows", type=window_count, default=64, metavar="N",
-                       help="with --ppl: score the first N windows of the test text, or 'all' (default: 64)")
+    prune.add_argument("--ppl-windows", type=window_count, default=Steps.ppl_windows, metavar="N",
+                       help=f"with --ppl: score the first N windows of the test text, or 'all' (default: "
+                       f"{Steps.ppl_windows})")
     prune.add_argument("--push-to-hub", metavar="REPO", default=None,
                        help="upload the finished output (with its model card) to this Hub repo, e.g. me/model-2of4")
     _push_options(prune)
@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("checkpoint", type=Path, help="a finished llm-sparsify output directory")
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="the output format")
-    export.add_argument("--qtype", default="Q8_0", choices=GGUF_TYPES, help="gguf: tensor type (default: Q8_0)")
+    export.add_argument("--qtype", default=GGUF_TYPE, choices=GGUF_TYPES,
+                        help=f"gguf: tensor type (default: {GGUF_TYPE})")
     export.add_argument("--output", type=Path, default=None,
                         help="output file (gguf) or directory (default: CHECKPOINT-FORMAT beside the checkpoint)")
     export.add_argument("--overwrite", action="store_true",

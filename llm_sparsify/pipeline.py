@@ -63,7 +63,7 @@ from llm_sparsify.structure.width import (
 )
 from llm_sparsify.targets import target_modules, warn_untargeted
 from llm_sparsify.transform_pass import prune_layers
-from llm_sparsify.walk import LayerReport, LayerSource, ResidentLayers
+from llm_sparsify.walk import BATCH_SIZE, LayerReport, LayerSource, ResidentLayers
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +141,11 @@ def prune_width(
     model: PreTrainedModel,
     unit: str,
     amount: float,
-    score: str = "weight",
-    scope: str = "layer",
+    score: str = Width.score,
+    scope: str = Width.scope,
     calibration: Tensor | None = None,
     device: str = "cpu",
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     importance: list[dict[str, Tensor]] | None = None,
     *,
     layers: LayerSource | None = None,
@@ -278,7 +278,7 @@ def run_recipe(
     training: Tensor | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     device: str = "cpu",
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     on_event: Event | None = None,
 ) -> tuple[list[LayerReport], dict[str, Any]]:
     """Run every stage of `recipe` on `model` in memory, in place; return the pruning's layer reports and what each

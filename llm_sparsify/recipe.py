@@ -92,25 +92,34 @@ is optional, but a recipe needs at least one of experts, depth, width, pruning.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from llm_sparsify.errors import UserError
+from llm_sparsify.export import FORMATS as EXPORT_FORMATS
+from llm_sparsify.export import GGUF_TYPE, GGUF_TYPES
 from llm_sparsify.prune import STATISTIC, method_statistic
+from llm_sparsify.prune.allocation import CURRENCIES
 from llm_sparsify.prune.masks import Pattern
+from llm_sparsify.prune.owl import LAMBDA, M
 from llm_sparsify.prune.refit import UPDATES
 from llm_sparsify.prune.ria import ALPHA
 from llm_sparsify.quantize.grid import Quantization, QuantScheme
+from llm_sparsify.stats import BLOCKSIZE, DAMPENING
+from llm_sparsify.structure.depth import BASELINES
+from llm_sparsify.structure.resize import UNITS
+from llm_sparsify.structure.width import SCOPES, SCORES
 
 OPTIONS: dict[str, dict[str, Any]] = {  # method -> its options and their defaults
     "magnitude": {"scope": "layer", "update": "none"},
     "wanda": {"update": "none", "permute": False},
     "ria": {"alpha": ALPHA, "update": "none", "permute": False},
-    "sparsegpt": {"blocksize": 128, "dampening": 0.01, "update": "none", "permute": False},
+    "sparsegpt": {"blocksize": BLOCKSIZE, "dampening": DAMPENING, "update": "none", "permute": False},
     "obd": {},
 }
 _COMMON = {"method", "sparsity", "targets", "ignore"}
@@ -145,43 +154,132 @@ class RecipeError(UserError, ValueError):
     """A recipe that cannot be run, with the reason in words."""
 
 
+def _positive(value: Any, key: str, integer: bool) -> None:
+    kinds = int if integer else int | float
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+        raise RecipeError(f"{key} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+
+
+def _count(value: Any, key: str) -> int:
+    _positive(value, key, integer=True)
+    return value
+
+
+def _number(value: Any, key: str) -> float:
+    _positive(value, key, integer=False)
+    return float(value)
+
+
+def _integer(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RecipeError(f"{key} must be an integer, got {value!r}")
+    return value
+
+
+def _at_least_zero(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise RecipeError(f"{key} must be a number ≥ 0, got {value!r}")
+    return float(value)
+
+
+def _fraction(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise RecipeError(f"{key} must be a fraction strictly between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def _fractions(value: Any, key: str) -> tuple[float, ...]:
+    if not isinstance(value, list | tuple):
+        raise RecipeError(f"{key} must be a list of sparsities, e.g. [0.2, 0.5], got {value!r}")
+    return tuple(_fraction(v, f"{key} entries") for v in value)
+
+
+def _flag(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise RecipeError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise RecipeError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _names(value: Any, key: str) -> tuple[str, ...]:
+    if not value:
+        return ()
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list | tuple) or not all(isinstance(v, str) and v for v in values):
+        raise RecipeError(f"{key} must be a name or a list of names, got {value!r}")
+    return tuple(values)
+
+
+def _sources(value: Any, key: str) -> dict[str, float]:
+    if not isinstance(value, dict) or not value or not all(
+            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+            for k, v in value.items()):
+        raise RecipeError(f"{key} maps calibration sources to positive weights, e.g. {{c4: 1.0}}; got {value!r}")
+    return {k: float(v) for k, v in value.items()}
+
+
+def one_of(*choices: str) -> Callable[[Any, str], str]:
+    return lambda value, key: _choice(value, key, choices)
+
+
+def names_of(*choices: str) -> Callable[[Any, str], tuple[str, ...]]:
+    return lambda value, key: tuple(_choice(name, f"{key} entries", choices) for name in _names(value, key))
+
+
+def optional(check: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
+    return lambda value, key: None if value is None else check(value, key)
+
+
+def option(default: Any, check: Callable[[Any, str], Any]) -> Any:
+    """A recipe key, declared once: its default, and `check(value, key)`, which refuses a bad value in words or
+    returns it as the recipe keeps it (section_of applies both)."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"check": check})
+    return field(default=default, metadata={"check": check})
+
+
 @dataclass(frozen=True)
 class Depth:
     """Remove `blocks` spans of `interval` decoder blocks (or as many as `max_parameters` requires)."""
 
-    blocks: int | None = None
-    max_parameters: int | None = None
-    interval: int = 1
-    score: str = "cosine"
-    iterative: bool = False
-    sources: dict[str, float] = field(default_factory=lambda: {"c4": 1.0})
-    seed: int = 0
+    blocks: int | None = option(None, optional(_count))
+    max_parameters: int | None = option(None, optional(_count))
+    interval: int = option(1, _count)
+    score: str = option("cosine", one_of("cosine", *BASELINES))
+    iterative: bool = option(False, _flag)
+    sources: dict[str, float] = option({"c4": 1.0}, _sources)
+    seed: int = option(0, _integer)
 
 
 @dataclass(frozen=True)
 class ExpertRemoval:
     """Remove the least salient experts of every MoE layer (structure/experts.py)."""
 
-    remove: int | None = None
-    max_parameters: int | None = None
+    remove: int | None = option(None, optional(_count))
+    max_parameters: int | None = option(None, optional(_count))
 
 
 @dataclass(frozen=True)
 class Width:
     """Remove `amount` of the MLP channels or attention KV groups, ranked by `score` per layer or globally."""
 
-    unit: str = "mlp"
-    amount: float = 0.2
-    score: str = "activation"
-    scope: str = "layer"
+    unit: str = option("mlp", one_of(*UNITS))
+    amount: float = option(0.2, _fraction)
+    score: str = option("activation", one_of(*SCORES))
+    scope: str = option("layer", one_of(*SCOPES))
 
 
 @dataclass(frozen=True)
 class Owl:
     """Outlier-weighted layer-wise sparsity: M (threshold) and λ (the spread around the target)."""
 
-    threshold: float = 5.0
-    lam: float = 0.08
+    threshold: float = option(M, _number)
+    lam: float = option(LAMBDA, _number)
 
 
 @dataclass(frozen=True)
@@ -189,10 +287,10 @@ class Sensitivity:
     """Per-layer sparsity from measured damage: how many levels, their spread around the target, the damage's
     currency and the calibration windows of the score pass (prune/allocation.py)."""
 
-    levels: int = 9  # with spread 0.2: every 0.05, as measured (eval/allocation_gain.py, held-out C4)
-    spread: float = 0.2
-    error: str = "token"
-    samples: int = 16
+    levels: int = option(9, _count)  # with spread 0.2: every 0.05, as measured (eval/allocation_gain.py, held-out C4)
+    spread: float = option(0.2, _number)
+    error: str = option("token", one_of(*CURRENCIES))
+    samples: int = option(16, _count)
 
 
 @dataclass(frozen=True)
@@ -201,44 +299,60 @@ class Reconstruction:
     `batch_size` samples each, towards the dense model's outputs of the layer (`targets: dense`) or the dense layer's
     on the pruned stream (`pruned`)."""
 
-    steps: int = 8  # 8 matched 16 on held-out C4 at half the cost (SparseGPT 2:4 + lstsq, README)
-    lr: float = 3e-4  # 3e-4 beat 1e-4 and 6e-4 on held-out C4 (SparseGPT 2:4, README)
-    batch_size: int = 2
-    targets: str = "dense"
+    steps: int = option(8, _count)  # 8 matched 16 on held-out C4 at half the cost (SparseGPT 2:4 + lstsq, README)
+    lr: float = option(3e-4, _number)  # 3e-4 beat 1e-4 and 6e-4 on held-out C4 (SparseGPT 2:4, README)
+    batch_size: int = option(2, _count)
+    targets: str = option("dense", one_of("dense", "pruned"))
 
 
 @dataclass(frozen=True)
 class Recovery:
     """Fine-tuning with the masks frozen, optionally gradual (prune to each `schedule` step, fine-tune, ...)."""
 
-    steps: int = 100
-    lr: float = 1e-4
-    batch_size: int = 4
-    lora: int | None = None
-    schedule: tuple[float, ...] = ()
-    rewind: bool = False
-    group_lasso: float = 0.0
-    lasso_unit: str = "mlp"
-    nsamples: int = 64
-    seqlen: int = 256
+    steps: int = option(100, _count)
+    lr: float = option(1e-4, _number)
+    batch_size: int = option(4, _count)
+    lora: int | None = option(None, optional(_count))  # the LoRA rank; None: full fine-tuning
+    schedule: tuple[float, ...] = option((), _fractions)
+    rewind: bool = option(False, _flag)
+    group_lasso: float = option(0.0, _at_least_zero)
+    lasso_unit: str = option("mlp", one_of(*UNITS))
+    nsamples: int = option(64, _count)
+    seqlen: int = option(256, _count)
 
 
 @dataclass(frozen=True)
 class Evaluation:
     """What to measure on the saved output: perplexity datasets and lm-eval tasks."""
 
-    perplexity: tuple[str, ...] = ("wikitext2",)
-    max_windows: int | None = 64
-    tasks: tuple[str, ...] = ()
-    limit: int | None = None
+    perplexity: tuple[str, ...] = option(("wikitext2",), _names)
+    max_windows: int | None = option(64, optional(_count))
+    tasks: tuple[str, ...] = option((), _names)
+    limit: int | None = option(None, optional(_count))
 
 
 @dataclass(frozen=True)
 class Export:
     """Formats written beside the saved output."""
 
-    formats: tuple[str, ...] = ()
-    qtype: str = "Q8_0"
+    formats: tuple[str, ...] = option((), names_of(*EXPORT_FORMATS))
+    qtype: str = option(GGUF_TYPE, lambda value, key: _choice(value.upper() if isinstance(value, str) else value,
+                                                              key, GGUF_TYPES))
+
+
+Section = TypeVar("Section")
+
+
+def section_of(values: Any, name: str, stage: type[Section], prefix: str = "") -> Section:
+    """A recipe section as its dataclass: every key known and checked as its field declares (option), the missing
+    ones at their defaults. `prefix`: the keys' prefix within the section `name` (sensitivity_ in pruning)."""
+    if not isinstance(values, dict):
+        raise RecipeError(f"{name} must be a mapping of options, got {values!r}")
+    allowed = {f"{prefix}{f.name}": f for f in fields(stage)}
+    if unknown := set(values) - set(allowed):
+        raise RecipeError(f"unknown {name} key(s): {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
+    return stage(**{f.name: f.metadata["check"](values[key], f"{name}.{key}") for key, f in allowed.items()
+                    if key in values})
 
 
 @dataclass(frozen=True)
@@ -364,12 +478,6 @@ def _globs(value: Any, key: str, allow_empty: bool) -> tuple[str, ...]:
     return tuple(values)
 
 
-def _positive(value: Any, key: str, integer: bool) -> None:
-    kinds = int if integer else int | float
-    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
-        raise RecipeError(f"{key} must be a positive {'integer' if integer else 'number'}, got {value!r}")
-
-
 def parse_quantization(section: Any, method: str, pattern: Pattern, options: dict[str, Any]) -> Quantization:
     """Validate a `quantization:` section; with sparsegpt, GPTQ shares its sweep (so its blocksize and dampening)."""
     quantizer = section.get("method") if isinstance(section, dict) else section
@@ -378,7 +486,8 @@ def parse_quantization(section: Any, method: str, pattern: Pattern, options: dic
     if unknown := set(section) - QUANTIZERS[quantizer]:
         raise RecipeError(f"unknown quantization key(s) for {quantizer}: {', '.join(sorted(unknown))}; "
                           f"allowed: {', '.join(sorted(QUANTIZERS[quantizer]))}")
-    bits, group_size, symmetric = section.get("bits", 4), section.get("group_size", 128), section.get("symmetric", True)
+    bits, group_size, symmetric = (section.get(key, getattr(QuantScheme, key)) for key in ("bits", "group_size",
+                                                                                          "symmetric"))
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (4, 8):
         raise RecipeError(f"quantization.bits must be 4 or 8, got {bits!r}")
     if group_size is not None:
@@ -389,7 +498,8 @@ def parse_quantization(section: Any, method: str, pattern: Pattern, options: dic
     if quantizer == "rtn":
         return Quantization("rtn", scheme)
     joint = method == "sparsegpt"
-    sweep = {key: options[key] if joint else default for key, default in (("blocksize", 128), ("dampening", 0.01))}
+    sweep = {key: options[key] if joint else default for key, default in (("blocksize", BLOCKSIZE),
+                                                                                 ("dampening", DAMPENING))}
     for key, value in sweep.items():
         given = section.get(key, value)
         _positive(given, f"quantization.{key}", integer=key == "blocksize")
@@ -414,169 +524,60 @@ def parse_quantization(section: Any, method: str, pattern: Pattern, options: dic
 
 _ABSENT = object()  # a recipe without a quantization section (`quantization: null` is an error)
 SECTIONS = ("experts", "depth", "width", "pruning", "quantization", "reconstruction", "recovery", "evaluate", "export")
-SCORES = {"depth": ("cosine", "last", "random"), "width": ("weight", "activation", "obd")}
-EXPORT_FORMATS = ("gguf", "compact", "compressed-tensors", "bnb-nf4", "bnb-fp4", "bnb-int8")
-GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")  # what export/gguf.py writes
-
-
-def _keys(section: Any, name: str, stage: type) -> dict[str, Any]:
-    """A section's keys, checked against the fields of its dataclass."""
-    if not isinstance(section, dict):
-        raise RecipeError(f"{name} must be a mapping of options, got {section!r}")
-    allowed = {f.name for f in fields(stage)}
-    if unknown := set(section) - allowed:
-        raise RecipeError(f"unknown {name} key(s): {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
-    return section
-
-
-def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise RecipeError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
-def _flag(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise RecipeError(f"{key} must be true or false, got {value!r}")
-    return value
-
-
-def _fraction(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-        raise RecipeError(f"{key} must be a fraction strictly between 0 and 1, got {value!r}")
-    return float(value)
-
-
-def _names(value: Any, key: str) -> tuple[str, ...]:
-    values = [value] if isinstance(value, str) else value
-    if not isinstance(values, list | tuple) or not all(isinstance(v, str) and v for v in values):
-        raise RecipeError(f"{key} must be a name or a list of names, got {value!r}")
-    return tuple(values)
 
 
 def parse_depth(section: Any) -> Depth:
     """Validate a `depth:` section: a count of spans or a parameter budget, never a score threshold."""
-    section = _keys(section, "depth", Depth)
-    blocks, budget = _count_or_budget(section, "depth", "blocks", "how many spans to remove")
-    _positive(interval := section.get("interval", 1), "depth.interval", integer=True)
-    sources = section.get("sources", {"c4": 1.0})
-    if not isinstance(sources, dict) or not sources or not all(
-            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool) and v > 0
-            for k, v in sources.items()):
-        raise RecipeError(f"depth.sources maps calibration sources to positive weights, e.g. {{c4: 1.0}}; "
-                          f"got {sources!r}")
-    seed = section.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise RecipeError(f"depth.seed must be an integer, got {seed!r}")
-    if section.get("iterative") and (blocks is None or section.get("score", "cosine") != "cosine" or len(sources) > 1):
+    depth = section_of(section, "depth", Depth)
+    _count_or_budget(depth.blocks, depth.max_parameters, "depth", "blocks", "how many spans to remove")
+    if depth.iterative and (depth.blocks is None or depth.score != "cosine" or len(depth.sources) > 1):
         raise RecipeError("depth.iterative re-scores after each removal: it needs `blocks`, the cosine score and "
                           "one source")
-    return Depth(blocks, budget, interval, _choice(section.get("score", "cosine"), "depth.score", SCORES["depth"]),
-                 _flag(section.get("iterative", False), "depth.iterative"),
-                 {k: float(v) for k, v in sources.items()}, seed)
+    return depth
 
 
 def parse_experts(section: Any) -> ExpertRemoval:
     """Validate an `experts:` section: how many experts go per MoE layer, or a parameter budget."""
-    section = _keys(section, "experts", ExpertRemoval)
-    return ExpertRemoval(*_count_or_budget(section, "experts", "remove", "experts per MoE layer"))
+    experts = section_of(section, "experts", ExpertRemoval)
+    _count_or_budget(experts.remove, experts.max_parameters, "experts", "remove", "experts per MoE layer")
+    return experts
 
 
-def _count_or_budget(section: dict, name: str, count: str, meaning: str) -> tuple[int | None, int | None]:
-    """A section's count of units to remove (key `count`) or its `max_parameters` budget: exactly one, positive."""
-    values = section.get(count), section.get("max_parameters")
-    if (values[0] is None) == (values[1] is None):
-        raise RecipeError(f"{name} needs exactly one of `{count}` ({meaning}) or `max_parameters`")
-    for key, value in zip((count, "max_parameters"), values, strict=True):
-        if value is not None:
-            _positive(value, f"{name}.{key}", integer=True)
-    return values
-
-
-def parse_width(section: Any) -> Width:
-    section = _keys(section, "width", Width)
-    return Width(_choice(section.get("unit", "mlp"), "width.unit", ("mlp", "heads")),
-                 _fraction(section.get("amount", 0.2), "width.amount"),
-                 _choice(section.get("score", "activation"), "width.score", SCORES["width"]),
-                 _choice(section.get("scope", "layer"), "width.scope", ("layer", "global")))
-
-
-def parse_reconstruction(section: Any) -> Reconstruction:
-    section = _keys(section, "reconstruction", Reconstruction)
-    steps, lr = section.get("steps", Reconstruction.steps), section.get("lr", Reconstruction.lr)
-    batch_size = section.get("batch_size", Reconstruction.batch_size)
-    _positive(steps, "reconstruction.steps", integer=True)
-    _positive(lr, "reconstruction.lr", integer=False)
-    _positive(batch_size, "reconstruction.batch_size", integer=True)
-    targets = _choice(section.get("targets", Reconstruction.targets), "reconstruction.targets", ("dense", "pruned"))
-    return Reconstruction(steps, float(lr), batch_size, targets)
+def _count_or_budget(count: int | None, budget: int | None, name: str, key: str, meaning: str) -> None:
+    """A section's count of units to remove (key `key`) or its `max_parameters` budget: exactly one."""
+    if (count is None) == (budget is None):
+        raise RecipeError(f"{name} needs exactly one of `{key}` ({meaning}) or `max_parameters`")
 
 
 def parse_recovery(section: Any, pattern: Pattern | None) -> Recovery:
     """Validate a `recovery:` section; a schedule must climb to (and below) the pruning sparsity."""
-    section = _keys(section, "recovery", Recovery)
-    for key in ("steps", "batch_size", "nsamples", "seqlen"):
-        _positive(section.get(key, getattr(Recovery, key)), f"recovery.{key}", integer=True)
-    _positive(section.get("lr", Recovery.lr), "recovery.lr", integer=False)
-    if (lora := section.get("lora")) is not None:
-        _positive(lora, "recovery.lora (the LoRA rank; null: full fine-tuning)", integer=True)
-    lasso = section.get("group_lasso", 0.0)
-    if isinstance(lasso, bool) or not isinstance(lasso, int | float) or lasso < 0:
-        raise RecipeError(f"recovery.group_lasso must be a number ≥ 0, got {lasso!r}")
-    schedule = section.get("schedule", [])
-    if not isinstance(schedule, list | tuple):
-        raise RecipeError(f"recovery.schedule must be a list of sparsities, e.g. [0.2, 0.5], got {schedule!r}")
-    steps = tuple(_fraction(v, "recovery.schedule entries") for v in schedule)
-    if steps:
+    recovery = section_of(section, "recovery", Recovery)
+    if steps := recovery.schedule:
         if pattern is None or isinstance(pattern, tuple):
             raise RecipeError("recovery.schedule prunes gradually to pruning.sparsity, which must be a fraction")
         if list(steps) != sorted(set(steps)) or steps[-1] >= pattern:
             raise RecipeError(f"recovery.schedule must rise strictly and stay below pruning.sparsity ({pattern:g}), "
                               f"got {list(steps)}")
-    return Recovery(section.get("steps", Recovery.steps), float(section.get("lr", Recovery.lr)),
-                    section.get("batch_size", Recovery.batch_size), lora, steps,
-                    _flag(section.get("rewind", False), "recovery.rewind"), float(lasso),
-                    _choice(section.get("lasso_unit", "mlp"), "recovery.lasso_unit", ("mlp", "heads")),
-                    section.get("nsamples", Recovery.nsamples), section.get("seqlen", Recovery.seqlen))
+    return recovery
 
 
-def parse_evaluate(section: Any) -> Evaluation:
-    section = _keys(section, "evaluate", Evaluation)
-    for key in ("max_windows", "limit"):
-        if section.get(key) is not None:
-            _positive(section[key], f"evaluate.{key}", integer=True)
-    datasets, tasks = section.get("perplexity", ["wikitext2"]), section.get("tasks", [])
-    return Evaluation(_names(datasets, "evaluate.perplexity") if datasets else (), section.get("max_windows", 64),
-                      _names(tasks, "evaluate.tasks") if tasks else (), section.get("limit"))
-
-
-def parse_export(section: Any) -> Export:
-    section = _keys(section, "export", Export)
-    formats = _names(section.get("formats", []), "export.formats")
-    for name in formats:
-        _choice(name, "export.formats entries", EXPORT_FORMATS)
-    qtype = section.get("qtype", "Q8_0")
-    return Export(formats, _choice(qtype.upper() if isinstance(qtype, str) else qtype, "export.qtype", GGUF_TYPES))
-
-
-SENSITIVITY_KEYS = {"sensitivity_levels", "sensitivity_spread", "sensitivity_error", "sensitivity_samples"}
+SENSITIVITY_KEYS = {f"sensitivity_{f.name}" for f in fields(Sensitivity)}
 
 
 def parse_sensitivity(section: dict[str, Any], pattern: Pattern) -> Sensitivity:
     """The `allocation: sensitivity` options of a pruning section, checked."""
     if isinstance(pattern, tuple):
         raise RecipeError("allocation: sensitivity varies the sparsity per layer, so it takes a fraction, not N:M")
-    found = {key.removeprefix("sensitivity_"): section[key] for key in SENSITIVITY_KEYS if key in section}
-    sensitivity = Sensitivity(**found)
-    _positive(sensitivity.levels, "pruning.sensitivity_levels", integer=True)
-    _positive(sensitivity.samples, "pruning.sensitivity_samples", integer=True)
-    _positive(sensitivity.spread, "pruning.sensitivity_spread", integer=False)
-    _choice(sensitivity.error, "pruning.sensitivity_error", ("token", "sum", "update"))
+    sensitivity = section_of({key: section[key] for key in SENSITIVITY_KEYS if key in section}, "pruning",
+                             Sensitivity, prefix="sensitivity_")
     if sensitivity.levels < 2:
         raise RecipeError(f"pruning.sensitivity_levels must be 2 or more, got {sensitivity.levels}")
     if not 0 < pattern < 1:
         raise RecipeError(f"allocation: sensitivity needs a sparsity strictly between 0 and 1, got {pattern}")
     return sensitivity
+
+
+OWL_KEYS = {"owl_threshold": "threshold", "owl_lambda": "lam"}  # pruning key -> Owl field
 
 
 def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
@@ -591,7 +592,7 @@ def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
     quantizer = quantization.get("method") if isinstance(quantization, dict) else None
     options = {**OPTIONS[method], **{k: section[k] for k in OPTIONS[method] if k in section}}
     needs_data = method_statistic(method, options) not in (None, "fisher") or quantizer == "gptq"
-    owl_keys = {"allocation", "owl_threshold", "owl_lambda"} if method in ("wanda", "ria", "sparsegpt") else set()
+    owl_keys = {"allocation", *OWL_KEYS} if method in ("wanda", "ria", "sparsegpt") else set()
     if owl_keys and section.get("allocation") == "sensitivity":
         owl_keys |= SENSITIVITY_KEYS
     elif owl_keys and SENSITIVITY_KEYS & set(section):
@@ -637,13 +638,11 @@ def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
     if allocation == "owl":
         if isinstance(pattern, tuple):
             raise RecipeError("allocation: owl varies the sparsity per layer, so it takes a fraction, not N:M")
-        owl = Owl(section.get("owl_threshold", 5.0), section.get("owl_lambda", 0.08))
-        _positive(owl.threshold, "pruning.owl_threshold", integer=False)
-        _positive(owl.lam, "pruning.owl_lambda", integer=False)
+        owl = section_of({name: section[key] for key, name in OWL_KEYS.items() if key in section}, "pruning", Owl)
         if not owl.lam < min(pattern, 1 - pattern):
             raise RecipeError(f"pruning.owl_lambda {owl.lam} must be below min(sparsity, 1 − sparsity) so every "
                               "layer's sparsity stays in (0, 1)")
-    elif {"owl_threshold", "owl_lambda"} & set(section):
+    elif set(OWL_KEYS) & set(section):
         raise RecipeError("owl_threshold and owl_lambda need `allocation: owl`")
     sensitivity = parse_sensitivity(section, pattern) if allocation == "sensitivity" else None
     return {
@@ -675,7 +674,7 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
             raise RecipeError(f"{section} applies to the pruned weights: it needs a `pruning:` section")
     pruning = parse_pruning(data["pruning"], data.get("quantization", _ABSENT)) if "pruning" in data else {
         "method": None, "pattern": None}
-    export = parse_export(data["export"]) if "export" in data else None
+    export = section_of(data["export"], "export", Export) if "export" in data else None
     if export and "compressed-tensors" in export.formats and "quantization" not in data:
         raise RecipeError("export.formats: compressed-tensors stores integer weights, so it needs a `quantization:` "
                           "section (e.g. {method: gptq, bits: 4}); for an unquantized model use compact or gguf")
@@ -687,10 +686,11 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
         name=name,
         experts=parse_experts(data["experts"]) if "experts" in data else None,
         depth=parse_depth(data["depth"]) if "depth" in data else None,
-        width=parse_width(data["width"]) if "width" in data else None,
-        reconstruction=parse_reconstruction(data["reconstruction"]) if "reconstruction" in data else None,
+        width=section_of(data["width"], "width", Width) if "width" in data else None,
+        reconstruction=(section_of(data["reconstruction"], "reconstruction", Reconstruction)
+                        if "reconstruction" in data else None),
         recovery=parse_recovery(data["recovery"], pruning["pattern"]) if "recovery" in data else None,
-        evaluate=parse_evaluate(data["evaluate"]) if "evaluate" in data else None,
+        evaluate=section_of(data["evaluate"], "evaluate", Evaluation) if "evaluate" in data else None,
         export=export,
     )
 

@@ -40,6 +40,7 @@ from transformers.utils.logging import tqdm
 
 from llm_sparsify.architecture import ModelError, decoder_layers, home_device
 from llm_sparsify.errors import UserError
+from llm_sparsify.recipe import Recovery
 from llm_sparsify.structure.resize import unit_squares
 from llm_sparsify.targets import layer_linears
 from llm_sparsify.walk import check_calibration
@@ -77,7 +78,7 @@ def _rates(start: int, total: int, warmup: int, base_lr: float) -> Callable[[int
     return lambda step: lr_schedule(start + step, total, warmup, base_lr)
 
 
-def group_lasso_penalty(model: PreTrainedModel, unit: str = "mlp") -> Tensor:
+def group_lasso_penalty(model: PreTrainedModel, unit: str = Recovery.lasso_unit) -> Tensor:
     """Σ_g ‖W_g‖₂ over all groups of all decoder layers (unscaled: finetune multiplies it by λ); differentiable."""
     if unit not in LASSO_UNITS:
         raise RecoveryError(f"group lasso unit must be one of {LASSO_UNITS}, got {unit!r}")
@@ -221,12 +222,12 @@ def finetune(
     model: PreTrainedModel,
     data: Tensor,
     steps: int,
-    lr: float = 1e-4,
-    batch_size: int = 4,
+    lr: float = Recovery.lr,
+    batch_size: int = Recovery.batch_size,
     masks: dict[str, Tensor] | None = None,
     lora: int | None = None,
-    group_lasso: float = 0.0,
-    lasso_unit: str = "mlp",
+    group_lasso: float = Recovery.group_lasso,
+    lasso_unit: str = Recovery.lasso_unit,
     weight_decay: float = 0.0,
     warmup: int = 0,
     seed: int = 0,
@@ -257,8 +258,8 @@ def gradual_prune(
     prune: Callable[[PreTrainedModel, float], None],
     steps_per_stage: int,
     rewind: bool = False,
-    lr: float = 1e-4,
-    batch_size: int = 4,
+    lr: float = Recovery.lr,
+    batch_size: int = Recovery.batch_size,
     warmup: int = 0,
     seed: int = 0,
     **finetune_kwargs: Any,

@@ -26,14 +26,14 @@ from transformers import PreTrainedModel
 from llm_sparsify import distributed
 from llm_sparsify.events import Event
 from llm_sparsify.prune.allocation import CURRENCIES
-from llm_sparsify.prune.owl import outlier_ratio
+from llm_sparsify.prune.owl import M, outlier_ratio
 from llm_sparsify.prune.wanda import prune_wanda, wanda_scores
 from llm_sparsify.structure.depth import check_interval
 from llm_sparsify.structure.experts import expert_saliency, moe_blocks
 from llm_sparsify.structure.resize import UNITS
 from llm_sparsify.structure.width import channel_scores, group_scores
 from llm_sparsify.targets import layer_linears
-from llm_sparsify.walk import LayerSource, ResidentLayers, collect_statistics, forward_layer, walk
+from llm_sparsify.walk import BATCH_SIZE, LayerSource, ResidentLayers, collect_statistics, forward_layer, walk
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _wanda_importance(layer: nn.Module, modules: dict[str, nn.Linear], hidden: l
 
 @torch.no_grad()
 def block_importance(model: PreTrainedModel, calibration: Tensor, interval: int = 1, device: str | torch.device = "cpu",
-                     batch_size: int = 8, *, layers: LayerSource | None = None,
+                     batch_size: int = BATCH_SIZE, *, layers: LayerSource | None = None,
                      on_event: Event | None = None) -> Tensor:
     """1 − mean cosine between the hidden states entering block i and leaving block i+interval−1, one per span start
     (structure/depth.py); cosines in float32 along the hidden dimension, the mean over every token of every rank."""
@@ -80,7 +80,7 @@ def block_importance(model: PreTrainedModel, calibration: Tensor, interval: int 
 
 @torch.no_grad()
 def unit_scores(model: PreTrainedModel, unit: str, score: str, calibration: Tensor | None,
-                device: str | torch.device = "cpu", batch_size: int = 8, *,
+                device: str | torch.device = "cpu", batch_size: int = BATCH_SIZE, *,
                 layers: LayerSource | None = None, on_event: Event | None = None) -> list[Tensor]:
     """Per decoder layer, the score of each MLP channel ("mlp") or KV group ("heads") (structure/width.py): the L2
     norm over the unit's weights of |W| (score "weight": weights only, no data) or of |W|·‖X‖ ("activation", the
@@ -105,7 +105,7 @@ def unit_scores(model: PreTrainedModel, unit: str, score: str, calibration: Tens
 
 @torch.no_grad()
 def activation_importance(model: PreTrainedModel, calibration: Tensor, device: str | torch.device = "cpu",
-                          batch_size: int = 8, *, on_event: Event | None = None) -> list[dict[str, Tensor]]:
+                          batch_size: int = BATCH_SIZE, *, on_event: Event | None = None) -> list[dict[str, Tensor]]:
     """Per decoder layer of a model in memory, the Wanda importance |W_ij|·‖X_j‖₂ of every Linear (by name within the
     layer), from the dense model's inputs. Every layer's importances at once: for small models and tests."""
     found: list[dict[str, Tensor]] = []
@@ -121,9 +121,9 @@ def activation_importance(model: PreTrainedModel, calibration: Tensor, device: s
 
 
 @torch.no_grad()
-def layer_outlier_ratios(model: PreTrainedModel, calibration: Tensor, m: float = 5.0,
+def layer_outlier_ratios(model: PreTrainedModel, calibration: Tensor, m: float = M,
                          targets: list[dict[str, nn.Linear]] | None = None, device: str | torch.device = "cpu",
-                         batch_size: int = 8, *, layers: LayerSource | None = None,
+                         batch_size: int = BATCH_SIZE, *, layers: LayerSource | None = None,
                          on_event: Event | None = None) -> list[float]:
     """OWL's outlier ratio D_ℓ of every decoder layer's Wanda scores over its `targets` (default: every Linear), the
     dense model's activations streamed through (prune/owl.py). A layer with no target gets NaN."""
@@ -163,7 +163,7 @@ def _damage(layer: nn.Module, hidden: list[Tensor], kwargs: list[dict], dense: l
 @torch.no_grad()
 def layer_sensitivities(model: PreTrainedModel, calibration: Tensor, levels: Sequence[float],
                         targets: list[dict[str, nn.Linear]] | None = None, device: str | torch.device = "cpu",
-                        batch_size: int = 8, *, layers: LayerSource | None = None,
+                        batch_size: int = BATCH_SIZE, *, layers: LayerSource | None = None,
                         on_event: Event | None = None) -> dict[str, Tensor]:
     """Every layer's damage at every level, in each currency (prune/allocation.py): {currency: [layers, levels]}.
 
@@ -210,7 +210,7 @@ def layer_sensitivities(model: PreTrainedModel, calibration: Tensor, levels: Seq
 
 @torch.no_grad()
 def expert_saliencies(model: PreTrainedModel, calibration: Tensor, device: str | torch.device = "cpu",
-                      batch_size: int = 8, *, layers: LayerSource | None = None,
+                      batch_size: int = BATCH_SIZE, *, layers: LayerSource | None = None,
                       on_event: Event | None = None) -> list[Tensor]:
     """Per MoE block (in model order), each expert's mean over the tokens routed to it of g_j(x)·‖f_j(x)‖₂ (REAP); an
     expert no token chose scores 0. The model's experts must be unfused (structure/experts.py)."""

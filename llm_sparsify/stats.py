@@ -8,6 +8,8 @@ from torch import Tensor
 # Calibration samples whose float32 sum is formed before it is added to the float64 total. Bigger
 # products run faster (x xᵀ over 8 samples, not 1); distributed ranks take whole runs of these samples.
 SAMPLES_PER_SUM = 8
+BLOCKSIZE = 128  # columns per lazy batch of an OBS sweep over H (SparseGPT, GPTQ)
+DAMPENING = 0.01  # λ of H + λI, as a share of mean diag(H) (SparseGPT, GPTQ, the OBS refits)
 ELEMENTS_AT_ONCE = 1 << 24  # elements of a weight taken at once by relative_errors (64 MiB in float32)
 
 

@@ -36,6 +36,7 @@ from llm_sparsify.structure.experts import Experts, moe_modules
 from llm_sparsify.structure.permutation import attention_heads, fold_layer_permutations
 from llm_sparsify.targets import count_zeros, target_modules
 from llm_sparsify.walk import (
+    BATCH_SIZE,
     Captured,
     LayerReport,
     LayerSource,
@@ -62,7 +63,7 @@ def prune_layers(
     recipe: Recipe,
     calibration: Tensor | None,
     device: str | torch.device = "cpu",
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     finished: list[LayerReport] | None = None,
     sparsities: list[float] | None = None,
     fisher: dict[str, Tensor] | None = None,
@@ -377,7 +378,7 @@ def prune_model(
     recipe: Recipe,
     calibration: Tensor | None,
     device: str | torch.device = "cpu",
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     sparsities: list[float] | None = None,
     fisher: dict[str, Tensor] | None = None,
     *,

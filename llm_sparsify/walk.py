@@ -35,6 +35,8 @@ from llm_sparsify.structure.resize import remove_units
 
 log = logging.getLogger(__name__)
 
+BATCH_SIZE = 8  # calibration samples per layer forward, unless told
+
 
 @dataclass
 class LayerReport:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from llm_sparsify.errors import AllocationError
 from llm_sparsify.pipeline import run_recipe
 from llm_sparsify.prune.allocation import (
     allocate_sparsities,
@@ -59,7 +60,7 @@ def test_target_at_the_ends_of_the_levels():
     errors = random_curves(4, LEVELS, 0)
     assert allocate_sparsities(errors, LEVELS, 0.4) == pytest.approx([0.4] * 4, abs=1e-12)
     assert allocate_sparsities(errors, LEVELS, 0.8) == pytest.approx([0.8] * 4, abs=1e-12)
-    with pytest.raises(RecipeError, match="outside"):
+    with pytest.raises(AllocationError, match="outside"):
         allocate_sparsities(errors, LEVELS, 0.85)
 
 
@@ -133,7 +134,7 @@ def test_lower_hull_against_brute_force():
 def test_sensitivity_levels():
     assert sensitivity_levels(0.7, 0.2, 5) == pytest.approx([0.5, 0.6, 0.7, 0.8, 0.9])
     assert sensitivity_levels(0.9, 0.2, 3) == pytest.approx([0.7, 0.845, 0.99])
-    with pytest.raises(RecipeError, match="2 levels"):
+    with pytest.raises(AllocationError, match="2 levels"):
         sensitivity_levels(0.5, 0.1, 1)
 
 

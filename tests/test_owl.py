@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from llm_sparsify.errors import AllocationError
 from llm_sparsify.prune.owl import outlier_ratio, owl_sparsities
-from llm_sparsify.recipe import RecipeError
 from llm_sparsify.score_passes import layer_outlier_ratios
 from llm_sparsify.targets import layer_linears
 from tests.conftest import tiny_model
@@ -79,7 +79,7 @@ def test_owl_sparsities_equal_ratios_are_uniform():
     ([0.1, 0.0], 0.5, -0.1, "lambda"),
 ])
 def test_owl_sparsities_errors(ratios, target, lam, message):
-    with pytest.raises(RecipeError, match=message):
+    with pytest.raises(AllocationError, match=message):
         owl_sparsities(ratios, target, lam)
 
 

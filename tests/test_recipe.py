@@ -435,3 +435,42 @@ def test_expert_tokens():
         recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5, "expert_tokens": "some"}})
     with pytest.raises(RecipeError, match="unknown key"):  # magnitude reads no calibration tokens
         recipe_from_dict({"pruning": {"method": "magnitude", "sparsity": 0.5, "expert_tokens": "all"}})
+
+
+# --- declared once (issue 19, item 7) --------------------------------------------------------------------------------
+
+SECTIONS = {"depth": "Depth", "experts": "ExpertRemoval", "width": "Width", "reconstruction": "Reconstruction",
+            "recovery": "Recovery", "evaluate": "Evaluation", "export": "Export"}
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_every_section_key_declares_its_default_and_its_check(section):
+    """Each key of a section is one field with its default and its check: an empty section is the defaults, and
+    every key refuses a value of no sensible kind in words that name it."""
+    from llm_sparsify import recipe as recipe_module
+
+    stage = getattr(recipe_module, SECTIONS[section])
+    assert recipe_module.section_of({}, section, stage) == stage()
+    for field in dataclasses.fields(stage):
+        with pytest.raises(RecipeError, match=rf"^{section}\.{field.name} "):
+            recipe_module.section_of({field.name: object()}, section, stage)
+
+
+def test_the_recipe_the_methods_and_the_command_line_share_their_defaults():
+    """A default lives in one place: the recipe's sections read the methods' own constants, and the command line the
+    API's."""
+    from llm_sparsify.cli import build_parser
+    from llm_sparsify.export import GGUF_TYPE
+    from llm_sparsify.finish import Steps
+    from llm_sparsify.prune import owl
+    from llm_sparsify.recipe import Export, Owl
+    from llm_sparsify.stats import BLOCKSIZE, DAMPENING
+    from llm_sparsify.walk import BATCH_SIZE
+
+    assert (Owl().threshold, Owl().lam) == (owl.M, owl.LAMBDA)
+    sparsegpt = load_recipe({"pruning": {"method": "sparsegpt", "sparsity": 0.5}, "quantization": {"method": "gptq"}})
+    assert (sparsegpt.options["blocksize"], sparsegpt.options["dampening"]) == (BLOCKSIZE, DAMPENING)
+    assert (sparsegpt.quantization.blocksize, sparsegpt.quantization.dampening) == (BLOCKSIZE, DAMPENING)
+    prune = build_parser().parse_args(["prune"])
+    assert (prune.batch_size, prune.ppl_windows) == (BATCH_SIZE, Steps.ppl_windows)
+    assert build_parser().parse_args(["export", "x", "--format", "gguf"]).qtype == GGUF_TYPE == Export().qtype

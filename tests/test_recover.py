@@ -162,7 +162,7 @@ def test_group_lasso_takes_each_layers_own_kv_groups_after_global_head_pruning()
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**dict(TINY, num_attention_heads=8, num_key_value_heads=4))).eval()
-    prune_width(model, "heads", 5 / 12, scope="global")
+    prune_width(model, "heads", 5 / 12, score="weight", scope="global")
     groups = [layer.self_attn.k_proj.out_features // layer.self_attn.head_dim for layer in model.model.layers]
     assert sum(groups) == 7 and len(set(groups)) > 1
     with torch.no_grad():

@@ -188,10 +188,10 @@ def test_prune_width_errors():
     with pytest.raises(WidthError, match="calibration"):
         prune_width(model, "mlp", 0.2, score="activation")
     with pytest.raises(WidthError, match="removes all"):
-        prune_width(model, "heads", 0.8)  # 2 KV groups per layer
+        prune_width(model, "heads", 0.8, score="weight")  # 2 KV groups per layer
     for kwargs in (dict(unit="ffn"), dict(score="fisher"), dict(amount=0.0)):
         with pytest.raises(WidthError):
-            prune_width(model, **{"unit": "mlp", "amount": 0.2, **kwargs})
+            prune_width(model, **{"unit": "mlp", "amount": 0.2, "score": "weight", **kwargs})
     with pytest.raises(WidthError, match="shape"):
         prune_width(model, "mlp", 0.2, importance=[{"mlp.gate_proj": torch.ones(1), "mlp.up_proj": torch.ones(1),
                                                     "mlp.down_proj": torch.ones(1)}] * 3)
@@ -263,7 +263,7 @@ def test_uniform_widths_reload_with_plain_transformers(tmp_path, calibration):
 def test_unequal_widths_load_with_load_width_pruned(tmp_path, tied):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=tied)).eval()
-    report = prune_width(model, "mlp", 0.3, scope="global")
+    report = prune_width(model, "mlp", 0.3, score="weight", scope="global")
     assert sum(report["of"]) - sum(report["kept"]) == round(0.3 * 3 * TINY["intermediate_size"])
     remove_kv_groups(model, [torch.tensor([True, True]), torch.tensor([False, True]), torch.tensor([True, False])])
     widths = model.config.layer_widths

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 from transformers.utils.logging import tqdm
 
 from llm_sparsify import __version__
-from llm_sparsify.export import ExportError
+from llm_sparsify.export import GGUF_TYPE, GGUF_TYPES, ExportError
 from llm_sparsify.export.hf import read_record
 from llm_sparsify.files import GGUF_KEY, atomic_file, check_output
 from llm_sparsify.models import ModelError
@@ -31,7 +31,6 @@ from llm_sparsify.stream import read_tensors, weight_map
 
 log = logging.getLogger(__name__)
 
-QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")  # one layout; llama.cpp calls both "llama"
 _FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
                "BF16": gguf.LlamaFileType.MOSTLY_BF16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
@@ -43,7 +42,7 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def export_gguf(checkpoint: str | Path, output: str | Path, *, qtype: str = "Q8_0", overwrite: bool = False) -> Path:
+def export_gguf(checkpoint: str | Path, output: str | Path, *, qtype: str = GGUF_TYPE, overwrite: bool = False) -> Path:
     """Write a Llama/Mistral checkpoint as one GGUF file for llama.cpp and return its path.
 
     `qtype` is the type of the 2-D weights (F32, F16, BF16, Q8_0, Q4_0); norms stay F32. With Q4_0 the token
@@ -54,8 +53,8 @@ def export_gguf(checkpoint: str | Path, output: str | Path, *, qtype: str = "Q8_
     """
     checkpoint, output = Path(checkpoint), Path(output)
     qtype = qtype.upper()
-    if qtype not in QTYPES:
-        raise ExportError(f"GGUF type {qtype!r} is not supported; choose one of {', '.join(QTYPES)}")
+    if qtype not in GGUF_TYPES:
+        raise ExportError(f"GGUF type {qtype!r} is not supported; choose one of {', '.join(GGUF_TYPES)}")
     config = _llama_config(checkpoint)
     try:
         files = weight_map(checkpoint)

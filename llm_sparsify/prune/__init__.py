@@ -22,7 +22,7 @@ from llm_sparsify.prune.ria import ALPHA, prune_ria, ria_scores
 from llm_sparsify.prune.sparsegpt import prune_sparsegpt, sparsegpt_sweep
 from llm_sparsify.prune.wanda import prune_wanda, wanda_scores
 from llm_sparsify.quantize.grid import Grid, Quantization, rtn
-from llm_sparsify.stats import InputStatistics
+from llm_sparsify.stats import DAMPENING, InputStatistics
 
 # method -> the statistic it needs: of the Linear's input, or the Fisher diagonal of its weight (None: no data)
 STATISTIC: dict[str, str | None] = {"magnitude": None, "wanda": "column_norms", "sparsegpt": "hessian",
@@ -80,7 +80,7 @@ def prune_weights(
         if joint:
             return pruned, grids
     if update != "none":
-        pruned = update_kept(update, weights, pruned, stats.hessian(), options.get("dampening", 0.01))
+        pruned = update_kept(update, weights, pruned, stats.hessian(), options.get("dampening", DAMPENING))
     return quantize_weights(pruned, stats, quantization)
 
 

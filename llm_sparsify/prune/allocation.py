@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from llm_sparsify.recipe import RecipeError
+from llm_sparsify.errors import AllocationError
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,10 @@ CURRENCIES = ("token", "sum", "update")
 def sensitivity_levels(target: float, spread: float, count: int) -> list[float]:
     """`count` equally spaced sparsities from target − spread to target + spread (clipped to [0, 0.99])."""
     if count < 2:
-        raise RecipeError(f"sensitivity allocation needs at least 2 levels, got {count}")
+        raise AllocationError(f"sensitivity allocation needs at least 2 levels, got {count}")
     low, high = max(0.0, target - spread), min(0.99, target + spread)
     if not low < high or not low <= target <= high:
-        raise RecipeError(f"sensitivity spread {spread} around {target} leaves no room to vary the sparsity")
+        raise AllocationError(f"sensitivity spread {spread} around {target} leaves no room to vary the sparsity")
     return [low + (high - low) * k / (count - 1) for k in range(count)]
 
 
@@ -101,7 +101,7 @@ def allocate_sparsities(
     if len(weights) != n or min(weights) <= 0:
         raise ValueError(f"weights_per_layer needs a positive count for each of the {n} layers, got {weights}")
     if not levels[0] <= target <= levels[-1]:
-        raise RecipeError(f"target sparsity {target} lies outside the measured levels [{levels[0]:g}, "
+        raise AllocationError(f"target sparsity {target} lies outside the measured levels [{levels[0]:g}, "
                           f"{levels[-1]:g}]")
     total = sum(weights)
     sparsity = [levels[0]] * n

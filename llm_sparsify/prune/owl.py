@@ -20,12 +20,15 @@ import math
 
 from torch import Tensor
 
-from llm_sparsify.recipe import RecipeError
+from llm_sparsify.errors import AllocationError
 
 log = logging.getLogger(__name__)
 
+M = 5.0  # a score is an outlier above M × the mean (the paper's)
+LAMBDA = 0.08  # λ: layer sparsities spread over [S − λ, S + λ] (the paper's)
 
-def outlier_ratio(scores: list[Tensor], m: float = 5.0) -> float:
+
+def outlier_ratio(scores: list[Tensor], m: float = M) -> float:
     """Share (0 to 1, not percent) of the scores above m × their mean, the mean pooled over all the given matrices."""
     if not scores:
         raise ValueError("outlier_ratio needs at least one score matrix")
@@ -35,7 +38,7 @@ def outlier_ratio(scores: list[Tensor], m: float = 5.0) -> float:
     return sum(int((s > threshold).sum()) for s in scores) / count
 
 
-def owl_sparsities(ratios: list[float], target: float, lam: float = 0.08) -> list[float]:
+def owl_sparsities(ratios: list[float], target: float, lam: float = LAMBDA) -> list[float]:
     """Per-layer sparsity from layer outlier ratios: mean exactly `target`, layers with more outliers pruned less.
 
     S_ℓ = S + λ − 2λ (D_ℓ − min D) / (max D − min D), then all shifted by one constant so that their mean is S. So
@@ -44,11 +47,11 @@ def owl_sparsities(ratios: list[float], target: float, lam: float = 0.08) -> lis
     of the whole model when every layer has the same number of target weights (as in Llama or Mistral).
     """
     if not 0 <= target < 1:
-        raise RecipeError(f"OWL target sparsity must lie in [0, 1), got {target}")
+        raise AllocationError(f"OWL target sparsity must lie in [0, 1), got {target}")
     if lam < 0:
-        raise RecipeError(f"OWL lambda must be >= 0, got {lam}")
+        raise AllocationError(f"OWL lambda must be >= 0, got {lam}")
     if not ratios or not all(math.isfinite(r) for r in ratios):
-        raise RecipeError(f"OWL needs a finite outlier ratio for every layer, got {ratios}")
+        raise AllocationError(f"OWL needs a finite outlier ratio for every layer, got {ratios}")
     low, high = min(ratios), max(ratios)
     if high == low:
         return [target] * len(ratios)
@@ -56,6 +59,6 @@ def owl_sparsities(ratios: list[float], target: float, lam: float = 0.08) -> lis
     shift = target - sum(spread) / len(spread)
     sparsities = [s + shift for s in spread]
     if min(sparsities) < 0 or max(sparsities) >= 1:
-        raise RecipeError(f"OWL with target {target} and lambda {lam} gives layer sparsities from "
+        raise AllocationError(f"OWL with target {target} and lambda {lam} gives layer sparsities from "
                           f"{min(sparsities):.3f} to {max(sparsities):.3f}, outside [0, 1); use a smaller lambda")
     return sparsities

@@ -19,19 +19,21 @@ import torch
 from torch import Tensor
 
 from llm_sparsify.prune.sparsegpt import sparsegpt_sweep
+from llm_sparsify.stats import DAMPENING
 
 log = logging.getLogger(__name__)
 
 UPDATES = ("none", "obs", "lstsq")
 
 
-def refit_obs(weights: list[Tensor], hessian: Tensor, masks: list[Tensor], dampening: float = 0.01) -> list[Tensor]:
+def refit_obs(weights: list[Tensor], hessian: Tensor, masks: list[Tensor],
+              dampening: float = DAMPENING) -> list[Tensor]:
     """The dense `weights` with `masks` (True = removed) applied and the kept weights updated by the OBS sweep."""
     return sparsegpt_sweep(weights, hessian, mask=masks, dampening=dampening)[0]
 
 
 def refit_lstsq(
-    weights: list[Tensor], hessian: Tensor, masks: list[Tensor], dampening: float = 0.01, steps: int = 200,
+    weights: list[Tensor], hessian: Tensor, masks: list[Tensor], dampening: float = DAMPENING, steps: int = 200,
     tolerance: float = 1e-3, start: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """The dense `weights` with `masks` applied and the kept weights set to the least-squares optimum (see above).
@@ -72,7 +74,7 @@ def refit_lstsq(
 
 
 def update_kept(
-    update: str, weights: list[Tensor], pruned: list[Tensor], hessian: Tensor, dampening: float = 0.01
+    update: str, weights: list[Tensor], pruned: list[Tensor], hessian: Tensor, dampening: float = DAMPENING
 ) -> list[Tensor]:
     """`pruned` (the dense `weights` with some entries zeroed) with its kept weights updated by `update`."""
     if update == "none":

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from llm_sparsify.prune.masks import Pattern, nm_mask, unstructured_mask
 from llm_sparsify.quantize.grid import Grid, QuantScheme, dequantize, fit_grid, fit_scale, quantize
+from llm_sparsify.stats import BLOCKSIZE, DAMPENING
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,14 @@ def inverse_hessian_factor(hessian: Tensor, dampening: float) -> Tensor:
 
 
 def prune_sparsegpt(
-    weight: Tensor, hessian: Tensor, pattern: Pattern, blocksize: int = 128, dampening: float = 0.01
+    weight: Tensor, hessian: Tensor, pattern: Pattern, blocksize: int = BLOCKSIZE, dampening: float = DAMPENING
 ) -> Tensor:
     """The pruned and OBS-updated weight (same shape and dtype), computed in float32 on weight.device."""
     return sparsegpt_sweep([weight], hessian, pattern, blocksize=blocksize, dampening=dampening)[0][0]
 
 
 def prune_sparsegpt_together(
-    weights: list[Tensor], hessian: Tensor, pattern: Pattern, blocksize: int = 128, dampening: float = 0.01
+    weights: list[Tensor], hessian: Tensor, pattern: Pattern, blocksize: int = BLOCKSIZE, dampening: float = DAMPENING
 ) -> list[Tensor]:
     """SparseGPT on weights that read the same input (q/k/v, gate/up): see sparsegpt_sweep."""
     return sparsegpt_sweep(weights, hessian, pattern, blocksize=blocksize, dampening=dampening)[0]
@@ -60,7 +61,7 @@ def prune_sparsegpt_together(
 
 def sparsegpt_sweep(
     weights: list[Tensor], hessian: Tensor, pattern: Pattern | None = None, mask: list[Tensor] | None = None,
-    scheme: QuantScheme | None = None, blocksize: int = 128, dampening: float = 0.01, actorder: bool = False,
+    scheme: QuantScheme | None = None, blocksize: int = BLOCKSIZE, dampening: float = DAMPENING, actorder: bool = False,
 ) -> tuple[list[Tensor], list[Grid] | None]:
     """The OBS sweep of SparseGPT and GPTQ: each column is pruned (mask chosen by `pattern` as the sweep goes, or a
     fixed `mask`, True = removed) and rounded to `scheme`'s grid, its error spread over the columns not yet visited.

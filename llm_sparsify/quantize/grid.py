@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from llm_sparsify.stats import BLOCKSIZE, DAMPENING
+
 GRIDS_FILE = "quantization.safetensors"  # beside the dense weights of a quantized checkpoint
 
 
@@ -47,8 +49,8 @@ class Quantization:
 
     method: str
     scheme: QuantScheme
-    blocksize: int = 128  # gptq
-    dampening: float = 0.01  # gptq
+    blocksize: int = BLOCKSIZE  # gptq
+    dampening: float = DAMPENING  # gptq
     actorder: bool = True  # gptq: columns by decreasing H_qq, static groups (off for N:M in the same sweep)
 
     def to_dict(self) -> dict[str, Any]:

@@ -34,6 +34,8 @@ from llm_sparsify.models import decoder_layers
 
 log = logging.getLogger(__name__)
 
+BASELINES = ("last", "random")  # scores that need no data, to compare the cosine score against
+
 PER_LAYER_LISTS = ("layer_types", "no_rope_layers")  # config lists with one entry per decoder layer
 
 
