@@ -393,10 +393,11 @@ def ordered_subset(out: torch.Tensor, ref: torch.Tensor, dim: int) -> bool:
 
 
 def verify_structure(output: Path, model_dir: Path, record: dict) -> dict:
-    """Check a depth/width/OWL output against the input tensor by tensor: the layers the record keeps, renumbered;
-    the planned shapes (a meta model built from OUT's config, the weight map covering it); per kept layer, tensors
-    equal to the input's (cut to the kept units, in order, where no pruning follows); the per-layer sparsity the
-    record planned over the targets; everything outside the decoder layers identical."""
+    """Check an experts/depth/width/OWL output against the input tensor by tensor: the layers the record keeps,
+    renumbered, and in each the experts it keeps, renumbered (the router's rows exactly theirs); the planned shapes (a
+    meta model built from OUT's config, the weight map covering it); per kept layer, tensors equal to the input's (cut
+    to the kept units, in order, where no pruning follows); the per-layer sparsity the record planned over the
+    targets; everything outside the decoder layers identical."""
     stages, pruning = record["stages"], record["recipe"].get("pruning")
     in_config, out_config = AutoConfig.from_pretrained(model_dir), AutoConfig.from_pretrained(output)
     removed = set(stages.get("depth", {}).get("removed", []))
@@ -406,12 +407,17 @@ def verify_structure(output: Path, model_dir: Path, record: dict) -> dict:
     planned = parameter_shapes(out_config)
     checks = {"layers_as_planned": out_config.num_hidden_layers == len(kept_layers),
               "weight_map_covers_model": set(planned) == set(result)}
+    experts = stages.get("experts", {}).get("kept")  # per MoE layer of the input, the experts it keeps
+    if experts:
+        checks["experts_as_planned"] = out_config.num_local_experts == len(experts[0])
     if "width" in stages:
         unit = stages["width"]["unit"]
         field = "intermediate_size" if unit == "mlp" else "num_key_value_heads"
         checks["width_as_planned"] = [getattr(out_config, field)] * len(kept_layers) == stages["width"]["kept"]
     shapes_ok = copies_ok = untouched_ok = sparsity_ok = True
     decoder_zeros = decoder_total = 0
+    masks_only = bool(pruning) and pruning["method"] in ("magnitude", "wanda", "ria") and pruning.get(
+        "update", "none") == "none" and not record["recipe"].get("reconstruction")  # no weight changes but zeros
     with contextlib.ExitStack() as stack:
         files = {path: stack.enter_context(safe_open(str(path), "pt"))
                  for path in set(source.values()) | set(result.values())}
@@ -422,14 +428,23 @@ def verify_structure(output: Path, model_dir: Path, record: dict) -> dict:
                 untouched_ok &= torch.equal(out, files[source[name]].get_tensor(name))
                 continue
             index, part = name.removeprefix("model.layers.").split(".", 1)
-            origin = f"model.layers.{kept_layers[int(index)]}.{part}"
+            layer = kept_layers[int(index)]
+            if experts and part.startswith("block_sparse_moe.experts."):  # expert k here is kept[k] of the input
+                number, rest = part.removeprefix("block_sparse_moe.experts.").split(".", 1)
+                part = f"block_sparse_moe.experts.{experts[layer][int(number)]}.{rest}"
+            origin = f"model.layers.{layer}.{part}"
             ref = files[source[origin]].get_tensor(origin)
+            if experts and part == f"{ROUTER}.weight":
+                ref = ref[experts[layer]]  # the kept experts' rows
             if out.dim() >= 2:
                 decoder_zeros += int((out == 0).sum())
                 decoder_total += out.numel()
             if pruning and is_target(name, pruning):
                 target = allocation[int(index)] if allocation else float(pruning["sparsity"])
                 sparsity_ok &= abs(int((out == 0).sum()) / out.numel() - target) < 0.02
+                if masks_only and out.shape == ref.shape:  # the weights it kept are the input's (right expert)
+                    kept = out != 0
+                    copies_ok &= torch.equal(out[kept], ref[kept])
             elif out.shape == ref.shape:
                 copies_ok &= torch.equal(out, ref)
             else:
@@ -474,7 +489,7 @@ def benchmark_recipe(args: argparse.Namespace, recipe: str, model_dir: Path, mod
     record = json.loads((output / RECORD).read_text())
     seconds = [layer["seconds"] for layer in record.get("layers", [])]
     stages = record.get("stages", {})
-    if "depth" in stages or "width" in stages or (stages.get("pruning") or {}).get("owl"):
+    if "experts" in stages or "depth" in stages or "width" in stages or (stages.get("pruning") or {}).get("owl"):
         verified = verify_structure(output, model_dir, record)
     else:
         verified = verify_output(output, model_dir, record["recipe"]["pruning"] | {

@@ -9,10 +9,10 @@ experts -> depth -> width -> pruning (+ quantization) -> recovery.
     fine-tune with the masks frozen, or prune gradually  recover.py
 
 Each structure stage is score passes (read only) -> a pure decision -> the change, made through the source
-(LayerSource.remove_blocks / remove_units): on the model in memory, or on the skeleton and on the tensors of each
-layer as the transform pass reads them. So depth, width, OWL and sensitivity allocation stream from disk
-(api.prune_checkpoint) as plain pruning does. Expert removal, OBD (gradients through the whole network) and
-recovery fine-tuning are whole-model stages: they need the model in host memory (Recipe.whole_model_stages).
+(LayerSource.remove_experts / remove_blocks / remove_units): on the model in memory, or on the skeleton and on the
+tensors of each layer as the transform pass reads them. So expert removal, depth, width, OWL and sensitivity
+allocation stream from disk (api.prune_checkpoint) as plain pruning does. OBD (gradients through the whole network)
+and recovery fine-tuning are whole-model stages: they need the model in host memory (Recipe.whole_model_stages).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from llm_sparsify.structure.depth import (
     choose_blocks,
     fuse_importance,
 )
-from llm_sparsify.structure.experts import experts_to_keep, moe_blocks, remove_experts
+from llm_sparsify.structure.experts import experts_to_keep, moe_blocks
 from llm_sparsify.structure.resize import UNITS, WidthError
 from llm_sparsify.structure.width import (
     SCORES,
@@ -87,13 +87,13 @@ def experts_kept(model: PreTrainedModel, removal: ExpertRemoval) -> int:
     return keep
 
 
-def remove_weak_experts(model: PreTrainedModel, removal: ExpertRemoval, calibration: Tensor, device: str,
-                        batch_size: int, on_event: Event | None = None) -> dict[str, Any]:
+def remove_weak_experts(model: PreTrainedModel, layers: LayerSource, removal: ExpertRemoval, calibration: Tensor,
+                        device: str, batch_size: int, on_event: Event | None = None) -> dict[str, Any]:
     """Score every expert by REAP's saliency and keep the most salient, the same number in every MoE layer."""
     keep = experts_kept(model, removal)
-    saliency = expert_saliencies(model, calibration, device, batch_size, on_event=on_event)
+    saliency = expert_saliencies(model, calibration, device, batch_size, layers=layers, on_event=on_event)
     kept = [experts_to_keep(s, keep) for s in saliency]
-    remove_experts(model, kept)
+    layers.remove_experts(kept)
     log.info("experts: kept %d per layer: %s", keep, kept)
     return {"kept": kept, "saliency": [[round(v, 6) for v in s.tolist()] for s in saliency]}
 
@@ -243,7 +243,7 @@ def restructure(model: PreTrainedModel, layers: LayerSource, recipe: Recipe, cal
     and `layers` change in place. Returns what each did, and the parameter counts before and after."""
     stages: dict[str, Any] = {"parameters_before": parameter_count(model)}
     if recipe.experts is not None:
-        stages["experts"] = timed(remove_weak_experts, model, recipe.experts, calibration, device, batch_size,
+        stages["experts"] = timed(remove_weak_experts, model, layers, recipe.experts, calibration, device, batch_size,
                                     on_event)
     if recipe.depth is not None:
         stages["depth"] = timed(remove_depth, model, layers, recipe.depth, calibration, tokenizer, device, batch_size,

@@ -34,8 +34,8 @@
                                #   need their columns in order)
 
 The stages run in this order: experts -> depth -> width -> pruning (+ quantization) -> recovery; then evaluate and
-export the saved output. Depth, width and the per-layer allocations stream one decoder layer at a time like plain
-pruning; expert removal, OBD and recovery need the whole model in memory (Recipe.whole_model_stages). Every section
+export the saved output. Expert removal, depth, width and the per-layer allocations stream one decoder layer at a
+time like plain pruning; OBD and recovery need the whole model in memory (Recipe.whole_model_stages). Every section
 is optional, but a recipe needs at least one of experts, depth, width, pruning.
 
     experts:                   # remove whole MoE experts, the same count in every MoE layer (structure/experts.py)
@@ -390,7 +390,7 @@ class Recipe:
     def whole_model_stages(self) -> list[str]:
         """The stages of the recipe that need the whole model in memory (pipeline.py), in words: the others stream."""
         obd = self.needs_fisher or bool(self.width and self.width.score == "obd")
-        stages = {"expert removal": self.experts, "OBD": obd, "recovery": self.recovery}
+        stages = {"OBD": obd, "recovery": self.recovery}
         return [name for name, present in stages.items() if present]
 
     @property

@@ -10,12 +10,13 @@ last finished layer; the directory is renamed to its final name only when comple
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,13 @@ from llm_sparsify.files import MARKER, PROGRESS, RECORD, OutputExistsError, _rem
 from llm_sparsify.models import DEFAULT_MODEL, ModelError, decoder_layers, default_model_path
 from llm_sparsify.quantize.grid import GRIDS_FILE, Grid, load_grids, save_grids
 from llm_sparsify.structure.depth import remove_blocks
-from llm_sparsify.structure.experts import fused_tensors, unfused_tensors
+from llm_sparsify.structure.experts import (
+    fused_tensors,
+    keep_expert_tensors,
+    moe_blocks,
+    remove_experts,
+    unfused_tensors,
+)
 from llm_sparsify.structure.resize import cut_tensors, remove_units
 from llm_sparsify.walk import LayerReport
 
@@ -334,10 +341,11 @@ class StreamedLayers:
         self.prefix = next(name for name, module in model.named_modules() if module is layers)
         self._index_layers()
         # where each layer's tensors are read: its checkpoint layer (names and renamings as the checkpoint has them),
-        # and the rows and columns of its Linears kept there (width pruning; structure/resize.unit_slices)
+        # and the cuts the structure stages made, in order, each a function of the layer's tensors: the experts kept
+        # (structure/experts.keep_expert_tensors), the rows and columns of its Linears kept (resize.cut_tensors)
         self.sources = list(range(len(layers)))
         self.source_names, self.source_renamings = list(self.stored_names), list(self.renamings)
-        self.slices: list[list[dict[str, tuple[int, Tensor]]]] = [[] for _ in layers]
+        self.cuts: list[list[Callable[[dict[str, Tensor]], dict[str, Tensor]]]] = [[] for _ in layers]
         self.restructured = False  # the skeleton's structure differs from the checkpoint's (its config too)
         missing = [name for names in self.stored_names for name in names if name not in self.files]
         tied = getattr(model, "all_tied_weights_keys", None) or {}  # e.g. lm_head.weight: the embeddings'
@@ -369,22 +377,34 @@ class StreamedLayers:
         self._check_renamed()
         remove_blocks(self.model, blocks)
         self.sources = [s for i, s in enumerate(self.sources) if i not in blocks]
-        self.slices = [s for i, s in enumerate(self.slices) if i not in blocks]
+        self.cuts = [c for i, c in enumerate(self.cuts) if i not in blocks]
         self._restructured()
 
     def remove_units(self, unit: str, keep: list[Tensor]) -> None:
         """Cut MLP channels or KV groups out of the skeleton's layers (structure/resize.remove_units, config included)
         and out of each layer's tensors as they are read."""
         self._check_renamed()
-        for slices, cut in zip(self.slices, remove_units(self.model, unit, keep), strict=True):
-            if cut:
-                slices.append(cut)
+        for cuts, slices in zip(self.cuts, remove_units(self.model, unit, keep), strict=True):
+            if slices:
+                cuts.append(functools.partial(cut_tensors, slices=slices))
+        self._restructured()
+
+    def remove_experts(self, keep: list[list[int]]) -> None:
+        """Keep only experts `keep[b]` of MoE block b in the skeleton (structure/experts.remove_experts, config
+        included) and in each layer's tensors as they are read."""
+        self._check_renamed()
+        blocks = {id(block): b for b, block in enumerate(moe_blocks(self.model))}
+        for layer, cuts in zip(self.layers, self.cuts, strict=True):
+            for name, module in layer.named_modules():
+                if id(module) in blocks:
+                    cuts.append(functools.partial(keep_expert_tensors, block=name, kept=keep[blocks[id(module)]]))
+        remove_experts(self.model, keep)
         self._restructured()
 
     def _check_renamed(self) -> None:
         if any(renaming is None for renaming in self.source_renamings):
-            raise ModelError("depth and width pruning stream only checkpoints whose layers' tensors are stored as "
-                             "the model holds them (renamed at most); this one converts them on loading")
+            raise ModelError("expert removal, depth and width pruning stream only checkpoints whose layers' tensors "
+                             "are stored as the model holds them (renamed at most); this one converts them on loading")
 
     def _restructured(self) -> None:
         self.restructured = True
@@ -412,7 +432,7 @@ class StreamedLayers:
 
     def _read(self, index: int, original: bool = False) -> dict[str, Tensor]:
         """Layer `index`'s tensors (names within the layer): from the partial output if an earlier run finished it
-        (unless `original`), else from its checkpoint layer, cut to the layer's width."""
+        (unless `original`), else from its checkpoint layer, cut as the structure stages cut the skeleton."""
         if not original and self.output is not None and index < len(self.output.finished):
             full = self.stored_names[index]
             files = dict.fromkeys(full, self.output.shard_name(index))
@@ -420,8 +440,8 @@ class StreamedLayers:
         source = self.sources[index]
         stored = read_tensors(self.checkpoint, self.files, self.source_names[source])
         tensors = self._to_modules(source, stored, self.source_renamings[source])
-        for slices in self.slices[index]:
-            tensors = cut_tensors(tensors, slices)
+        for cut in self.cuts[index]:
+            tensors = cut(tensors)
         return tensors
 
     @contextlib.contextmanager

@@ -31,6 +31,7 @@ from llm_sparsify.events import Event, emit
 from llm_sparsify.host_memory import release_host_memory
 from llm_sparsify.stats import InputStatistics
 from llm_sparsify.structure.depth import remove_blocks
+from llm_sparsify.structure.experts import remove_experts
 from llm_sparsify.structure.resize import remove_units
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class LayerSource(Protocol):
     def unload(self, index: int, layer: nn.Module) -> None: ...
     def remove_blocks(self, blocks: list[int]) -> None: ...
     def remove_units(self, unit: str, keep: list[Tensor]) -> None: ...
+    def remove_experts(self, keep: list[list[int]]) -> None: ...
 
 
 class ResidentLayers:
@@ -131,6 +133,10 @@ class ResidentLayers:
     def remove_units(self, unit: str, keep: list[Tensor]) -> None:
         """Cut MLP channels or KV groups out of every layer (structure/resize.remove_units)."""
         remove_units(self.model, unit, keep)
+
+    def remove_experts(self, keep: list[list[int]]) -> None:
+        """Keep only experts `keep[b]` of MoE block b (structure/experts.remove_experts)."""
+        remove_experts(self.model, keep)
 
 
 @torch.no_grad()

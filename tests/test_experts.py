@@ -514,3 +514,31 @@ def test_experts_with_an_activation_of_their_own_stay_fused():
     fused = next(m for m in tiny_moe("mixtral").modules() if is_fused_experts(m))
     fused.act_fn = GatedActivation()
     assert not is_fused_experts(fused)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_expert_removal_streams_from_disk_to_the_checkpoint_compress_makes(kind, tmp_path, one_thread):
+    """Expert removal is a score pass and a cut on read, like depth and width: prune_checkpoint streams it (the
+    skeleton loses the experts, each layer's tensors as they are read) and writes what compress writes."""
+    from safetensors.torch import load_file
+
+    def output_tensors(path):
+        return {name: t for file in sorted(path.glob("*.safetensors")) for name, t in load_file(file).items()}
+
+    recipe = {"experts": {"remove": 1}, "pruning": {"method": "wanda", "sparsity": 0.5}}
+    tiny_moe(kind).save_pretrained(tmp_path / "dense")
+    record = prune_checkpoint(str(tmp_path / "dense"), recipe, tmp_path / "streamed", calibration(8), device="cpu",
+                              dtype=torch.float32, batch_size=4)
+    assert "resumed_after_layers" in record  # it streamed
+    model = tiny_moe(kind)
+    compress(model, recipe, calibration(8), device="cpu", batch_size=4, output=tmp_path / "memory")
+    streamed, memory = output_tensors(tmp_path / "streamed"), output_tensors(tmp_path / "memory")
+    assert streamed.keys() == memory.keys()
+    for name, tensor in memory.items():
+        assert torch.equal(streamed[name], tensor), name
+    saved = json.loads((tmp_path / "memory" / "llm_sparsify.json").read_text())["stages"]["experts"]
+    assert record["stages"]["experts"]["kept"] == saved["kept"] and len(saved["kept"][0]) == 3
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed", dtype=torch.float32)
+    assert expert_count_of(reloaded) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(calibration(2)).logits, model(calibration(2)).logits)

@@ -231,6 +231,24 @@ def remove_experts(model: nn.Module, keep: list[list[int]]) -> None:
             setattr(model.config, key, count)
 
 
+def keep_expert_tensors(tensors: dict[str, Tensor], block: str, kept: list[int]) -> dict[str, Tensor]:
+    """The same cut as remove_experts, on one layer's tensors read from a checkpoint (names within the layer, experts
+    unfused): of MoE block `block` (e.g. "mlp"), only experts `kept`, renumbered in order, and their router rows."""
+    experts, router = f"{block}.experts.", (f"{block}.gate.weight", f"{block}.gate.bias")
+    number = {e: k for k, e in enumerate(kept)}
+    cut = {}
+    for name, tensor in tensors.items():
+        if name.startswith(experts):
+            e, rest = name.removeprefix(experts).split(".", 1)
+            if int(e) in number:
+                cut[f"{experts}{number[int(e)]}.{rest}"] = tensor
+        elif name in router:
+            cut[name] = tensor[torch.tensor(kept)]
+        else:
+            cut[name] = tensor
+    return cut
+
+
 def expert_count(model: nn.Module) -> int | None:
     """The experts per MoE layer, from the config (None: not a MoE model)."""
     return next((getattr(model.config, k) for k in _COUNT_KEYS if getattr(model.config, k, None)), None)
