@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from llm_sparsify import __version__, distributed
 from llm_sparsify.architecture import parameter_count
+from llm_sparsify.checkpoint import resolve_checkpoint, skeleton
 from llm_sparsify.data import calibration_ids, check_count, is_token_ids, warn_long_windows
 from llm_sparsify.errors import UserError
 from llm_sparsify.events import Event, emit
@@ -36,7 +37,7 @@ from llm_sparsify.models import (
 )
 from llm_sparsify.pipeline import check_structure, layer_sparsities, restructure, run_recipe
 from llm_sparsify.recipe import Recipe, RecipeError, load_recipe
-from llm_sparsify.stream import PartialOutput, StreamedLayers, fingerprint, resolve_checkpoint, skeleton
+from llm_sparsify.stream import PartialOutput, StreamedLayers, fingerprint
 from llm_sparsify.structure.experts import experts_unfused, unfuse_experts
 from llm_sparsify.targets import count_zeros, untargeted_weights
 from llm_sparsify.transform_pass import prune_layers

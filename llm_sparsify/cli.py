@@ -177,25 +177,21 @@ def _push_options(parser: argparse.ArgumentParser) -> None:
 
 
 class LayerBars:
-    """A progress bar per walk, drawn from its ("layer", ...) events (events.py); off with --quiet, as every bar."""
+    """A progress bar per walk, drawn from its events (events.py); off with --quiet, as every bar."""
 
     def __init__(self) -> None:
         self.bar: tqdm | None = None
-        self.walk, self.done = "", 0
 
-    def __call__(self, layer: dict[str, Any]) -> None:
-        done, total = layer["index"] + 1, layer["layers"]
-        if self.bar is not None and (layer["pass"] != self.walk or done <= self.done):  # the last one failed
-            self.bar.close()
-            self.bar = None
-        if self.bar is None:  # a walk begins (a resumed one after its finished layers)
-            self.bar = tqdm(total=total, desc=layer["pass"], unit="layer", initial=done - 1)
-            self.walk, self.done = layer["pass"], done - 1
-        self.bar.update(done - self.done)
-        self.done = done
-        if done == total:
-            self.bar.close()
-            self.bar = None
+    def __call__(self, kind: str, value: dict[str, Any]) -> None:
+        if kind == "walk":
+            if self.bar is not None:  # the walk before it stopped short
+                self.bar.close()
+            self.bar = tqdm(total=value["layers"], initial=value["done"], desc=value["pass"], unit="layer")
+        elif self.bar is not None:
+            self.bar.update()
+            if value["index"] + 1 == value["layers"]:
+                self.bar.close()
+                self.bar = None
 
 
 def run_prune(args: argparse.Namespace) -> None:
@@ -216,8 +212,8 @@ def run_prune(args: argparse.Namespace) -> None:
     def show(kind: str, value: Any) -> None:
         """Draw the walks' progress; say what each step did as it finishes (once the output is saved, whatever fails
         later leaves it so)."""
-        if kind == "layer":
-            bars(value)
+        if kind in ("walk", "layer"):
+            bars(kind, value)
         elif kind == "saved":
             stages = value.get("stages", {})
             done = [sparsity_summary(value["sparsity"])] if recipe.method is not None else []

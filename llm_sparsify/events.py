@@ -1,7 +1,9 @@
 """What a run tells its caller as it goes: `on_event(kind, value)`, never printed by the library itself (the CLI
 draws the progress bars and prints the results from these).
 
-    ("layer", {"pass", "index", "layers", "seconds"})   a walk (walk.py) finished decoder layer `index` of `layers`
+    ("walk", {"pass", "layers", "done"})                a walk (walk.py) begins: `layers` decoder layers, `done`
+                                                        of them written by an earlier run
+    ("layer", {"pass", "index", "layers", "seconds"})   the walk finished decoder layer `index`
     ("saved", record)                                   the pruned output is complete (api.prune_checkpoint)
     ("perplexity", {"base": ..., "pruned": ...})        --ppl, after saving (finish.py)
     ("evaluation", {model: {task: {metric: value}}})    the recipe's `evaluate:` section

@@ -286,8 +286,9 @@ def walk(
     kwargs empty). Layers are loaded as the source holds them now (a transform pass's finished layers from its
     partial output), or as the source was (`original`: what a score pass reads). `done` layers were written by an
     earlier run: without activations to rebuild they are not even loaded. `interleaved`: the visits prune during
-    their forward (the activation memory policy keeps room for it). `what` names the pass in errors and in each
-    ("layer", ...) event (events.py), told after the layer's outputs are computed and before it is offloaded.
+    their forward (the activation memory policy keeps room for it). `what` names the pass in errors and in its
+    events (events.py): ("walk", ...) as it begins, ("layer", ...) after each layer's outputs are computed and before
+    it is offloaded.
     """
     device = torch.device(device)
     hidden: list[Tensor] = []
@@ -297,6 +298,7 @@ def walk(
         store = activation_store(model, calibration, device, interleaved)
         with layers.stem(device):
             hidden, kwargs = capture_layer_inputs(model, calibration, device, batch_size, store)
+    emit(on_event, "walk", {"pass": what, "layers": len(layers), "done": 0 if hidden else done})
     for i in range(len(layers)):
         if i < done and not hidden:
             continue

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from llm_sparsify import compress
+from llm_sparsify.checkpoint import read_tensors, weight_map
 from llm_sparsify.export import ExportError
 from llm_sparsify.export.compact import (
     INDEX,
@@ -30,7 +31,6 @@ from llm_sparsify.export.compact import (
 from llm_sparsify.export.hf import save_checkpoint
 from llm_sparsify.files import OutputExistsError, disk_size
 from llm_sparsify.quantize.grid import GRIDS_FILE, QuantScheme, rtn, save_grids
-from llm_sparsify.stream import read_tensors, weight_map
 from tests.conftest import TINY, tiny_model
 
 INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}

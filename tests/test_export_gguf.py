@@ -24,8 +24,8 @@ from transformers import (
 
 from llm_sparsify import compress
 from llm_sparsify.data import load_documents
-from llm_sparsify.export import ExportError
-from llm_sparsify.export.gguf import QTYPES, export_gguf, interleave_rotary_halves, read_gguf
+from llm_sparsify.export import GGUF_TYPES, ExportError
+from llm_sparsify.export.gguf import export_gguf, interleave_rotary_halves, read_gguf
 from llm_sparsify.export.hf import save_checkpoint
 from llm_sparsify.files import OutputExistsError
 from tests.conftest import TINY
@@ -79,7 +79,7 @@ def checkpoint(tmp_path_factory):
 def exported(checkpoint, tmp_path_factory):
     """The checkpoint exported once in every type: qtype -> path."""
     out = tmp_path_factory.mktemp("gguf-out")
-    return {qtype: export_gguf(checkpoint, out / f"tiny-{qtype}.gguf", qtype=qtype) for qtype in QTYPES}
+    return {qtype: export_gguf(checkpoint, out / f"tiny-{qtype}.gguf", qtype=qtype) for qtype in GGUF_TYPES}
 
 
 def load_gguf_model(path):
@@ -122,7 +122,7 @@ def round_as_written(model, path):
 # --- logits and tensors -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("qtype", GGUF_TYPES)
 def test_logits_equal_the_source_with_the_files_own_rounding(checkpoint, exported, qtype):
     """transformers reading the GGUF gives the logits of the source model whose weights are rounded exactly as gguf
     rounds them (tight), and stays close to the unrounded source (looser as the type shrinks)."""

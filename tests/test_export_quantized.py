@@ -19,13 +19,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig, LlamaConfig, LlamaForCausalLM
 
+from llm_sparsify.checkpoint import INDEX
 from llm_sparsify.export import ExportError
 from llm_sparsify.export.bitsandbytes import MODES, check_backend, export_bitsandbytes
 from llm_sparsify.export.compressed_tensors import export_compressed_tensors
 from llm_sparsify.export.hf import RECORD
 from llm_sparsify.files import OutputExistsError, OutputOverlapError
 from llm_sparsify.quantize.grid import GRIDS_FILE, QuantScheme, load_grids, quantize, rtn, save_grids
-from llm_sparsify.stream import INDEX
 from tests.conftest import TINY
 
 TOKENIZER_FILE = "tokenizer_config.json"  # stands for the tokenizer files, which must be copied unchanged

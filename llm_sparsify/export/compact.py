@@ -31,11 +31,11 @@ from torch import Tensor
 from transformers import PreTrainedModel
 from transformers.utils.logging import tqdm
 
+from llm_sparsify.checkpoint import read_tensors, skeleton, weight_map
 from llm_sparsify.export import ExportError
 from llm_sparsify.files import atomic_directory, check_output, disk_size
 from llm_sparsify.models import ModelError
 from llm_sparsify.quantize.grid import GRIDS_FILE, Grid, dequantize, load_grids, quantize
-from llm_sparsify.stream import read_tensors, skeleton, weight_map
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from llm_sparsify.checkpoint import INDEX, skeleton, weight_map
 from llm_sparsify.export import ExportError
 from llm_sparsify.export.hf import RECORD, copy_side_files, read_record
 from llm_sparsify.files import atomic_directory, check_output
 from llm_sparsify.quantize.grid import GRIDS_FILE, Grid, QuantScheme, dequantize, load_grids, quantize
-from llm_sparsify.stream import INDEX, skeleton, weight_map
 
 log = logging.getLogger(__name__)
 

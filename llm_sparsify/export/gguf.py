@@ -23,11 +23,11 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 from transformers.utils.logging import tqdm
 
 from llm_sparsify import __version__
+from llm_sparsify.checkpoint import read_tensors, weight_map
 from llm_sparsify.export import GGUF_TYPE, GGUF_TYPES, ExportError
 from llm_sparsify.export.hf import read_record
 from llm_sparsify.files import GGUF_KEY, atomic_file, check_output
 from llm_sparsify.models import ModelError
-from llm_sparsify.stream import read_tensors, weight_map
 
 log = logging.getLogger(__name__)
 

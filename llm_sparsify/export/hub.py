@@ -27,10 +27,11 @@ from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors import safe_open
 
+from llm_sparsify.checkpoint import weight_map
 from llm_sparsify.errors import UserError
 from llm_sparsify.export.card import CARD, write_model_card
 from llm_sparsify.export.hf import require_record
-from llm_sparsify.stream import PROGRESS, weight_map
+from llm_sparsify.files import PROGRESS
 
 log = logging.getLogger(__name__)
 
