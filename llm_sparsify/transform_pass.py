@@ -145,7 +145,7 @@ def prune_layers(
 
     def timed(kind: str, value: Any) -> None:
         """A layer pruned now takes its time from the walk's event, which comes before the source records it."""
-        if value["index"] >= resumed:
+        if kind == "layer" and value["index"] >= resumed:
             reports[value["index"]].seconds = value["seconds"]
         emit(on_event, kind, value)
 

@@ -418,7 +418,7 @@ def test_quantization_errors_from_a_file_name_the_file(tmp_path):
 
 def test_experts_section():
     recipe = recipe_from_dict({"experts": {"remove": 2}})
-    assert recipe.experts.remove == 2 and not recipe.streams and recipe.needs_calibration
+    assert recipe.experts.remove == 2 and recipe.streams and recipe.needs_calibration
     assert recipe_from_dict(recipe.to_dict()) == recipe
     for section, message in (({}, "exactly one of"), ({"remove": 1, "max_parameters": 10}, "exactly one of"),
                              ({"remove": 0}, "positive integer"), ({"keep": 2}, "unknown experts key")):
