@@ -30,11 +30,11 @@ from llm_sparsify.export import GGUF_TYPE, GGUF_TYPES
 from llm_sparsify.export.card import removed_in_words, sparsity_summary
 from llm_sparsify.export.hub import push_to_hub
 from llm_sparsify.files import atomic_file, check_writable
-from llm_sparsify.finish import StepError, Steps, export_checkpoint, perplexity_of
-from llm_sparsify.models import DEFAULT_MODEL, load_model
+from llm_sparsify.finish import StepError, Steps, evaluate_model, export_checkpoint
+from llm_sparsify.models import DEFAULT_MODEL
 from llm_sparsify.recipe import builtin_recipes, load_recipe
 from llm_sparsify.walk import BATCH_SIZE
-from llm_sparsify.zero_shot import DATA_ENV, check_tasks, evaluate_tasks, known_tasks, markdown_table
+from llm_sparsify.zero_shot import DATA_ENV, check_tasks, known_tasks, markdown_table
 
 log = logging.getLogger("llm_sparsify")
 
@@ -256,19 +256,6 @@ def _print_export(export: dict) -> None:
           f"({size / base:.1%} of the checkpoint's {base / 2**20:.1f} MiB)")
 
 
-def _evaluate_model(model_name: str | None, args: argparse.Namespace, tasks: list[str], data_dir: Path | None,
-                    device: str) -> dict:
-    """One model's record: perplexity (unless --no-perplexity) and {task: {metric: value}} under "tasks"."""
-    model, tokenizer = load_model(model_name, dtype=DTYPES.get(args.dtype), device=device)
-    record = {"model": model_name or DEFAULT_MODEL}
-    if not args.no_perplexity:
-        record.update(perplexity_of(model, tokenizer, args.dataset, args.seqlen, args.max_windows, device))
-    if tasks:
-        record["tasks"] = evaluate_tasks(model, tokenizer, tasks, limit=args.limit, data_dir=data_dir,
-                                         batch_size=args.batch_size, device=device)
-    return record
-
-
 def _table_entry(record: dict) -> dict:
     """A model's record as markdown_table reads it: {task: {metric: value}}, perplexity first."""
     entry = {record["dataset"]: {"perplexity": record["perplexity"]}} if "perplexity" in record else {}
@@ -287,7 +274,10 @@ def run_eval(args: argparse.Namespace) -> None:
         check_evaluation_source(args.dataset)
     if args.json not in (None, "-"):
         check_writable(args.json)
-    records = [_evaluate_model(name, args, tasks, data_dir, device) for name in args.models or [None]]
+    records = [evaluate_model(name, None if args.no_perplexity else args.dataset, tasks, seqlen=args.seqlen,
+                              max_windows=args.max_windows, limit=args.limit, data_dir=data_dir,
+                              batch_size=args.batch_size, dtype=DTYPES.get(args.dtype), device=device)
+               for name in args.models or [None]]
 
     if args.json not in (None, "-"):
         with atomic_file(args.json, overwrite=True) as tmp:

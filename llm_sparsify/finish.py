@@ -139,6 +139,21 @@ def model_perplexity(model_name: str | None, dataset: str, seqlen: int | None, m
                                                                   device)}
 
 
+def evaluate_model(model_name: str | None, dataset: str | None, tasks: list[str], *, seqlen: int | None,
+                   max_windows: int | None, limit: int | None, data_dir: Path | None, batch_size: int,
+                   dtype: torch.dtype | None, device: str) -> dict[str, Any]:
+    """What `llm-sparsify eval` reports of one model: perplexity_of on `dataset` (None: none) and, under "tasks",
+    {task: {metric: value}} of lm-eval's zero-shot `tasks`."""
+    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
+    record: dict[str, Any] = {"model": model_name or DEFAULT_MODEL}
+    if dataset is not None:
+        record.update(perplexity_of(model, tokenizer, dataset, seqlen, max_windows, device))
+    if tasks:
+        record["tasks"] = evaluate_tasks(model, tokenizer, tasks, limit=limit, data_dir=data_dir,
+                                         batch_size=batch_size, device=device)
+    return record
+
+
 def evaluate_section(model_name: str | None, evaluation: Evaluation, dtype: torch.dtype | None,
                      device: str) -> dict[str, dict[str, float]]:
     """What a recipe's `evaluate:` section asks of one model: {dataset or task: {metric: value}}."""
