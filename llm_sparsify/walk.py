@@ -5,7 +5,7 @@
         onload it (LayerSource: from the model in memory, or its tensors from the checkpoint on disk)
         visit it: a score pass measures (score_passes.py), the transform pass prunes and saves (transform_pass.py)
         propagate: its outputs become the next layer's inputs
-        offload it; tell the caller ("layer" event)
+        tell the caller ("layer" event, events.py); offload it
 
 Where a layer comes from and goes to is the job of a layer source: `ResidentLayers` for a model in memory,
 `llm_sparsify.stream.StreamedLayers` for a checkpoint read and written shard by shard. The walk owns the activation
