@@ -324,7 +324,7 @@ def test_eval_refuses_zero_and_negative_counts(model_dir, eval_text, capsys, mon
     def load(*args, **kwargs):
         raise AssertionError("a model was loaded before the check")
 
-    monkeypatch.setattr("llm_sparsify.cli.load_model", load)
+    monkeypatch.setattr("llm_sparsify.finish.load_model", load)
     line = refused(["eval", str(model_dir), "--dataset", str(eval_text), "--device", "cpu", "-q", *option], capsys)
     assert f"{option[0]} must be a positive integer, got {option[1]}" in line
 
