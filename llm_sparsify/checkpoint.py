@@ -93,7 +93,7 @@ def _read_shard(path: Path, names: list[str]) -> dict[str, Tensor]:
     would hold the old and the new. (Any dtype not listed above is left to safetensors.)"""
     tensors = {}
     with path.open("rb") as file:
-        data, header_bytes = _header(file)
+        data, header_bytes = read_header(file)
         header = json.loads(header_bytes)
         for name in names:
             entry = header[name]
@@ -116,7 +116,7 @@ def _read_shard(path: Path, names: list[str]) -> dict[str, Tensor]:
     return tensors
 
 
-def _header(file) -> tuple[int, bytes]:
+def read_header(file) -> tuple[int, bytes]:
     """A safetensors file's JSON header (its first 8 bytes give the length) and where its tensor data starts;
     ValueError if the header runs past the end of the file."""
     length = int.from_bytes(file.read(8), "little")

@@ -343,12 +343,13 @@ class Export:
 Section = TypeVar("Section")
 
 
-def section_of(values: Any, name: str, stage: type[Section], prefix: str = "") -> Section:
+def section_of(values: Any, name: str, stage: type[Section], keys: dict[str, str] | None = None) -> Section:
     """A recipe section as its dataclass: every key known and checked as its field declares (option), the missing
-    ones at their defaults. `prefix`: the keys' prefix within the section `name` (sensitivity_ in pruning)."""
+    ones at their defaults. `keys`: each field's key within the section `name` where it is not the field's name
+    (owl_lambda in pruning for Owl.lam)."""
     if not isinstance(values, dict):
         raise RecipeError(f"{name} must be a mapping of options, got {values!r}")
-    allowed = {f"{prefix}{f.name}": f for f in fields(stage)}
+    allowed = {(keys or {}).get(f.name, f.name): f for f in fields(stage)}
     if unknown := set(values) - set(allowed):
         raise RecipeError(f"unknown {name} key(s): {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
     return stage(**{f.name: f.metadata["check"](values[key], f"{name}.{key}") for key, f in allowed.items()
@@ -561,7 +562,8 @@ def parse_recovery(section: Any, pattern: Pattern | None) -> Recovery:
     return recovery
 
 
-SENSITIVITY_KEYS = {f"sensitivity_{f.name}" for f in fields(Sensitivity)}
+SENSITIVITY_FIELDS = {f.name: f"sensitivity_{f.name}" for f in fields(Sensitivity)}  # Sensitivity field -> pruning key
+SENSITIVITY_KEYS = set(SENSITIVITY_FIELDS.values())
 
 
 def parse_sensitivity(section: dict[str, Any], pattern: Pattern) -> Sensitivity:
@@ -569,7 +571,7 @@ def parse_sensitivity(section: dict[str, Any], pattern: Pattern) -> Sensitivity:
     if isinstance(pattern, tuple):
         raise RecipeError("allocation: sensitivity varies the sparsity per layer, so it takes a fraction, not N:M")
     sensitivity = section_of({key: section[key] for key in SENSITIVITY_KEYS if key in section}, "pruning",
-                             Sensitivity, prefix="sensitivity_")
+                             Sensitivity, SENSITIVITY_FIELDS)
     if sensitivity.levels < 2:
         raise RecipeError(f"pruning.sensitivity_levels must be 2 or more, got {sensitivity.levels}")
     if not 0 < pattern < 1:
@@ -577,7 +579,8 @@ def parse_sensitivity(section: dict[str, Any], pattern: Pattern) -> Sensitivity:
     return sensitivity
 
 
-OWL_KEYS = {"owl_threshold": "threshold", "owl_lambda": "lam"}  # pruning key -> Owl field
+OWL_FIELDS = {"threshold": "owl_threshold", "lam": "owl_lambda"}  # Owl field -> pruning key
+OWL_KEYS = set(OWL_FIELDS.values())
 
 
 def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
@@ -638,11 +641,11 @@ def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
     if allocation == "owl":
         if isinstance(pattern, tuple):
             raise RecipeError("allocation: owl varies the sparsity per layer, so it takes a fraction, not N:M")
-        owl = section_of({name: section[key] for key, name in OWL_KEYS.items() if key in section}, "pruning", Owl)
+        owl = section_of({key: section[key] for key in OWL_KEYS if key in section}, "pruning", Owl, OWL_FIELDS)
         if not owl.lam < min(pattern, 1 - pattern):
             raise RecipeError(f"pruning.owl_lambda {owl.lam} must be below min(sparsity, 1 − sparsity) so every "
                               "layer's sparsity stays in (0, 1)")
-    elif set(OWL_KEYS) & set(section):
+    elif OWL_KEYS & set(section):
         raise RecipeError("owl_threshold and owl_lambda need `allocation: owl`")
     sensitivity = parse_sensitivity(section, pattern) if allocation == "sensitivity" else None
     return {

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from llm_sparsify.checkpoint import INDEX, _header, read_tensors, weight_map
+from llm_sparsify.checkpoint import INDEX, read_header, read_tensors, weight_map
 from llm_sparsify.checkpoint_layout import as_renaming, checkpoint_layout, model_layout
 from llm_sparsify.files import MARKER, PROGRESS, RECORD, OutputExistsError, _remove, replace_directory, written_by_us
 from llm_sparsify.models import ModelError, decoder_layers
@@ -422,7 +422,7 @@ def _shard_content(path: Path) -> dict[str, Any]:
     with path.open("rb") as file:
         size = os.fstat(file.fileno()).st_size
         try:
-            data, header_bytes = _header(file)
+            data, header_bytes = read_header(file)
             header = json.loads(header_bytes)
             digest = hashlib.sha256(header_bytes)
             for name, entry in sorted(header.items()):

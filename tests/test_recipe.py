@@ -474,3 +474,11 @@ def test_the_recipe_the_methods_and_the_command_line_share_their_defaults():
     prune = build_parser().parse_args(["prune"])
     assert (prune.batch_size, prune.ppl_windows) == (BATCH_SIZE, Steps.ppl_windows)
     assert build_parser().parse_args(["export", "x", "--format", "gguf"]).qtype == GGUF_TYPE == Export().qtype
+
+
+@pytest.mark.parametrize(("key", "value"), [("owl_threshold", "x"), ("owl_lambda", -1), ("sensitivity_levels", 0),
+                                            ("sensitivity_error", "l1")])
+def test_allocation_keys_are_refused_by_their_own_names(key, value):
+    allocation = "owl" if key.startswith("owl") else "sensitivity"
+    with pytest.raises(RecipeError, match=rf"^pruning\.{key} "):
+        recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5, "allocation": allocation, key: value}})
