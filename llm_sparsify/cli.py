@@ -176,22 +176,31 @@ def _push_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login)")
 
 
-class LayerBars:
-    """A progress bar per walk, drawn from its events (events.py); off with --quiet, as every bar."""
+class Bars:
+    """A progress bar per walk and per other long loop, drawn from their events (events.py); off with --quiet, as
+    every bar. Returns whether the event was one of theirs."""
 
     def __init__(self) -> None:
         self.bar: tqdm | None = None
+        self.left = 0  # items of the open bar's loop still to come
 
-    def __call__(self, kind: str, value: dict[str, Any]) -> None:
-        if kind == "walk":
-            if self.bar is not None:  # the walk before it stopped short
-                self.bar.close()
-            self.bar = tqdm(total=value["layers"], initial=value["done"], desc=value["pass"], unit="layer")
-        elif self.bar is not None:
+    def __call__(self, kind: str, value: Any) -> bool:
+        if kind in ("walk", "progress") and (kind == "walk" or value["done"] == 0):
+            self.close()  # a loop before it that stopped short
+            total, done, what, unit = ((value["layers"], value["done"], value["pass"], "layer") if kind == "walk" else
+                                       (value["total"], 0, value["what"], value["unit"]))
+            self.bar, self.left = tqdm(total=total, initial=done, desc=what, unit=unit), total - done
+        elif kind in ("layer", "progress") and self.bar is not None:
             self.bar.update()
-            if value["index"] + 1 == value["layers"]:
-                self.bar.close()
-                self.bar = None
+            self.left -= 1
+            if self.left <= 0:
+                self.close()
+        return kind in ("walk", "layer", "progress")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def run_prune(args: argparse.Namespace) -> None:
@@ -207,14 +216,14 @@ def run_prune(args: argparse.Namespace) -> None:
                   private=args.private, revision=args.revision, command_line=args.command_line)
 
     finished = []  # the pruned output, once complete
-    bars = LayerBars()
+    bars = Bars()
 
     def show(kind: str, value: Any) -> None:
-        """Draw the walks' progress; say what each step did as it finishes (once the output is saved, whatever fails
-        later leaves it so)."""
-        if kind in ("walk", "layer"):
-            bars(kind, value)
-        elif kind == "saved":
+        """Draw the progress; say what each step did as it finishes (once the output is saved, whatever fails later
+        leaves it so)."""
+        if bars(kind, value):
+            return
+        if kind == "saved":
             stages = value.get("stages", {})
             done = [sparsity_summary(value["sparsity"])] if recipe.method is not None else []
             if removed := removed_in_words(stages):  # depth, width: what went, not "0.00% of the targeted weights"
@@ -276,7 +285,8 @@ def run_eval(args: argparse.Namespace) -> None:
         check_writable(args.json)
     records = [evaluate_model(name, None if args.no_perplexity else args.dataset, tasks, seqlen=args.seqlen,
                               max_windows=args.max_windows, limit=args.limit, data_dir=data_dir,
-                              batch_size=args.batch_size, dtype=DTYPES.get(args.dtype), device=device)
+                              batch_size=args.batch_size, dtype=DTYPES.get(args.dtype), device=device,
+                              on_event=Bars())
                for name in args.models or [None]]
 
     if args.json not in (None, "-"):
@@ -295,7 +305,8 @@ def run_eval(args: argparse.Namespace) -> None:
 
 def run_export(args: argparse.Namespace) -> None:
     device = check_device(args.device) if args.format.startswith("bnb-") else None
-    _print_export(export_checkpoint(args.checkpoint, args.format, args.qtype, args.output, args.overwrite, device))
+    _print_export(export_checkpoint(args.checkpoint, args.format, args.qtype, args.output, args.overwrite, device,
+                                    on_event=Bars()))
 
 
 def run_push(args: argparse.Namespace) -> None:

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
-from transformers.utils.logging import tqdm
 
 from llm_sparsify.architecture import home_device
 from llm_sparsify.data import DataError, check_count, warn_long_windows
+from llm_sparsify.events import Event, progress
 
 
 @torch.no_grad()
@@ -21,6 +21,8 @@ def perplexity(
     seqlen: int = 2048,
     device: str | torch.device = "cpu",
     max_windows: int | None = None,
+    *,
+    on_event: Event | None = None,
 ) -> float:
     """exp(mean negative log-likelihood) of the token stream `ids` [1, N].
 
@@ -39,7 +41,7 @@ def perplexity(
     home = home_device(model)
     model.to(device)
     total_nll, total_tokens = 0.0, 0
-    for i in tqdm(range(windows), desc="perplexity", unit="window"):
+    for i in progress(range(windows), on_event, "perplexity", "window"):
         window = ids[:, i * seqlen : (i + 1) * seqlen].to(device)
         logits = model(window, use_cache=False).logits[:, :-1].float()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1), reduction="sum")

@@ -96,7 +96,8 @@ def run_steps(output: Path, recipe: Recipe, base_model: str | None, steps: Steps
         log.info("%s already holds this command's evaluation", output)
     elif steps.ppl or evaluation:
         if steps.ppl:
-            base, pruned = (model_perplexity(name, "wikitext2", None, steps.ppl_windows, dtype, device)
+            base, pruned = (model_perplexity(name, "wikitext2", None, steps.ppl_windows, dtype, device,
+                                             on_event=on_event)
                             for name in (base_model, str(output)))
             finished("perplexity", {"base": base, "pruned": pruned})
             add_evaluation(output, {label: {"wikitext2": {"perplexity": result["perplexity"]}}
@@ -104,7 +105,7 @@ def run_steps(output: Path, recipe: Recipe, base_model: str | None, steps: Steps
                            f"WikiText-2 test perplexity over {base['windows']} windows of {base['seqlen']} tokens",
                            None if evaluation else settings)
         if evaluation:
-            models = {label: evaluate_section(name, evaluation, dtype, device)
+            models = {label: evaluate_section(name, evaluation, dtype, device, on_event=on_event)
                       for label, name in (("base", base_model), ("pruned", str(output)))}
             add_evaluation(output, models, protocol(evaluation, device), settings)
             finished("evaluation", models)
@@ -114,7 +115,8 @@ def run_steps(output: Path, recipe: Recipe, base_model: str | None, steps: Steps
         if path.exists() and not overwrite:  # a rerun's: the first run refused an existing one before work
             log.info("%s is already there", path)
             continue
-        finished("export", export_checkpoint(output, name, recipe.export.qtype, path, overwrite, device))
+        finished("export", export_checkpoint(output, name, recipe.export.qtype, path, overwrite, device,
+                                             on_event=on_event))
     if steps.push_to_hub:
         finished("pushed", push_to_hub(output, steps.push_to_hub, token=steps.token, private=steps.private,
                                        revision=steps.revision))
@@ -122,32 +124,32 @@ def run_steps(output: Path, recipe: Recipe, base_model: str | None, steps: Steps
 
 
 def perplexity_of(model, tokenizer, dataset: str, seqlen: int | None, max_windows: int | None,
-                  device: str) -> dict[str, Any]:
+                  device: str, *, on_event: Event | None = None) -> dict[str, Any]:
     """Perplexity of a loaded model on an evaluation text, with the windows it was taken over."""
     seqlen = seqlen or default_calibration_size(device)[1]
     ids = evaluation_ids(dataset, tokenizer)
-    value = perplexity(model, ids, seqlen=seqlen, device=device, max_windows=max_windows)
+    value = perplexity(model, ids, seqlen=seqlen, device=device, max_windows=max_windows, on_event=on_event)
     windows = min(ids.numel() // seqlen, max_windows or ids.numel())
     return {"dataset": dataset, "seqlen": seqlen, "windows": windows, "perplexity": value}
 
 
 def model_perplexity(model_name: str | None, dataset: str, seqlen: int | None, max_windows: int | None,
-                     dtype: torch.dtype | None, device: str) -> dict[str, Any]:
+                     dtype: torch.dtype | None, device: str, *, on_event: Event | None = None) -> dict[str, Any]:
     """perplexity_of a model loaded by name (None: the built-in default)."""
     model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     return {"model": model_name or DEFAULT_MODEL, **perplexity_of(model, tokenizer, dataset, seqlen, max_windows,
-                                                                  device)}
+                                                                  device, on_event=on_event)}
 
 
 def evaluate_model(model_name: str | None, dataset: str | None, tasks: list[str], *, seqlen: int | None,
                    max_windows: int | None, limit: int | None, data_dir: Path | None, batch_size: int,
-                   dtype: torch.dtype | None, device: str) -> dict[str, Any]:
+                   dtype: torch.dtype | None, device: str, on_event: Event | None = None) -> dict[str, Any]:
     """What `llm-sparsify eval` reports of one model: perplexity_of on `dataset` (None: none) and, under "tasks",
     {task: {metric: value}} of lm-eval's zero-shot `tasks`."""
     model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     record: dict[str, Any] = {"model": model_name or DEFAULT_MODEL}
     if dataset is not None:
-        record.update(perplexity_of(model, tokenizer, dataset, seqlen, max_windows, device))
+        record.update(perplexity_of(model, tokenizer, dataset, seqlen, max_windows, device, on_event=on_event))
     if tasks:
         record["tasks"] = evaluate_tasks(model, tokenizer, tasks, limit=limit, data_dir=data_dir,
                                          batch_size=batch_size, device=device)
@@ -155,11 +157,11 @@ def evaluate_model(model_name: str | None, dataset: str | None, tasks: list[str]
 
 
 def evaluate_section(model_name: str | None, evaluation: Evaluation, dtype: torch.dtype | None,
-                     device: str) -> dict[str, dict[str, float]]:
+                     device: str, *, on_event: Event | None = None) -> dict[str, dict[str, float]]:
     """What a recipe's `evaluate:` section asks of one model: {dataset or task: {metric: value}}."""
     model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     result = {dataset: {"perplexity": perplexity_of(model, tokenizer, dataset, None, evaluation.max_windows,
-                                                    device)["perplexity"]}
+                                                    device, on_event=on_event)["perplexity"]}
               for dataset in evaluation.perplexity}
     if evaluation.tasks:
         result |= evaluate_tasks(model, tokenizer, list(evaluation.tasks), limit=evaluation.limit, device=device)
@@ -188,7 +190,7 @@ def add_evaluation(output: Path, models: dict, protocol: str, settings: dict | N
 
 
 def export_checkpoint(source: Path, format: str, qtype: str, output: Path | None, overwrite: bool,
-                      device: str | None) -> dict[str, Any]:
+                      device: str | None, *, on_event: Event | None = None) -> dict[str, Any]:
     """Write `source` as `format` to `output` (default: SOURCE-FORMAT beside it); return where, and the sizes."""
     from llm_sparsify.export.bitsandbytes import export_bitsandbytes
     from llm_sparsify.export.compact import save_compact
@@ -197,11 +199,11 @@ def export_checkpoint(source: Path, format: str, qtype: str, output: Path | None
 
     output = output or export_path(source, format, qtype)
     if format == "gguf":
-        export_gguf(source, output, qtype=qtype, overwrite=overwrite)
+        export_gguf(source, output, qtype=qtype, overwrite=overwrite, on_event=on_event)
     elif format == "compressed-tensors":
         export_compressed_tensors(source, output, overwrite=overwrite)
     elif format == "compact":
-        save_compact(source, output, overwrite=overwrite)
+        save_compact(source, output, overwrite=overwrite, on_event=on_event)
     else:
         export_bitsandbytes(source, output, mode=format.removeprefix("bnb-"), device=device, overwrite=overwrite)
     return {"source": str(source), "format": format, "path": str(output), "bytes": disk_size(output),

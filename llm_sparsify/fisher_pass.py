@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
-from transformers.utils.logging import tqdm
 
 from llm_sparsify.architecture import decoder_layers, home_device
+from llm_sparsify.events import Event, progress
 from llm_sparsify.prune.fisher import obd_scores
 from llm_sparsify.targets import layer_linears, layers_prefix
 from llm_sparsify.walk import check_calibration
@@ -42,6 +42,8 @@ def fisher_diagonal(
     modules: dict[str, nn.Linear] | None = None,
     device: str | torch.device = "cpu",
     chunk: int | None = None,
+    *,
+    on_event: Event | None = None,
 ) -> dict[str, Tensor]:
     """Diagonal empirical Fisher F = Σ_s (∂L_s/∂W)² of each Linear weight (float32, host memory), for OBD saliency.
 
@@ -83,7 +85,7 @@ def fisher_diagonal(
             m.weight.requires_grad_(True)
         model.to(device).eval()
         with torch.enable_grad():
-            for batch in tqdm(calibration.split(chunk), desc="Fisher", unit="chunk"):
+            for batch in progress(calibration.split(chunk), on_event, "Fisher (whole model)", "chunk"):
                 batch = batch.to(device)
                 loss = sample_losses(model(batch, use_cache=False).logits, batch).sum()
                 outputs = [out for name in modules for _, out in calls[name]]
@@ -107,12 +109,12 @@ def fisher_diagonal(
 
 
 def obd_importance(model: PreTrainedModel, calibration: Tensor, names: tuple[str, ...],
-                   device: str | torch.device = "cpu") -> list[dict[str, Tensor]]:
+                   device: str | torch.device = "cpu", *, on_event: Event | None = None) -> list[dict[str, Tensor]]:
     """Per decoder layer, (½·F·w²)^½ of the named Linears (names within the layer), F their diagonal Fisher on
     `calibration`: the per-weight importance of width pruning's score "obd"."""
     layers = decoder_layers(model)
     prefix = layers_prefix(model)
     modules = {f"{prefix}.{i}.{name}": layer.get_submodule(name) for i, layer in enumerate(layers) for name in names}
-    fisher = fisher_diagonal(model, calibration, modules, device)
+    fisher = fisher_diagonal(model, calibration, modules, device, on_event=on_event)
     return [{name: obd_scores(layer.get_submodule(name).weight, fisher[f"{prefix}.{i}.{name}"]).sqrt().cpu()
              for name in names} for i, layer in enumerate(layers)]

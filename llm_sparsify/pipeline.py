@@ -167,7 +167,7 @@ def prune_width(
     check_amount(units_per_layer(model, unit), amount, scope, UNIT_WORDS[unit])  # before any work
     given = "importance" if importance is not None else score
     if importance is None and score == "obd":  # gradients through the whole model in memory
-        importance = obd_importance(model, calibration, UNITS[unit], device)
+        importance = obd_importance(model, calibration, UNITS[unit], device, on_event=on_event)
     if importance is not None:
         scorer = channel_scores if unit == "mlp" else group_scores
         scores = [scorer(layer, imp) for layer, imp in zip(decoder_layers(model), importance, strict=True)]
@@ -264,7 +264,7 @@ def prune_weights_of(model: PreTrainedModel, recipe: Recipe, calibration: Tensor
     fisher = None
     if recipe.needs_fisher:  # OBD: gradients through the whole model first
         modules = {name: module for layer in target_modules(model, recipe) for name, module in layer.items()}
-        fisher = fisher_diagonal(model, calibration, modules, device)
+        fisher = fisher_diagonal(model, calibration, modules, device, on_event=on_event)
     reports = prune_layers(model, layers, recipe, calibration, device, batch_size, sparsities=sparsities, fisher=fisher,
                            on_event=on_event)
     return reports, info
@@ -298,13 +298,14 @@ def run_recipe(
         stages["recovery"] = gradual_prune(
             model, training, [*recovery.schedule, recipe.pattern], prune_to, recovery.steps, rewind=recovery.rewind,
             lr=recovery.lr, batch_size=recovery.batch_size, lora=recovery.lora, group_lasso=recovery.group_lasso,
-            lasso_unit=recovery.lasso_unit, device=device)
+            lasso_unit=recovery.lasso_unit, device=device, on_event=on_event)
     else:
         if recipe.method is not None:
             reports, stages["pruning"] = prune_weights_of(model, recipe, calibration, device, batch_size, on_event)
         if recovery is not None:
             losses = finetune(model, training, recovery.steps, recovery.lr, recovery.batch_size, lora=recovery.lora,
-                              group_lasso=recovery.group_lasso, lasso_unit=recovery.lasso_unit, device=device)
+                              group_lasso=recovery.group_lasso, lasso_unit=recovery.lasso_unit, device=device,
+                              on_event=on_event)
             stages["recovery"] = {**asdict(recovery), "first_loss": losses[0], "last_loss": losses[-1]}
     stages["parameters_after"] = parameter_count(model)
     return reports, stages

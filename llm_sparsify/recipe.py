@@ -11,6 +11,7 @@
       alpha: 0.5               # ria: the power of ‖X_j‖₂ in its score (prune/ria.py)
       update: none             # after the mask, update the kept weights for it from the Hessian (prune/refit.py):
                                #   obs (SparseGPT's sweep; not for sparsegpt) | lstsq (the least-squares optimum)
+      update_steps: 200        # lstsq: conjugate-gradient steps at most (each one [rows, in] × [in, in] product)
       permute: false           # wanda, ria, sparsegpt at N:M: form down_proj's and o_proj's groups over permuted
                                #   inputs, folded into gate/up and v_proj rows (prune/permute.py); no quantization
       inputs: pruned           # wanda, sparsegpt: each module calibrated on the inputs the already
@@ -600,7 +601,8 @@ def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
         owl_keys |= SENSITIVITY_KEYS
     elif owl_keys and SENSITIVITY_KEYS & set(section):
         raise RecipeError(f"{', '.join(sorted(SENSITIVITY_KEYS & set(section)))} need `allocation: sensitivity`")
-    allowed = _COMMON | set(OPTIONS[method]) | ({"inputs", "expert_tokens"} if needs_data else set()) | owl_keys
+    allowed = (_COMMON | set(OPTIONS[method]) | ({"inputs", "expert_tokens"} if needs_data else set()) | owl_keys
+               | ({"update_steps"} if "update" in OPTIONS[method] else set()))
     if unknown := set(section) - allowed:
         known = ", ".join(sorted(allowed))
         raise RecipeError(f"unknown key(s) for {method}: {', '.join(sorted(unknown))}; allowed: {known}")
@@ -612,6 +614,12 @@ def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
             raise RecipeError("pruning.update works on each matrix's mask; global magnitude ranking takes none")
         if method == "sparsegpt" and options["update"] == "obs":
             raise RecipeError("sparsegpt's own sweep is the obs update for its mask; use update: lstsq (or none)")
+    if "update_steps" in section:
+        if options["update"] != "lstsq":
+            raise RecipeError("pruning.update_steps caps the conjugate gradients of update: lstsq; it needs that "
+                              "update")
+        _positive(section["update_steps"], "pruning.update_steps", integer=True)
+        options["update_steps"] = section["update_steps"]
     if _flag(options.get("permute", False), "pruning.permute") and not isinstance(pattern, tuple):
         raise RecipeError("pruning.permute reorders inputs so that better N:M groups form; it needs an N:M sparsity")
     if options.get("permute") and quantization is not _ABSENT:

@@ -36,10 +36,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
-from transformers.utils.logging import tqdm
 
 from llm_sparsify.architecture import ModelError, decoder_layers, home_device
 from llm_sparsify.errors import UserError
+from llm_sparsify.events import Event, progress
 from llm_sparsify.recipe import Recovery
 from llm_sparsify.structure.resize import unit_squares
 from llm_sparsify.targets import layer_linears
@@ -148,6 +148,7 @@ def _train(
     device: torch.device,
     seed: int,
     optimizer: torch.optim.Optimizer | None = None,
+    on_event: Event | None = None,
 ) -> tuple[list[float], list[float], torch.optim.Optimizer | None]:
     """The training loop shared by finetune and gradual_prune: (losses, learning rates, the AdamW to carry on).
 
@@ -179,7 +180,7 @@ def _train(
             optimizer = torch.optim.AdamW(params, lr=learning_rate(0), weight_decay=weight_decay,
                                           fused=device.type in ("cpu", "cuda"))
         model.train()
-        for step in tqdm(range(steps), desc="fine-tune", unit="step"):
+        for step in progress(range(steps), on_event, "fine-tune (whole model)", "step"):
             rate = learning_rate(step)
             for group in optimizer.param_groups:
                 group["lr"] = rate
@@ -232,6 +233,7 @@ def finetune(
     warmup: int = 0,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    on_event: Event | None = None,
 ) -> list[float]:
     """Fine-tune the decoder-layer Linear weights (or rank-`lora` adapters, merged) in place, so pruned weights
     stay zero; return the causal-LM loss of each step (without the group lasso term).
@@ -245,7 +247,7 @@ def finetune(
     _check(model, data, steps, lr, batch_size, lora, group_lasso, lasso_unit, masks, modules)
     losses, _, _ = _train(model, _batches(data, batch_size, seed), steps,
                           _rates(0, steps, warmup, lr), masks, lora, group_lasso, lasso_unit,
-                          weight_decay, torch.device(device), seed)
+                          weight_decay, torch.device(device), seed, on_event=on_event)
     if losses:
         log.info("fine-tuned %d steps: loss %.4f -> %.4f", steps, losses[0], losses[-1])
     return losses
@@ -262,6 +264,7 @@ def gradual_prune(
     batch_size: int = Recovery.batch_size,
     warmup: int = 0,
     seed: int = 0,
+    on_event: Event | None = None,
     **finetune_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Prune in stages, `prune(model, s)` for each sparsity s of `schedule`, each stage followed by fine-tuning
@@ -298,7 +301,7 @@ def gradual_prune(
         else:
             rates = _rates(stage * steps_per_stage, total, warmup, lr)
         losses, lrs, optimizer = _train(model, batches, steps_per_stage, rates, masks, device=device,
-                                        seed=seed + stage, optimizer=optimizer, **options)
+                                        seed=seed + stage, optimizer=optimizer, on_event=on_event, **options)
         log.info("stage %d: sparsity %.4f (target %.2f), loss %s -> %s", stage, measured, target,
                  f"{losses[0]:.4f}" if losses else "-", f"{losses[-1]:.4f}" if losses else "-")
         results.append({"stage": stage, "target": target, "sparsity": measured,

@@ -376,3 +376,23 @@ def test_export_of_an_unquantized_checkpoint_to_compressed_tensors_is_refused(tm
 def test_export_of_a_directory_that_is_not_a_checkpoint(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--format", "gguf", "--output", str(tmp_path / "x.gguf"), "-q"]) == 2
     assert "llm-sparsify: error:" in capsys.readouterr().err
+
+
+def test_bars_follow_walks_and_other_loops_and_close_when_done():
+    from llm_sparsify.cli import Bars
+
+    bars = Bars()
+    assert bars("walk", {"pass": "wanda 0.5", "layers": 3, "done": 1})  # a resumed walk: 1 of 3 already written
+    assert bars.left == 2
+    bars("layer", {"pass": "wanda 0.5", "index": 1, "layers": 3, "seconds": 0.1})
+    assert bars.bar is not None and bars.left == 1
+    bars("layer", {"pass": "wanda 0.5", "index": 2, "layers": 3, "seconds": 0.1})
+    assert bars.bar is None
+    bars("progress", {"what": "perplexity", "done": 0, "total": 2, "unit": "window"})
+    bars("progress", {"what": "perplexity", "done": 1, "total": 2, "unit": "window"})
+    assert bars.bar is not None and bars.left == 1
+    bars("progress", {"what": "compact", "done": 0, "total": 1, "unit": "shard"})  # the loop before stopped short
+    assert bars.bar is not None and bars.left == 1
+    bars("progress", {"what": "compact", "done": 1, "total": 1, "unit": "shard"})
+    assert bars.bar is None
+    assert not bars("saved", {})  # not a bar's

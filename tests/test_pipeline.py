@@ -185,8 +185,12 @@ def test_prune_checkpoint_runs_the_evaluate_and_export_sections(tmp_path, model_
     record = prune_checkpoint(str(model_dir), SECTIONS, output, str(calib), device="cpu", seqlen=16,
                               steps=Steps(ppl=True, ppl_windows=1), on_event=lambda *event: events.append(event))
     layers = [value for kind, value in events if kind == "layer"]
-    steps = [event for event in events if event[0] not in ("walk", "layer")]
+    steps = [event for event in events if event[0] not in ("walk", "layer", "progress")]
     assert [kind for kind, _ in steps] == ["saved", "perplexity", "evaluation", "export"]  # each as it finished
+    loops = [(value["what"], value["done"], value["total"]) for kind, value in events if kind == "progress"]
+    shards = loops[-1][2]  # one window of --ppl, then of `evaluate:`, for the base and the pruned model
+    compact = [("compact", i, shards) for i in range(shards + 1)]
+    assert loops == [("perplexity", 0, 1), ("perplexity", 1, 1)] * 4 + compact
     assert events[0] == ("walk", {"pass": "wanda 0.5", "layers": len(layers), "done": 0})
     assert events.index(steps[0]) == 1 + len(layers)  # every layer's event came before the output was saved
     assert [(layer["pass"], layer["index"]) for layer in layers] == [("wanda 0.5", i) for i in range(len(layers))]
@@ -217,6 +221,6 @@ def test_compress_runs_the_sections_on_its_output_and_refuses_them_without_one(t
     count = len(walks) // 2 - 1  # a score pass, then the transform pass, each over every layer in order
     assert walks == [(kind, name, i) for name in ("OWL outlier ratios", "wanda 0.5")
                      for kind, i in [("walk", None)] + [("layer", i) for i in range(count)]]
-    assert [kind for kind, _ in events[len(walks):]] == ["saved", "export"]
+    assert [kind for kind, _ in events[len(walks):] if kind != "progress"] == ["saved", "export"]
     assert read_record(tmp_path / "out")["recipe"]["pruning"]["method"] == "wanda"
     assert (tmp_path / "out-compact").is_dir() and (tmp_path / "out" / "README.md").exists()

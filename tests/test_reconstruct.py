@@ -64,15 +64,10 @@ def test_the_first_layer_fits_the_same_targets_either_way(calibration, one_threa
     assert reports["dense"][2].reconstruction != reports["pruned"][2].reconstruction
 
 
-def test_a_fitted_layer_matches_its_targets_better_than_the_pruned_one(calibration, one_thread):
-    """reconstruct_layer on its own: its first loss is the pruned layer's error, written out below; fitting lowers it
-    and the removed weights stay zero."""
-    model = tiny_model()
-    layer, dense = decoder_layers(model)[0], copy.deepcopy(decoder_layers(model)[0])
-    modules = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    for module in modules.values():
-        module.weight.data[:, ::2] = 0
+def layer_inputs(model, layer, calibration) -> tuple[list[torch.Tensor], list[dict]]:
+    """The hidden states and keywords `layer` receives in the model's forward of the calibration tokens."""
     hidden, kwargs = [], []
+
     def record(module, args, kw) -> None:
         hidden.append(args[0])
         kwargs.append(kw)
@@ -81,6 +76,54 @@ def test_a_fitted_layer_matches_its_targets_better_than_the_pruned_one(calibrati
     with torch.no_grad():
         model(calibration, use_cache=False)
     handle.remove()
+    return hidden, kwargs
+
+
+def output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def test_the_fit_equals_adam_on_the_whole_masked_weights(calibration, one_thread):
+    """reconstruct_layer keeps Adam states for the kept weights alone; the obvious reference keeps them for every
+    weight, masked (the removed ones get zero gradients, so zero states and zero steps): the same fit."""
+    model = tiny_model()
+    layer = decoder_layers(model)[0]
+    hidden, kwargs = layer_inputs(model, layer, calibration)
+    modules = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    for module in modules:
+        module.weight.data[torch.rand_like(module.weight) < 0.5] = 0
+    with torch.no_grad():
+        targets = [output(layer(h, **kw)) * 1.1 for h, kw in zip(hidden, kwargs, strict=True)]  # a fit to make
+    reference = copy.deepcopy(layer)
+    reconstruct_layer(layer, modules, hidden, kwargs, targets, torch.device("cpu"), 5, 1e-3, batch_size=len(hidden[0]))
+
+    params = [m for m in reference.modules() if isinstance(m, torch.nn.Linear)]
+    kept = [m.weight != 0 for m in params]
+    latent = [m.weight.detach().clone().requires_grad_() for m in params]
+    optimizer = torch.optim.Adam(latent, lr=1e-3)
+    for _ in range(5):
+        for m, w, k in zip(params, latent, kept, strict=True):
+            del m.weight
+            m.weight = w * k  # a plain tensor that autograd follows back to the latent weight
+        out = output(reference(hidden[0], **kwargs[0]))
+        loss = (out - targets[0]).pow(2).sum() / targets[0].pow(2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for module, w, k in zip(modules, latent, kept, strict=True):
+        assert torch.equal(module.weight == 0, ~k | (w == 0))
+        assert torch.allclose(module.weight, (w * k).detach(), atol=1e-6)
+
+
+def test_a_fitted_layer_matches_its_targets_better_than_the_pruned_one(calibration, one_thread):
+    """reconstruct_layer on its own: its first loss is the pruned layer's error, written out below; fitting lowers it
+    and the removed weights stay zero."""
+    model = tiny_model()
+    layer, dense = decoder_layers(model)[0], copy.deepcopy(decoder_layers(model)[0])
+    modules = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    for module in modules.values():
+        module.weight.data[:, ::2] = 0
+    hidden, kwargs = layer_inputs(model, layer, calibration)
 
     def outputs(module: torch.nn.Module) -> list[torch.Tensor]:
         with torch.no_grad():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_sparsify.prune import prune_weights
+from llm_sparsify.prune import prune_weights, refit
 from llm_sparsify.prune.refit import refit_lstsq, refit_obs, update_kept
 from llm_sparsify.prune.ria import prune_ria, ria_scores
 from llm_sparsify.prune.wanda import prune_wanda
@@ -139,6 +139,32 @@ def test_updates_of_weights_that_share_an_input_are_each_their_own():
         assert torch.allclose(joint, alone, atol=1e-4)
 
 
+def test_lstsq_solves_rows_in_chunks_as_it_would_all_at_once(monkeypatch):
+    torch.manual_seed(5)
+    x = correlated_inputs()
+    hessian = statistics(x).hessian()
+    weights = [torch.randn(11, 64), torch.randn(5, 64)]
+    masks = [torch.rand_like(w) < 0.5 for w in weights]
+    whole = refit_lstsq(weights, hessian, masks, tolerance=1e-6, steps=2000)
+    monkeypatch.setattr(refit, "CHUNK", 3 * 64)  # 11 rows of 64 in 4 blocks, 5 in 2
+    chunked = refit_lstsq(weights, hessian, masks, tolerance=1e-6, steps=2000)
+    for a, b in zip(whole, chunked, strict=True):
+        assert torch.equal(a == 0, b == 0) and (a - b).abs().max() < 1e-3 * a.abs().max()
+
+
+def test_update_steps_caps_the_conjugate_gradients():
+    torch.manual_seed(6)
+    weight, x = torch.randn(48, 64), correlated_inputs()
+    stats = statistics(x)
+    masked = prune_ria(weight, stats.column_norms(), 0.5)
+    errors = [output_error(weight, prune_weights("ria", [weight], stats, 0.5, update="lstsq", update_steps=steps)[0][0],
+                           x) for steps in (1, 4, 200)]
+    assert output_error(weight, masked, x) > errors[0] > errors[1] > errors[2]
+    recipe = recipe_from_dict({"pruning": {"method": "sparsegpt", "sparsity": 0.5, "update": "lstsq",
+                                           "update_steps": 16}})
+    assert recipe.options["update_steps"] == 16
+
+
 def test_lstsq_after_sparsegpt_keeps_its_mask_and_lowers_its_error():
     torch.manual_seed(3)
     weight, x = torch.randn(48, 64), correlated_inputs()
@@ -217,6 +243,9 @@ def test_an_update_makes_magnitude_need_calibration_inputs():
     ({"method": "ria", "sparsity": 0.5, "alpha": "half"}, "pruning.alpha must be a number"),
     ({"method": "sparsegpt", "sparsity": 0.5, "update": "obs"}, "sparsegpt's own sweep is the obs update"),
     ({"method": "obd", "sparsity": 0.5, "update": "lstsq"}, "unknown key.*update"),
+    ({"method": "sparsegpt", "sparsity": 0.5, "update_steps": 8}, "update_steps caps .* update: lstsq"),
+    ({"method": "wanda", "sparsity": 0.5, "update": "lstsq", "update_steps": 0}, "update_steps must be a positive"),
+    ({"method": "obd", "sparsity": 0.5, "update_steps": 8}, "unknown key.*update_steps"),
     ({"method": "wanda", "sparsity": 0.5, "alpha": 0.5}, "unknown key.*alpha"),
     ({"method": "magnitude", "sparsity": 0.5, "inputs": "dense"}, "unknown key.*inputs"),
 ])

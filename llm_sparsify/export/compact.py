@@ -29,9 +29,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from transformers import PreTrainedModel
-from transformers.utils.logging import tqdm
 
 from llm_sparsify.checkpoint import read_tensors, skeleton, weight_map
+from llm_sparsify.events import Event, progress
 from llm_sparsify.export import ExportError
 from llm_sparsify.files import atomic_directory, check_output, disk_size
 from llm_sparsify.models import ModelError
@@ -46,7 +46,8 @@ _PARTS = ("", "values", "mask", "choices")  # name suffixes of the stored tensor
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def save_compact(checkpoint: str | Path, output: str | Path, *, overwrite: bool = False) -> Path:
+def save_compact(checkpoint: str | Path, output: str | Path, *, overwrite: bool = False,
+                 on_event: Event | None = None) -> Path:
     """Write `checkpoint` (safetensors, pruned) in compact form to the directory `output` and return it."""
     checkpoint, output = Path(checkpoint), Path(output)
     if (checkpoint / INDEX).exists():
@@ -62,7 +63,7 @@ def save_compact(checkpoint: str | Path, output: str | Path, *, overwrite: bool 
     shards = sorted(set(files.values()))
     entries: dict[str, dict[str, Any]] = {}
     with atomic_directory(output, overwrite=overwrite) as tmp:
-        for number, shard in enumerate(tqdm(shards, desc="compact", unit="shard")):
+        for number, shard in enumerate(progress(shards, on_event, "compact", "shard")):
             file = f"compact-{number + 1:05d}-of-{len(shards):05d}.safetensors"
             stored = {}
             names = sorted(name for name, owner in files.items() if owner == shard)
@@ -97,7 +98,8 @@ def load_compact(path: str | Path, device: str | torch.device = "cpu") -> PreTra
     return model.to(device)
 
 
-def decompress_compact(path: str | Path, output: str | Path, *, overwrite: bool = False) -> Path:
+def decompress_compact(path: str | Path, output: str | Path, *, overwrite: bool = False,
+                       on_event: Event | None = None) -> Path:
     """Write a compact directory back as the ordinary checkpoint it was made from (same shards, same tensors)."""
     path, output = Path(path), Path(output)
     entries = _read_index(path)
@@ -107,7 +109,7 @@ def decompress_compact(path: str | Path, output: str | Path, *, overwrite: bool 
         shards.setdefault(entry["shard"], []).append(name)
     compact_files = {entry["file"] for entry in entries.values()} | {INDEX}
     with atomic_directory(output, overwrite=overwrite) as tmp:
-        for shard, names in tqdm(sorted(shards.items()), desc="decompress", unit="shard"):
+        for shard, names in progress(sorted(shards.items()), on_event, "decompress", "shard"):
             save_file(_restore(path, entries, names), tmp / shard, metadata={"format": "pt"})
         for item in path.iterdir():
             if item.is_file() and item.name not in compact_files:

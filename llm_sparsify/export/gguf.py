@@ -20,10 +20,10 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
-from transformers.utils.logging import tqdm
 
 from llm_sparsify import __version__
 from llm_sparsify.checkpoint import read_tensors, weight_map
+from llm_sparsify.events import Event, progress
 from llm_sparsify.export import GGUF_TYPE, GGUF_TYPES, ExportError
 from llm_sparsify.export.hf import read_record
 from llm_sparsify.files import GGUF_KEY, atomic_file, check_output
@@ -42,7 +42,8 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def export_gguf(checkpoint: str | Path, output: str | Path, *, qtype: str = GGUF_TYPE, overwrite: bool = False) -> Path:
+def export_gguf(checkpoint: str | Path, output: str | Path, *, qtype: str = GGUF_TYPE, overwrite: bool = False,
+                on_event: Event | None = None) -> Path:
     """Write a Llama/Mistral checkpoint as one GGUF file for llama.cpp and return its path.
 
     `qtype` is the type of the 2-D weights (F32, F16, BF16, Q8_0, Q4_0); norms stay F32. With Q4_0 the token
@@ -77,7 +78,7 @@ def export_gguf(checkpoint: str | Path, output: str | Path, *, qtype: str = GGUF
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for name, gguf_name, _, kind in tqdm(plan, desc=f"GGUF {qtype}", unit="tensor"):
+            for name, gguf_name, _, kind in progress(plan, on_event, f"GGUF {qtype}", "tensor"):
                 tensor = read_tensors(checkpoint, files, [name])[name]
                 writer.write_tensor_data(_convert(tensor, gguf_name, config, kind))
             if rope_freqs is not None:

@@ -17,7 +17,7 @@ from llm_sparsify.prune.fisher import prune_obd
 from llm_sparsify.prune.magnitude import prune_magnitude
 from llm_sparsify.prune.masks import Pattern
 from llm_sparsify.prune.permute import nm_permutation, tied_permutation
-from llm_sparsify.prune.refit import update_kept
+from llm_sparsify.prune.refit import UPDATE_STEPS, update_kept
 from llm_sparsify.prune.ria import ALPHA, prune_ria, ria_scores
 from llm_sparsify.prune.sparsegpt import prune_sparsegpt, sparsegpt_sweep
 from llm_sparsify.prune.wanda import prune_wanda, wanda_scores
@@ -69,7 +69,7 @@ def prune_weights(
     options.pop("permute", None)
     if permutation is not None:
         return _prune_permuted(method, weights, stats, pattern, quantization, fisher, permutation, options)
-    update = options.pop("update", "none")
+    update, update_steps = options.pop("update", "none"), options.pop("update_steps", UPDATE_STEPS)
     if method != "sparsegpt":
         pruned = [prune_weight(method, weight, stats, pattern, fisher[i] if fisher else None, **options)
                   for i, weight in enumerate(weights)]
@@ -80,7 +80,8 @@ def prune_weights(
         if joint:
             return pruned, grids
     if update != "none":
-        pruned = update_kept(update, weights, pruned, stats.hessian(), options.get("dampening", DAMPENING))
+        pruned = update_kept(update, weights, pruned, stats.hessian(), options.get("dampening", DAMPENING),
+                             update_steps)
     return quantize_weights(pruned, stats, quantization)
 
 

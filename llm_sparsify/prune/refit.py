@@ -5,8 +5,8 @@ kept ones so the layer's outputs on the calibration tokens change as little as p
             columns to its right (OBS, one Cholesky factor of H⁻¹); greedy, so columns on the left are never revisited
             (SparseGPT's own result for its mask).
     lstsq   the least-squares optimum itself, row by row: min over ŵ with ŵ_removed = 0 of
-            (w − ŵ)(H + λI)(w − ŵ)ᵀ, i.e. (H + λI)_KK ŵ_K = [w(H + λI)]_K on the kept inputs K, solved for all rows
-            at once by conjugate gradients (one [rows, in] × [in, in] product per step, Jacobi preconditioned).
+            (w − ŵ)(H + λI)(w − ŵ)ᵀ, i.e. (H + λI)_KK ŵ_K = [w(H + λI)]_K on the kept inputs K, solved for a block of
+            rows at once by conjugate gradients (one [rows, in] × [in, in] product per step, Jacobi preconditioned).
             The same problem ADMM solves (Boža, 2024), without its penalty schedule; λ = dampening · mean(diag H)
             keeps ŵ near w along directions the calibration tokens barely see.
 """
@@ -24,6 +24,8 @@ from llm_sparsify.stats import DAMPENING
 log = logging.getLogger(__name__)
 
 UPDATES = ("none", "obs", "lstsq")
+UPDATE_STEPS = 200  # lstsq: conjugate-gradient steps at most (recipe key update_steps)
+CHUNK = 1 << 23  # lstsq: values in a block of rows solved together (32 MiB for each float32 vector of CG)
 
 
 def refit_obs(weights: list[Tensor], hessian: Tensor, masks: list[Tensor],
@@ -33,25 +35,38 @@ def refit_obs(weights: list[Tensor], hessian: Tensor, masks: list[Tensor],
 
 
 def refit_lstsq(
-    weights: list[Tensor], hessian: Tensor, masks: list[Tensor], dampening: float = DAMPENING, steps: int = 200,
-    tolerance: float = 1e-3, start: list[Tensor] | None = None,
+    weights: list[Tensor], hessian: Tensor, masks: list[Tensor], dampening: float = DAMPENING,
+    steps: int = UPDATE_STEPS, tolerance: float = 1e-3, start: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """The dense `weights` with `masks` applied and the kept weights set to the least-squares optimum (see above).
 
-    Conjugate gradients on every row together, from `start` (e.g. SparseGPT's updated weights: 62 instead of 72
-    steps over three of one SmolLM2 layer's four inputs at 2:4; default: the masked weight) until each row's residual is
-    below `tolerance` times its right-hand side (or `steps` products); float32 on the weights' device.
+    Conjugate gradients from `start` (e.g. SparseGPT's updated weights; default: the masked weight) until each row's
+    residual is below `tolerance` times its right-hand side, or `steps` products. Rows are independent problems:
+    they are solved a block of about CHUNK values at a time, so the solver's vectors stay small whatever the matrix.
     """
-    rows = [w.shape[0] for w in weights]
-    W = torch.cat([w.detach().float() for w in weights])
-    keep = ~torch.cat(masks).to(W.device)
-    H = hessian.detach().float().to(W.device).clone()
+    H = hessian.detach().float().to(weights[0].device).clone()
     H.diagonal().add_(dampening * H.diagonal().mean())
     if not bool(H.diagonal().min() > 0):
         raise ValueError("the Hessian needs positive dampening (inputs that were always zero leave it singular)")
+    starts = weights if start is None else start
+    return [torch.cat([_solve_rows(w[rows].float(), s[rows].float(), ~m[rows], H, steps, tolerance).to(w.dtype)
+                       for rows in _chunks(*w.shape)])
+            for w, s, m in zip(weights, starts, masks, strict=True)]
+
+
+def _chunks(rows: int, columns: int) -> list[slice]:
+    """Blocks of rows of about CHUNK values each."""
+    step = max(1, CHUNK // columns)
+    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+def _solve_rows(W: Tensor, x: Tensor, keep: Tensor, H: Tensor, steps: int, tolerance: float) -> Tensor:
+    """min over x of (W − x)H(W − x)ᵀ with x = 0 off `keep`, each row its own system H_KK x_K = (WH)_K,
+    by Jacobi-preconditioned conjugate gradients from `x` (masked here)."""
+    keep = keep.to(W.device)
     inverse_diagonal = 1 / H.diagonal()
     b = (W @ H) * keep
-    x = W * keep if start is None else torch.cat([w.detach().float() for w in start]).to(W.device) * keep
+    x = x * keep
     r = b - (x @ H) * keep
     z = r * inverse_diagonal
     p = z.clone()
@@ -70,11 +85,12 @@ def refit_lstsq(
     else:
         worst = (r.norm(dim=1) / b.norm(dim=1).clamp_min(1e-30)).max().item()
         log.debug("least-squares refit stopped after %d steps at a relative residual of %.2g", steps, worst)
-    return [part.to(w.dtype) for part, w in zip(x.split(rows), weights, strict=True)]
+    return x
 
 
 def update_kept(
-    update: str, weights: list[Tensor], pruned: list[Tensor], hessian: Tensor, dampening: float = DAMPENING
+    update: str, weights: list[Tensor], pruned: list[Tensor], hessian: Tensor, dampening: float = DAMPENING,
+    steps: int = UPDATE_STEPS,
 ) -> list[Tensor]:
     """`pruned` (the dense `weights` with some entries zeroed) with its kept weights updated by `update`."""
     if update == "none":
@@ -83,5 +99,5 @@ def update_kept(
     if update == "obs":
         return refit_obs(weights, hessian, masks, dampening)
     if update == "lstsq":
-        return refit_lstsq(weights, hessian, masks, dampening, start=pruned)
+        return refit_lstsq(weights, hessian, masks, dampening, steps, start=pruned)
     raise ValueError(f"unknown weight update {update!r}; choose one of {', '.join(UPDATES)}")

@@ -25,11 +25,11 @@ import logging
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
-from transformers.utils.logging import tqdm
 
 from llm_sparsify.architecture import parameter_count
 from llm_sparsify.errors import UserError
 from llm_sparsify.evaluate import perplexity
+from llm_sparsify.events import Event, progress
 from llm_sparsify.models import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,8 @@ def skip_block_perplexity(
     max_windows: int | None,
     interval: int = 1,
     device: str | torch.device = "cpu",
+    *,
+    on_event: Event | None = None,
 ) -> Tensor:
     """Perplexity of the stream `ids` [1, N] with each span of `interval` blocks bypassed, one per span start.
 
@@ -174,7 +176,7 @@ def skip_block_perplexity(
     layers = decoder_layers(model)
     check_interval(interval, len(layers))
     values = []
-    for start in tqdm(range(len(layers) - interval + 1), desc="skip-block perplexity", unit="span"):
+    for start in progress(range(len(layers) - interval + 1), on_event, "skip-block perplexity", "span"):
         span = range(start, start + interval)
         originals = [layers[i] for i in span]
         try:
