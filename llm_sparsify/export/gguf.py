@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ _FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOST
 _BLOCKED = ("Q8_0", "Q4_0")
 _ROPE_AS_FACTORS = ("linear", "llama3")  # scalings that only divide each rotary frequency: llama.cpp's rope_freqs
 # The split pattern of Llama 3's pre-tokenizer as its tokenizer.json spells it (llama.cpp calls it "llama-bpe").
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # a SentencePiece byte-fallback token
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -232,6 +234,41 @@ def _add_metadata(writer: gguf.GGUFWriter, checkpoint: Path, config: PretrainedC
         writer.add_value_length(head_dim)
 
 
+def _steps(section: dict | None, key: str) -> list[dict]:
+    """The steps of a tokenizer.json normalizer or pre-tokenizer (`key`: its Sequence's list), flattened."""
+    if not section:
+        return []
+    if section.get("type") == "Sequence":
+        return [step for inner in section[key] for step in _steps(inner, key)]
+    return [section]
+
+
+def tokenizer_style(spec: dict) -> str | None:
+    """llama.cpp's name for what a tokenizer.json does: "gpt2" where the pre-tokenizer maps bytes to characters
+    (whatever the decoder and byte_fallback say: every byte is then in the vocabulary), "llama" for a BPE with byte
+    fallback that writes spaces as ▁ (in its normalizer or a Metaspace pre-tokenizer), else None."""
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        return None
+    pre = _steps(spec.get("pre_tokenizer"), "pretokenizers")
+    if any(step["type"] == "ByteLevel" for step in pre):
+        return "gpt2"
+    normalizer = _steps(spec.get("normalizer"), "normalizers")
+    metaspace = any(step["type"] == "Metaspace" for step in pre) or any(
+        step["type"] == "Replace" and step.get("pattern", {}).get("String") == " " and step.get("content") == "▁"
+        for step in normalizer)
+    return "llama" if metaspace and model.get("byte_fallback") else None
+
+
+def _prepends_space(spec: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer.json puts ▁ before the text (llama.cpp's add_space_prefix)."""
+    normalizer = _steps(spec.get("normalizer"), "normalizers")
+    pre = _steps(spec.get("pre_tokenizer"), "pretokenizers")
+    return any(step["type"] == "Prepend" and step.get("prepend") == "▁" for step in normalizer) or any(
+        step["type"] == "Metaspace" and step.get("prepend_scheme", "always" if step.get("add_prefix_space", True)
+                                                 else "never") != "never" for step in pre)
+
+
 def _pre_tokenizer_name(pre: dict | None) -> str:
     """llama.cpp's name for a byte-level BPE pre-tokenizer of tokenizer.json, or an ExportError."""
     steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
@@ -257,31 +294,48 @@ def _first(*values: Any) -> int | None:
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, checkpoint: Path, config: PretrainedConfig) -> None:
-    """The vocabulary, merges, token types, special ids and chat template, as llama.cpp's gpt2 tokenizer."""
+    """The vocabulary, token types, special ids and chat template, as one of llama.cpp's two BPE tokenizers:
+    gpt2 (byte-level: SmolLM2, Llama 3; with the merges) or llama (SentencePiece-style: Llama 2, Mistral, Mixtral;
+    ▁ for spaces, bytes as <0xNN> tokens, each token's score the negated rank of the merge that makes it, which
+    is the order llama.cpp merges in)."""
     path = checkpoint / "tokenizer.json"
     if not path.is_file():
         raise ExportError(f"{checkpoint} has no tokenizer.json; llama.cpp needs the vocabulary inside the GGUF")
     spec = json.loads(path.read_text(encoding="utf-8"))
-    model, decoder = spec.get("model", {}), spec.get("decoder") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
-        raise ExportError(f"{checkpoint}: only byte-level BPE tokenizers (GPT-2 style) are exported to GGUF so far")
-    pre = _pre_tokenizer_name(spec.get("pre_tokenizer"))
-    added = spec.get("added_tokens", [])
+    style = tokenizer_style(spec)
+    if style is None:
+        raise ExportError(f"{checkpoint}: only BPE tokenizers that are byte level (GPT-2 style) or SentencePiece "
+                          "style (▁ for spaces, byte fallback: Llama 2, Mistral) are exported to GGUF so far")
+    model, added = spec["model"], spec.get("added_tokens", [])
     vocab = {**model["vocab"], **{token["content"]: token["id"] for token in added}}
     if max(vocab.values()) >= config.vocab_size:
         raise ExportError(f"{checkpoint}: the tokenizer has ids up to {max(vocab.values())} but the model embeds "
                           f"only {config.vocab_size}")
+    pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges", [])]
     tokens = [f"[PAD{i}]" for i in range(config.vocab_size)]  # llama.cpp's filler for unused embedding rows
     types = [gguf.TokenType.UNUSED] * config.vocab_size
     for text, index in vocab.items():
         tokens[index], types[index] = text, gguf.TokenType.NORMAL
     for token in added:
         types[token["id"]] = gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
+    if style == "llama":
+        for text, index in model["vocab"].items():
+            if _BYTE_TOKEN.fullmatch(text):
+                types[index] = gguf.TokenType.BYTE
+        if model.get("unk_token") in vocab:
+            types[vocab[model["unk_token"]]] = gguf.TokenType.UNKNOWN
+    writer.add_tokenizer_model(style)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+    if style == "gpt2":
+        writer.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer")))
+        writer.add_token_merges([" ".join(pair) for pair in pairs])
+    else:
+        scores = [-float(len(pairs))] * config.vocab_size  # below every merge: never preferred to one
+        for rank, pair in reversed(list(enumerate(pairs))):
+            if "".join(pair) in vocab:
+                scores[vocab["".join(pair)]] = -float(rank)
+        writer.add_token_scores(scores)
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     generation = GenerationConfig.from_pretrained(checkpoint) if (checkpoint / "generation_config.json").exists() \
@@ -298,6 +352,6 @@ def _add_tokenizer(writer: gguf.GGUFWriter, checkpoint: Path, config: Pretrained
     plain = tokenizer("a", add_special_tokens=False).input_ids
     writer.add_add_bos_token(len(marked) > len(plain) and marked[0] == tokenizer.bos_token_id)
     writer.add_add_eos_token(len(marked) > len(plain) and marked[-1] == tokenizer.eos_token_id)
-    writer.add_add_space_prefix(False)
+    writer.add_add_space_prefix(style == "llama" and _prepends_space(spec))
     if isinstance(tokenizer.chat_template, str):
         writer.add_chat_template(tokenizer.chat_template)
