@@ -25,7 +25,7 @@ from transformers import (
 from llm_sparsify import compress
 from llm_sparsify.data import load_documents
 from llm_sparsify.export import GGUF_TYPES, ExportError
-from llm_sparsify.export.gguf import tokenizer_style, export_gguf, interleave_rotary_halves, read_gguf
+from llm_sparsify.export.gguf import export_gguf, interleave_rotary_halves, read_gguf, tokenizer_style
 from llm_sparsify.export.hf import save_checkpoint
 from llm_sparsify.files import OutputExistsError
 from tests.conftest import TINY
