@@ -95,18 +95,22 @@ def run_steps(output: Path, recipe: Recipe, base_model: str | None, steps: Steps
     if (steps.ppl or evaluation) and (read_record(output).get("evaluation") or {}).get("settings") == settings:
         log.info("%s already holds this command's evaluation", output)
     elif steps.ppl or evaluation:
+        ppl, models = {}, {}
+        for label, name in (("base", base_model), ("pruned", str(output))):  # each model loaded once, for both
+            model, tokenizer = load_model(name, dtype=dtype, device=device)
+            if steps.ppl:
+                ppl[label] = {"model": name or DEFAULT_MODEL, **perplexity_of(
+                    model, tokenizer, "wikitext2", None, steps.ppl_windows, device, on_event=on_event)}
+            if evaluation:
+                models[label] = evaluate_loaded(model, tokenizer, evaluation, device, on_event=on_event)
+            del model
         if steps.ppl:
-            base, pruned = (model_perplexity(name, "wikitext2", None, steps.ppl_windows, dtype, device,
-                                             on_event=on_event)
-                            for name in (base_model, str(output)))
-            finished("perplexity", {"base": base, "pruned": pruned})
+            finished("perplexity", ppl)
             add_evaluation(output, {label: {"wikitext2": {"perplexity": result["perplexity"]}}
-                                    for label, result in (("base", base), ("pruned", pruned))},
-                           f"WikiText-2 test perplexity over {base['windows']} windows of {base['seqlen']} tokens",
-                           None if evaluation else settings)
+                                    for label, result in ppl.items()},
+                           f"WikiText-2 test perplexity over {ppl['base']['windows']} windows of "
+                           f"{ppl['base']['seqlen']} tokens", None if evaluation else settings)
         if evaluation:
-            models = {label: evaluate_section(name, evaluation, dtype, device, on_event=on_event)
-                      for label, name in (("base", base_model), ("pruned", str(output)))}
             add_evaluation(output, models, protocol(evaluation, device), settings)
             finished("evaluation", models)
         write_model_card(output, command=steps.command_line)
@@ -133,14 +137,6 @@ def perplexity_of(model, tokenizer, dataset: str, seqlen: int | None, max_window
     return {"dataset": dataset, "seqlen": seqlen, "windows": windows, "perplexity": value}
 
 
-def model_perplexity(model_name: str | None, dataset: str, seqlen: int | None, max_windows: int | None,
-                     dtype: torch.dtype | None, device: str, *, on_event: Event | None = None) -> dict[str, Any]:
-    """perplexity_of a model loaded by name (None: the built-in default)."""
-    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
-    return {"model": model_name or DEFAULT_MODEL, **perplexity_of(model, tokenizer, dataset, seqlen, max_windows,
-                                                                  device, on_event=on_event)}
-
-
 def evaluate_model(model_name: str | None, dataset: str | None, tasks: list[str], *, seqlen: int | None,
                    max_windows: int | None, limit: int | None, data_dir: Path | None, batch_size: int,
                    dtype: torch.dtype | None, device: str, on_event: Event | None = None) -> dict[str, Any]:
@@ -156,10 +152,9 @@ def evaluate_model(model_name: str | None, dataset: str | None, tasks: list[str]
     return record
 
 
-def evaluate_section(model_name: str | None, evaluation: Evaluation, dtype: torch.dtype | None,
-                     device: str, *, on_event: Event | None = None) -> dict[str, dict[str, float]]:
-    """What a recipe's `evaluate:` section asks of one model: {dataset or task: {metric: value}}."""
-    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
+def evaluate_loaded(model, tokenizer, evaluation: Evaluation, device: str, *,
+                    on_event: Event | None = None) -> dict[str, dict[str, float]]:
+    """What a recipe's `evaluate:` section asks of a loaded model: {dataset or task: {metric: value}}."""
     result = {dataset: {"perplexity": perplexity_of(model, tokenizer, dataset, None, evaluation.max_windows,
                                                     device, on_event=on_event)["perplexity"]}
               for dataset in evaluation.perplexity}

@@ -176,12 +176,14 @@ SECTIONS = {"pruning": {"method": "wanda", "sparsity": 0.5},
             "evaluate": {"perplexity": ["wikitext2"], "max_windows": 1}, "export": {"formats": ["compact"]}}
 
 
-def test_prune_checkpoint_runs_the_evaluate_and_export_sections(tmp_path, model_dir, calib):  # noqa: F811
-    from llm_sparsify import prune_checkpoint
+def test_prune_checkpoint_runs_the_evaluate_and_export_sections(tmp_path, model_dir, calib, monkeypatch):  # noqa: F811
+    from llm_sparsify import finish, prune_checkpoint
     from llm_sparsify.finish import Steps
 
     output = tmp_path / "out"
-    events = []
+    events, loads = [], []
+    load_model = finish.load_model
+    monkeypatch.setattr(finish, "load_model", lambda name, **kw: loads.append(name) or load_model(name, **kw))
     record = prune_checkpoint(str(model_dir), SECTIONS, output, str(calib), device="cpu", seqlen=16,
                               steps=Steps(ppl=True, ppl_windows=1), on_event=lambda *event: events.append(event))
     layers = [value for kind, value in events if kind == "layer"]
@@ -196,6 +198,7 @@ def test_prune_checkpoint_runs_the_evaluate_and_export_sections(tmp_path, model_
     assert [(layer["pass"], layer["index"]) for layer in layers] == [("wanda 0.5", i) for i in range(len(layers))]
     assert [layer["seconds"] for layer in layers] == [report["seconds"] for report in record["layers"]]
     assert steps[0][1]["recipe_name"] == record["recipe_name"]
+    assert loads == [str(model_dir), str(output)]  # each model once for --ppl and `evaluate:` both
     done = record["steps"]
     assert set(done["evaluation"]) == {"base", "pruned"} and set(done["perplexity"]) == {"base", "pruned"}
     assert [export["path"] for export in done["exports"]] == [str(tmp_path / "out-compact")]
