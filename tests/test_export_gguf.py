@@ -3,6 +3,7 @@ against gguf's dequantization, with the tokenizer, metadata and pruned zeros che
 
 from __future__ import annotations
 
+import copy
 import json
 
 import gguf
@@ -28,6 +29,8 @@ from llm_sparsify.export import GGUF_TYPES, ExportError
 from llm_sparsify.export.gguf import export_gguf, interleave_rotary_halves, read_gguf, tokenizer_style
 from llm_sparsify.export.hf import save_checkpoint
 from llm_sparsify.files import OutputExistsError
+from llm_sparsify.pipeline import prune_width
+from llm_sparsify.structure.resize import remove_kv_groups
 from tests.conftest import TINY
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "In 1997, 42 people paid $3.50 each!",
@@ -334,6 +337,73 @@ def test_llama_cpp_tokenizes_the_sentencepiece_style_export_as_the_source(spm_ex
             assert llm.tokenize(text.encode(), add_bos=True) == source(text).input_ids, text
     finally:
         llm.close()
+
+
+def save_unequal(path):
+    """A tiny Llama width-pruned to layers of different MLP widths and KV groups (global scope), saved."""
+    tokenizer = bpe_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**dict(TINY, vocab_size=len(tokenizer) + 4, bos_token_id=1, eos_token_id=2,
+                                                pad_token_id=0))).eval()
+    prune_width(model, "mlp", 0.3, score="weight", scope="global")
+    remove_kv_groups(model, [torch.tensor([True, True]), torch.tensor([False, True]), torch.tensor([True, False])])
+    save_checkpoint(model, tokenizer, path, {"recipe_name": "width-global"})
+    return path, model
+
+
+def deinterleave_rotary_halves(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """interleave_rotary_halves undone: llama.cpp's q/k rows back in the Hugging Face order."""
+    return weight.reshape(heads, weight.shape[0] // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(
+        weight.shape)
+
+
+def test_unequal_layers_export_as_deci_with_per_layer_widths_and_the_same_logits(tmp_path):
+    """llama.cpp's deci architecture reads each layer's FFN width and head counts from arrays (its llama takes
+    layer 0's for all). transformers cannot read such a file back, so the model is rebuilt from the GGUF's own
+    tensors and arrays here: the widths are the source's, and so are the logits."""
+    checkpoint, source = save_unequal(tmp_path / "unequal")
+    widths = source.config.layer_widths
+    path = export_gguf(checkpoint, tmp_path / "unequal.gguf", qtype="F32")
+    meta = read_gguf(path)["metadata"]
+    assert meta["general.architecture"] == "deci"
+    assert meta["deci.feed_forward_length"] == widths["intermediate_size"] != [widths["intermediate_size"][0]] * 3
+    assert meta["deci.attention.head_count_kv"] == widths["num_key_value_heads"] == [2, 1, 1]
+    assert meta["deci.attention.head_count"] == [4, 2, 2]
+
+    rebuilt = copy.deepcopy(source)
+    tensors = gguf_tensors(path)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI, 3)
+    with torch.no_grad():
+        for name, param in rebuilt.named_parameters():
+            stored = torch.from_numpy(tensors[names.get_name(name, try_suffixes=(".weight",))][0].copy())
+            if ".self_attn.q_proj" in name or ".self_attn.k_proj" in name:
+                layer = int(name.split(".")[2])
+                key = "head_count" if "q_proj" in name else "head_count_kv"
+                stored = deinterleave_rotary_halves(stored, meta[f"deci.attention.{key}"][layer])
+            assert stored.shape == param.shape, name
+            param.copy_(stored)
+    ids = torch.randint(0, 300, (1, 24))
+    torch.testing.assert_close(logits(rebuilt, ids), logits(source, ids))
+    with pytest.raises(AssertionError):  # the rebuild does read the file: without the rotary order undone it differs
+        q = rebuilt.model.layers[1].self_attn.q_proj.weight
+        with torch.no_grad():
+            q.copy_(interleave_rotary_halves(q, 2))
+        torch.testing.assert_close(logits(rebuilt, ids), logits(source, ids))
+
+
+def test_llama_cpp_runs_the_unequal_layer_export_with_the_source_logits(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    checkpoint, source = save_unequal(tmp_path / "unequal")
+    path = export_gguf(checkpoint, tmp_path / "unequal.gguf", qtype="F32")
+    ids = token_ids(checkpoint)[0, :24].tolist()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
+    try:
+        llm.eval(ids)
+        got = torch.from_numpy(np.array(llm.scores[: len(ids)]))
+    finally:
+        llm.close()
+    reference = logits(source, torch.tensor([ids]))
+    assert (got - reference).abs().max() <= 1e-3 * reference.abs().max()
 
 
 def test_untied_embeddings_write_an_output_tensor(tmp_path):

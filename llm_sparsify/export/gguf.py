@@ -67,7 +67,7 @@ def export_gguf(checkpoint: str | Path, output: str | Path, *, qtype: str = GGUF
     rope_freqs = rope_factors(config)
     check_output(output, overwrite, source=checkpoint)  # before the work, not after
 
-    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[_arch(config)])
     _add_metadata(writer, checkpoint, config, qtype)
     _add_tokenizer(writer, checkpoint, config)
     for _, gguf_name, shape, kind in plan:  # the header lists every tensor before any data is written
@@ -142,11 +142,30 @@ def _llama_config(checkpoint: Path) -> PretrainedConfig:
         raise ExportError(f"{checkpoint} has attention or MLP biases, which the GGUF export does not write")
     if config.hidden_act != "silu":
         raise ExportError(f"{checkpoint} uses the {config.hidden_act!r} activation; llama.cpp's llama runs SiLU")
+    if 0 in [n for values in layer_shapes(config) for n in values]:
+        raise ExportError(f"{checkpoint} has a decoder layer without MLP channels or KV heads; llama.cpp's GGUF "
+                          "layouts need at least one of each")
     window = getattr(config, "sliding_window", None)
     if window is not None and window < config.max_position_embeddings:
         log.warning("%s attends within a sliding window of %d tokens; llama.cpp's llama architecture attends to "
                     "the whole context, so outputs differ beyond %d tokens", checkpoint, window, window)
     return config
+
+
+def _arch(config: PretrainedConfig) -> gguf.MODEL_ARCH:
+    """llama, or deci for layers of different widths (global width pruning): llama.cpp's deci reads each layer's
+    FFN width and head counts from per-layer arrays, its llama takes layer 0's for every layer."""
+    return gguf.MODEL_ARCH.DECI if getattr(config, "layer_widths", None) else gguf.MODEL_ARCH.LLAMA
+
+
+def layer_shapes(config: PretrainedConfig) -> tuple[list[int], list[int], list[int]]:
+    """Per decoder layer: its FFN width, query heads and KV heads (config.layer_widths where width pruning left
+    them unequal; there the config's plain fields hold the widest layer's)."""
+    kv = config.num_key_value_heads or config.num_attention_heads
+    widths = getattr(config, "layer_widths", None) or {}
+    ffn = widths.get("intermediate_size", [config.intermediate_size] * config.num_hidden_layers)
+    kv_heads = widths.get("num_key_value_heads", [kv] * config.num_hidden_layers)
+    return ffn, [k * (config.num_attention_heads // kv) for k in kv_heads], kv_heads
 
 
 def _rope(config: PretrainedConfig) -> tuple[float, str]:
@@ -163,7 +182,7 @@ def _head_dim(config: PretrainedConfig) -> int:
 def _tensor_plan(checkpoint: Path, files: dict[str, str], config: PretrainedConfig,
                  qtype: str) -> list[tuple[str, str, list[int], gguf.GGMLQuantizationType]]:
     """(checkpoint name, GGUF name, shape, GGML type) of every tensor to write, from the shards' headers."""
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(_arch(config), config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     plan = []
     for name in sorted(files):
@@ -195,10 +214,10 @@ def _ggml_type(gguf_name: str, shape: list[int], qtype: str, tied: bool) -> gguf
 
 def _convert(tensor: Tensor, gguf_name: str, config: PretrainedConfig, kind: gguf.GGMLQuantizationType) -> np.ndarray:
     """The tensor as llama.cpp stores it: q/k rows reordered, then converted or quantized to `kind`."""
-    if gguf_name.endswith("attn_q.weight"):
-        tensor = interleave_rotary_halves(tensor, config.num_attention_heads)
-    elif gguf_name.endswith("attn_k.weight"):
-        tensor = interleave_rotary_halves(tensor, config.num_key_value_heads or config.num_attention_heads)
+    if gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+        _, heads, kv_heads = layer_shapes(config)
+        layer = int(gguf_name.split(".")[1])  # blk.<layer>.attn_q.weight
+        tensor = interleave_rotary_halves(tensor, (heads if "attn_q" in gguf_name else kv_heads)[layer])
     data = gguf.quants.quantize(tensor.float().numpy(), kind)
     if kind == gguf.GGMLQuantizationType.F16 and not np.isfinite(data).all():
         raise ExportError(f"{gguf_name} has values beyond float16's range; export as BF16 or F32")
@@ -223,9 +242,9 @@ def _add_metadata(writer: gguf.GGUFWriter, checkpoint: Path, config: PretrainedC
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(config.num_key_value_heads or heads)
+    for add, values in zip((writer.add_feed_forward_length, writer.add_head_count, writer.add_head_count_kv),
+                           layer_shapes(config), strict=True):
+        add(values if _arch(config) == gguf.MODEL_ARCH.DECI else values[0])  # per layer, or one for all
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(_rope(config)[0])
     writer.add_rope_dimension_count(head_dim)
