@@ -34,7 +34,7 @@ from llm_sparsify.models import decoder_layers
 from llm_sparsify.prune.allocation import sensitivity_levels, sensitivity_sparsities
 from llm_sparsify.prune.owl import owl_sparsities
 from llm_sparsify.recipe import Depth, ExpertRemoval, Recipe, RecipeError, Width
-from llm_sparsify.recover import finetune, gradual_prune
+from llm_sparsify.recover import finetune, gradual_prune, teacher_logits
 from llm_sparsify.score_passes import (
     block_importance,
     expert_saliencies,
@@ -285,10 +285,13 @@ def run_recipe(
     stage did. `calibration` [nsamples, seqlen] feeds the scores and statistics; `training` the recovery fine-tuning.
     """
     check_structure(model, recipe)
+    recovery = recipe.recovery
+    teacher = None  # the dense model's logits, taken before anything is removed
+    if recovery is not None and recovery.loss == "kl":
+        teacher = teacher_logits(model, training, recovery.top_k, recovery.batch_size, device)
     stages = restructure(model, ResidentLayers(model), recipe, calibration, tokenizer=tokenizer, device=device,
                          batch_size=batch_size, on_event=on_event)
     reports: list[LayerReport] = []
-    recovery = recipe.recovery
     if recipe.method is not None and recovery is not None and recovery.schedule:
         def prune_to(pruned: PreTrainedModel, sparsity: float) -> None:
             reports[:], info = prune_weights_of(pruned, replace(recipe, pattern=sparsity), calibration, device,
@@ -298,14 +301,14 @@ def run_recipe(
         stages["recovery"] = gradual_prune(
             model, training, [*recovery.schedule, recipe.pattern], prune_to, recovery.steps, rewind=recovery.rewind,
             lr=recovery.lr, batch_size=recovery.batch_size, lora=recovery.lora, group_lasso=recovery.group_lasso,
-            lasso_unit=recovery.lasso_unit, device=device, on_event=on_event)
+            lasso_unit=recovery.lasso_unit, device=device, on_event=on_event, teacher=teacher)
     else:
         if recipe.method is not None:
             reports, stages["pruning"] = prune_weights_of(model, recipe, calibration, device, batch_size, on_event)
         if recovery is not None:
             losses = finetune(model, training, recovery.steps, recovery.lr, recovery.batch_size, lora=recovery.lora,
                               group_lasso=recovery.group_lasso, lasso_unit=recovery.lasso_unit, device=device,
-                              on_event=on_event)
+                              on_event=on_event, teacher=teacher)
             stages["recovery"] = {**asdict(recovery), "first_loss": losses[0], "last_loss": losses[-1]}
     stages["parameters_after"] = parameter_count(model)
     return reports, stages

@@ -80,6 +80,8 @@ is optional, but a recipe needs at least one of experts, depth, width, pruning.
       lasso_unit: mlp          #   afterwards removes groups that have gone quiet
       nsamples: 64             #   fine-tuning windows drawn from the calibration source (other windows)
       seqlen: 256
+      loss: lm                 #   lm: the causal-LM loss | kl: distillation, KL from the dense model's logits
+      top_k: 64                #   (its top_k per position, taken once before pruning: no teacher in memory)
     evaluate:                  # after saving; results go to the record and the model card
       perplexity: [wikitext2]
       max_windows: 64
@@ -320,6 +322,8 @@ class Recovery:
     lasso_unit: str = option("mlp", one_of(*UNITS))
     nsamples: int = option(64, _count)
     seqlen: int = option(256, _count)
+    loss: str = option("lm", one_of("lm", "kl"))  # kl: distillation from the dense model's top_k logits
+    top_k: int = option(64, _count)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -109,12 +110,44 @@ class _MaskedLoRA(nn.Module):
 
 
 def _batches(data: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:
-    """Rows of `data` in batches, reshuffled every epoch, endlessly."""
+    """Indices of the rows of `data` in batches, reshuffled every epoch, endlessly."""
     generator = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(data), generator=generator)
         for start in range(0, len(order), batch_size):
-            yield data[order[start : start + batch_size]]
+            yield order[start : start + batch_size]
+
+
+@dataclass(frozen=True)
+class TopLogits:
+    """The dense teacher's k largest logits at every position of the training windows (its distillation target,
+    computed once before pruning: no second model in memory while the student trains)."""
+
+    values: Tensor  # [windows, seqlen, k] float32
+    indices: Tensor  # [windows, seqlen, k] int32
+
+
+@torch.no_grad()
+def teacher_logits(model: PreTrainedModel, data: Tensor, k: int = Recovery.top_k,
+                   batch_size: int = Recovery.batch_size, device: str | torch.device = "cpu") -> TopLogits:
+    """TopLogits of `model` on the windows `data` [n, seqlen], kept in host memory."""
+    home = home_device(model)
+    model.to(device)
+    values, indices = [], []
+    for batch in data.split(batch_size):
+        top = model(batch.to(device), use_cache=False).logits.float().topk(min(k, model.config.vocab_size), dim=-1)
+        values.append(top.values.cpu())
+        indices.append(top.indices.to(torch.int32).cpu())
+    model.to(home)
+    return TopLogits(torch.cat(values), torch.cat(indices))
+
+
+def distillation_loss(logits: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    """KL(p ‖ q) at each position, averaged: p the teacher's softmax over its top-k logits `values` (renormalised),
+    q the student's softmax over the whole vocabulary, read at the teacher's k tokens `indices`."""
+    p_log = values.log_softmax(-1)
+    q_log = logits.float().log_softmax(-1).gather(-1, indices.long())
+    return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
 
 
 def _check(model: PreTrainedModel, data: Tensor, steps: int, lr: float, batch_size: int, lora: int | None,
@@ -135,8 +168,15 @@ def _check(model: PreTrainedModel, data: Tensor, steps: int, lr: float, batch_si
                                 f"{tuple(modules[name].weight.shape)}, got {mask.dtype} {tuple(mask.shape)}")
 
 
+def _check_teacher(teacher: TopLogits | None, data: Tensor) -> None:
+    if teacher is not None and teacher.values.shape[:2] != data.shape:
+        raise RecoveryError(f"the teacher's logits cover windows {tuple(teacher.values.shape[:2])}, the training data "
+                            f"is {tuple(data.shape)}")
+
+
 def _train(
     model: PreTrainedModel,
+    data: Tensor,
     batches: Iterator[Tensor],
     steps: int,
     learning_rate: Callable[[int], float],
@@ -149,8 +189,11 @@ def _train(
     seed: int,
     optimizer: torch.optim.Optimizer | None = None,
     on_event: Event | None = None,
+    teacher: TopLogits | None = None,
 ) -> tuple[list[float], list[float], torch.optim.Optimizer | None]:
     """The training loop shared by finetune and gradual_prune: (losses, learning rates, the AdamW to carry on).
+    The loss is the causal-LM loss on the windows `data` (rows drawn by `batches`), or with a `teacher` the
+    distillation loss toward its logits at the same positions.
 
     The optimizer is only handed back (and only taken) for full fine-tuning: LoRA factors end at each merge.
     """
@@ -184,8 +227,13 @@ def _train(
             rate = learning_rate(step)
             for group in optimizer.param_groups:
                 group["lr"] = rate
-            batch = next(batches).to(device)
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            rows = next(batches)
+            batch = data[rows].to(device)
+            if teacher is None:
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            else:
+                loss = distillation_loss(model(input_ids=batch, use_cache=False).logits,
+                                         teacher.values[rows].to(device), teacher.indices[rows].to(device))
             total = loss + group_lasso * group_lasso_penalty(model, lasso_unit) if group_lasso else loss
             total.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -234,9 +282,11 @@ def finetune(
     seed: int = 0,
     device: str | torch.device = "cpu",
     on_event: Event | None = None,
+    teacher: TopLogits | None = None,
 ) -> list[float]:
     """Fine-tune the decoder-layer Linear weights (or rank-`lora` adapters, merged) in place, so pruned weights
-    stay zero; return the causal-LM loss of each step (without the group lasso term).
+    stay zero; return the loss of each step (without the group lasso term): causal LM, or with a `teacher`
+    (teacher_logits of the dense model on the same `data`) the distillation loss toward it.
 
     `data` holds token windows [n, seqlen]. `masks` (True = frozen at zero) defaults to the weights that are zero
     now, `sparsity_masks(model)`; `{}` fine-tunes densely. `group_lasso` = λ adds λ·group_lasso_penalty(model,
@@ -245,9 +295,10 @@ def finetune(
     modules = _decoder_linears(model)
     masks = sparsity_masks(model, modules) if masks is None else masks
     _check(model, data, steps, lr, batch_size, lora, group_lasso, lasso_unit, masks, modules)
-    losses, _, _ = _train(model, _batches(data, batch_size, seed), steps,
+    _check_teacher(teacher, data)
+    losses, _, _ = _train(model, data, _batches(data, batch_size, seed), steps,
                           _rates(0, steps, warmup, lr), masks, lora, group_lasso, lasso_unit,
-                          weight_decay, torch.device(device), seed, on_event=on_event)
+                          weight_decay, torch.device(device), seed, on_event=on_event, teacher=teacher)
     if losses:
         log.info("fine-tuned %d steps: loss %.4f -> %.4f", steps, losses[0], losses[-1])
     return losses
@@ -265,6 +316,7 @@ def gradual_prune(
     warmup: int = 0,
     seed: int = 0,
     on_event: Event | None = None,
+    teacher: TopLogits | None = None,
     **finetune_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Prune in stages, `prune(model, s)` for each sparsity s of `schedule`, each stage followed by fine-tuning
@@ -281,6 +333,7 @@ def gradual_prune(
     unknown = set(finetune_kwargs) - {"lora", "group_lasso", "lasso_unit", "weight_decay", "device"}
     if unknown:
         raise RecoveryError(f"gradual_prune does not take {sorted(unknown)}")
+    _check_teacher(teacher, calibration)
     options = {"lora": None, "group_lasso": 0.0, "lasso_unit": "mlp", "weight_decay": 0.0, "device": "cpu"}
     options.update(finetune_kwargs)
     device = torch.device(options.pop("device"))
@@ -300,8 +353,9 @@ def gradual_prune(
             optimizer, rates = None, _rates(0, steps_per_stage, warmup, lr)
         else:
             rates = _rates(stage * steps_per_stage, total, warmup, lr)
-        losses, lrs, optimizer = _train(model, batches, steps_per_stage, rates, masks, device=device,
-                                        seed=seed + stage, optimizer=optimizer, on_event=on_event, **options)
+        losses, lrs, optimizer = _train(model, calibration, batches, steps_per_stage, rates, masks, device=device,
+                                        seed=seed + stage, optimizer=optimizer, on_event=on_event, teacher=teacher,
+                                        **options)
         log.info("stage %d: sparsity %.4f (target %.2f), loss %s -> %s", stage, measured, target,
                  f"{losses[0]:.4f}" if losses else "-", f"{losses[-1]:.4f}" if losses else "-")
         results.append({"stage": stage, "target": target, "sparsity": measured,

@@ -11,11 +11,13 @@ from torch import nn
 from llm_sparsify.prune.magnitude import prune_magnitude
 from llm_sparsify.recover import (
     RecoveryError,
+    distillation_loss,
     finetune,
     gradual_prune,
     group_lasso_penalty,
     lr_schedule,
     sparsity_masks,
+    teacher_logits,
 )
 from llm_sparsify.targets import layer_linears
 from tests.conftest import TINY, tiny_model
@@ -121,6 +123,63 @@ def test_loss_goes_down_on_a_repeated_batch(lora):
     losses = finetune(model, tokens(2), steps=15, lr=3e-3, batch_size=2, lora=lora)
     assert len(losses) == 15
     assert losses[-1] < losses[0] - 0.1
+
+
+def full_kl(teacher, student, ids) -> float:
+    """KL(p_teacher ‖ q_student) over the whole vocabulary, averaged over every position of `ids`."""
+    with torch.no_grad():
+        p_log, q_log = (model(ids).logits.float().log_softmax(-1) for model in (teacher, student))
+    return (p_log.exp() * (p_log - q_log)).sum(-1).mean().item()
+
+
+def test_distillation_loss_with_every_logit_is_the_kl_divergence():
+    dense, student = tiny_model("llama"), tiny_model("llama")
+    magnitude(student, 0.5)
+    ids = tokens(3)
+    top = teacher_logits(dense, ids, k=TINY["vocab_size"], batch_size=2)
+    assert top.values.shape == (3, 32, TINY["vocab_size"]) and top.indices.dtype == torch.int32
+    with torch.no_grad():
+        loss = distillation_loss(student(ids).logits, top.values, top.indices).item()
+    assert loss == pytest.approx(full_kl(dense, student, ids), rel=1e-5)
+    few = teacher_logits(dense, ids, k=8)  # the top 8 only: most of the teacher's mass, renormalised
+    assert few.values.shape[-1] == 8 and torch.equal(few.values, top.values[..., :8])
+
+
+@pytest.mark.parametrize("lora", [None, 4])
+def test_distillation_lowers_the_kl_to_the_dense_model_with_masks_frozen(lora):
+    dense = tiny_model("llama")
+    student = copy.deepcopy(dense)
+    magnitude(student, 0.6)
+    zeros = {name: m.weight == 0 for name, m in linears(student).items()}
+    train, held_out = tokens(8), tokens(4, seed=2)
+    before = full_kl(dense, student, held_out), full_kl(dense, student, train)
+    teacher = teacher_logits(dense, train, k=TINY["vocab_size"])
+    losses = finetune(student, train, steps=20, lr=1e-3, batch_size=4, lora=lora, teacher=teacher)
+    assert losses[-1] < losses[0]
+    assert full_kl(dense, student, train) < 0.8 * before[1]
+    assert full_kl(dense, student, held_out) < before[0]
+    assert all(bool((m.weight[zeros[name]] == 0).all()) for name, m in linears(student).items())  # still pruned
+    with pytest.raises(RecoveryError, match="teacher's logits cover windows"):
+        finetune(student, tokens(4), steps=1, teacher=teacher)
+
+
+def test_a_recipe_distils_from_the_model_before_pruning(monkeypatch, tmp_path):
+    from llm_sparsify import compress, pipeline
+    from llm_sparsify.export.hf import read_record
+
+    taken = []
+    original = pipeline.teacher_logits
+    monkeypatch.setattr(pipeline, "teacher_logits", lambda model, *args: taken.append(
+        sum(int((m.weight == 0).sum()) for m in linears(model).values())) or original(model, *args))
+    model = tiny_model("llama")
+    compress(model, {"pruning": {"method": "magnitude", "sparsity": 0.5},
+                     "recovery": {"steps": 3, "loss": "kl", "top_k": 8, "nsamples": 4, "seqlen": 16}},
+             tokens(8, 16), device="cpu", output=tmp_path / "out")
+    assert taken == [0]  # the teacher is the dense model
+    recovery = read_record(tmp_path / "out")["stages"]["recovery"]
+    assert recovery["loss"] == "kl" and recovery["top_k"] == 8 and recovery["last_loss"] >= 0
+    assert min(sum(int((m.weight == 0).sum()) / m.weight.numel() for m in layer.values()) / len(layer)
+               for layer in layer_linears(model)) >= 0.5
 
 
 def reference_penalty(model, unit: str) -> torch.Tensor:
