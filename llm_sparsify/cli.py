@@ -30,7 +30,7 @@ from llm_sparsify.export import GGUF_TYPE, GGUF_TYPES
 from llm_sparsify.export.card import removed_in_words, sparsity_summary
 from llm_sparsify.export.hub import push_to_hub
 from llm_sparsify.files import atomic_file, check_writable
-from llm_sparsify.finish import StepError, Steps, evaluate_model, export_checkpoint
+from llm_sparsify.finish import StepError, Steps, check_speed, deployment_speed, evaluate_model, export_checkpoint
 from llm_sparsify.models import DEFAULT_MODEL
 from llm_sparsify.recipe import builtin_recipes, load_recipe
 from llm_sparsify.walk import BATCH_SIZE
@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true",
                         help="replace an existing output that llm-sparsify wrote; anything else is refused")
     export.add_argument("--device", default=None, help="bnb-*: where bitsandbytes runs (default: cuda if available)")
+    export.add_argument("--speed", action="store_true",
+                        help="gguf: also measure prefill and decode tokens/s in llama.cpp against the dense model "
+                             "exported the same way (into the record and model card; needs llama-cpp-python)")
+    export.add_argument("--threads", type=int, default=None, help="--speed: CPU threads (default: all)")
     export.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result")
 
     push = commands.add_parser(
@@ -305,8 +309,16 @@ def run_eval(args: argparse.Namespace) -> None:
 
 def run_export(args: argparse.Namespace) -> None:
     device = check_device(args.device) if args.format.startswith("bnb-") else None
-    _print_export(export_checkpoint(args.checkpoint, args.format, args.qtype, args.output, args.overwrite, device,
-                                    on_event=Bars()))
+    if args.speed:
+        check_count(args.threads, "--threads")
+        check_speed(args.format, args.checkpoint)  # before the export, not after
+    export = export_checkpoint(args.checkpoint, args.format, args.qtype, args.output, args.overwrite, device,
+                               on_event=Bars())
+    _print_export(export)
+    if args.speed:
+        report = deployment_speed(args.checkpoint, export, args.qtype, threads=args.threads)
+        print(markdown_table({label: {report["format"]: report[label]} for label in ("dense", "pruned")},
+                             ["dense", "pruned"]))
 
 
 def run_push(args: argparse.Namespace) -> None:

@@ -203,3 +203,44 @@ def export_checkpoint(source: Path, format: str, qtype: str, output: Path | None
         export_bitsandbytes(source, output, mode=format.removeprefix("bnb-"), device=device, overwrite=overwrite)
     return {"source": str(source), "format": format, "path": str(output), "bytes": disk_size(output),
             "source_bytes": disk_size(source)}
+
+
+def check_speed(format: str, source: Path) -> None:
+    """Refuse --speed before any work where it cannot be measured: not GGUF, no llama.cpp, no record of the base."""
+    import importlib.util
+
+    from llm_sparsify.export.speed import RuntimeMissing
+
+    if format != "gguf":
+        raise UserError(f"speed is measured for GGUF exports (in llama.cpp) so far, not {format}")
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise RuntimeMissing("measuring a GGUF file needs llama.cpp: pip install llama-cpp-python")
+    if not read_record(source):
+        raise UserError(f"{source} has no llm_sparsify record naming its dense base model to compare with")
+
+
+def deployment_speed(source: Path, export: dict[str, Any], qtype: str, *, threads: int | None = None,
+                     rounds: int | None = None) -> dict[str, Any]:
+    """Bytes and tokens per second of a GGUF `export` of `source` (export_checkpoint's result) against the dense base
+    model exported the same way (into a temporary directory), both in llama.cpp (export/speed.py); kept in the
+    record of `source`, where the model card shows it."""
+    import tempfile
+
+    from llm_sparsify.checkpoint import resolve_checkpoint
+    from llm_sparsify.export.gguf import export_gguf
+    from llm_sparsify.export.speed import ROUNDS, measure_speed
+
+    check_speed(export["format"], source)
+    base = resolve_checkpoint(read_record(source).get("base_model"))
+    with tempfile.TemporaryDirectory(prefix="llm_sparsify_dense_") as tmp:
+        dense = export_gguf(base, Path(tmp) / "dense.gguf", qtype=qtype)
+        speed = measure_speed({"dense": dense, "pruned": Path(export["path"])}, threads=threads,
+                              rounds=rounds or ROUNDS)
+    report = {"format": f"gguf {qtype}", "runtime": "llama.cpp", "threads": threads or torch.get_num_threads(),
+              **speed}
+    record = read_record(source)
+    record.setdefault("deployment", {})[report["format"]] = report
+    with atomic_file(source / RECORD, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    write_model_card(source)
+    return report

@@ -366,6 +366,43 @@ def test_export_gguf_writes_a_file_transformers_reads(tmp_path, pruned):
     assert all(torch.equal(reloaded[k], original[k]) for k in original)  # F32: exact, q/k order restored
 
 
+def test_export_speed_measures_the_gguf_against_the_dense_model_in_llama_cpp(tmp_path, pruned, capsys):
+    pytest.importorskip("llama_cpp")
+    copy = shutil.copytree(pruned, tmp_path / "pruned")  # the record gains the figures
+    out = tmp_path / "model.gguf"
+    assert main(["export", str(copy), "--format", "gguf", "--qtype", "Q8_0", "--output", str(out), "--speed",
+                 "--threads", "1", "-q"]) == 0
+    report = read_record(copy)["deployment"]["gguf Q8_0"]
+    assert report["runtime"] == "llama.cpp" and report["threads"] == 1
+    assert report["pruned"]["bytes"] == out.stat().st_size
+    assert report["dense"]["bytes"] > 0.9 * out.stat().st_size  # a 2:4-sparse Q8_0 file is no smaller than dense
+    assert all(report[m][k] > 0 for m in ("dense", "pruned") for k in ("prefill_tokens_per_s", "decode_tokens_per_s"))
+    assert "decode_tokens_per_s" in capsys.readouterr().out
+    assert "## Deployment" in (copy / "README.md").read_text()
+
+
+def test_export_speed_is_refused_before_any_work_where_it_cannot_be_measured(tmp_path, pruned, capsys, monkeypatch):
+    out = tmp_path / "ct"
+    assert main(["export", str(pruned), "--format", "compact", "--output", str(out), "--speed", "-q"]) == 2
+    assert "GGUF exports" in capsys.readouterr().err and not out.exists()
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else
+                        find_spec(name, *a))
+    out = tmp_path / "model.gguf"
+    assert main(["export", str(pruned), "--format", "gguf", "--output", str(out), "--speed", "-q"]) == 2
+    assert "pip install llama-cpp-python" in capsys.readouterr().err and not out.exists()
+
+
+def test_speed_of_checkpoints_in_transformers(pruned, model_dir):
+    from llm_sparsify.export.speed import measure_speed
+
+    speed = measure_speed({"dense": model_dir, "pruned": pruned}, threads=1, prompt=8, new=4, rounds=2)
+    assert list(speed) == ["dense", "pruned"]
+    assert all(s["prefill_tokens_per_s"] > 0 and s["decode_tokens_per_s"] > 0 for s in speed.values())
+
+
 def test_export_of_an_unquantized_checkpoint_to_compressed_tensors_is_refused(tmp_path, pruned, capsys):
     out = tmp_path / "ct"
     assert main(["export", str(pruned), "--format", "compressed-tensors", "--output", str(out), "-q"]) == 2

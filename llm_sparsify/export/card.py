@@ -172,6 +172,18 @@ def untargeted_table(untargeted: dict[str, float]) -> str:
                      [[f"`{name}`", f"{share:.2%}"] for name, share in untargeted.items()]))
 
 
+def deployment_table(deployment: dict[str, Any]) -> str:
+    """Each measured export beside the dense model in the same format: size, prefill and decode speed."""
+    rows = []
+    for form, report in deployment.items():
+        for label in ("dense", "pruned"):
+            m, dense = report[label], report["dense"]
+            rows.append([f"{form} ({report['runtime']}, {report['threads']} threads)", label, _size(m["bytes"]),
+                         f"{m['prefill_tokens_per_s']:.1f}", f"{m['decode_tokens_per_s']:.1f}",
+                         f"{m['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f}×"])
+    return _table(["format", "model", "size", "prefill tokens/s", "decode tokens/s", "decode vs dense"], rows)
+
+
 def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -212,6 +224,8 @@ def model_card(record: dict[str, Any], size: dict[str, int], *, command: str | N
     if (evaluation := record.get("evaluation")) and evaluation.get("models"):
         protocol = f"{evaluation['protocol']}.\n\n" if evaluation.get("protocol") else ""
         parts.append("## Evaluation\n\n" + protocol + evaluation_table(evaluation))
+    if deployment := record.get("deployment"):
+        parts.append("## Deployment\n\n" + deployment_table(deployment))
     files = f"{size['weight_files']} safetensors file" + ("s" if size["weight_files"] != 1 else "")
     parts.append(f"## Size on disk\n\n{_size(size['weights'])} of weights in {files}, {_size(size['total'])} in all.")
     if plot:
