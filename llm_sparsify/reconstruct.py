@@ -72,7 +72,8 @@ def reconstruct_layer(
     device: torch.device, steps: int, lr: float, batch_size: int,
 ) -> list[float]:
     """Fit the kept weights of `modules` (pruned Linears of `layer`) so that `layer` maps `inputs` to `targets`,
-    by `steps` Adam steps at learning rate `lr` on `batch_size` samples each; in place. Returns each step's loss."""
+    by `steps` Adam steps on `batch_size` samples each, each module's learning rate `lr` times the RMS of its kept
+    weights; in place. Returns each step's loss."""
     relative = {module: name for name, module in layer.named_modules()}
     names = [f"{relative[module]}.weight" for module in modules]
     dtype = modules[0].weight.dtype
@@ -80,7 +81,9 @@ def reconstruct_layer(
     grids = [getattr(module, "quantization_grid", None) for module in modules]
     grids = [None if g is None else Grid(g.scheme, g.scale.to(device), g.zero_point.to(device)) for g in grids]
     latent = [module.weight.detach()[k].float().requires_grad_() for module, k in zip(modules, kept, strict=True)]
-    optimizer = torch.optim.Adam(latent, lr=lr)
+    # Adam moves every weight by about lr per step whatever its size: scaled by each module's RMS, one lr suits
+    # SmolLM2 (RMS ≈ 0.2) and a 7B model (≈ 0.02) alike
+    optimizer = torch.optim.Adam([{"params": [w], "lr": lr * w.detach().pow(2).mean().sqrt().item()} for w in latent])
     batches, losses = sample_batches(inputs, batch_size), []
     with torch.enable_grad():
         for step in range(steps):

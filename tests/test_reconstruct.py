@@ -19,7 +19,7 @@ from llm_sparsify.transform_pass import fitted_batches, prune_model
 from tests.conftest import tiny_model
 from tests.test_stream import output_tensors, save_sharded
 
-FIT = {"steps": 12, "lr": 3e-3, "batch_size": 2}
+FIT = {"steps": 12, "lr": 0.1, "batch_size": 2}  # × the RMS of the tiny kept weights (≈ 0.03): 3e-3
 
 
 def recipe(pruning: dict, reconstruction: dict | None = FIT, **sections) -> object:
@@ -85,7 +85,8 @@ def output(out) -> torch.Tensor:
 
 def test_the_fit_equals_adam_on_the_whole_masked_weights(calibration, one_thread):
     """reconstruct_layer keeps Adam states for the kept weights alone; the obvious reference keeps them for every
-    weight, masked (the removed ones get zero gradients, so zero states and zero steps): the same fit."""
+    weight, masked (the removed ones get zero gradients, so zero states and zero steps), each module at lr times the
+    RMS of its kept weights: the same fit."""
     model = tiny_model()
     layer = decoder_layers(model)[0]
     hidden, kwargs = layer_inputs(model, layer, calibration)
@@ -100,7 +101,8 @@ def test_the_fit_equals_adam_on_the_whole_masked_weights(calibration, one_thread
     params = [m for m in reference.modules() if isinstance(m, torch.nn.Linear)]
     kept = [m.weight != 0 for m in params]
     latent = [m.weight.detach().clone().requires_grad_() for m in params]
-    optimizer = torch.optim.Adam(latent, lr=1e-3)
+    rms = [w.detach()[k].pow(2).mean().sqrt().item() for w, k in zip(latent, kept, strict=True)]
+    optimizer = torch.optim.Adam([{"params": [w], "lr": 1e-3 * r} for w, r in zip(latent, rms, strict=True)])
     for _ in range(5):
         for m, w, k in zip(params, latent, kept, strict=True):
             del m.weight
@@ -138,7 +140,7 @@ def test_a_fitted_layer_matches_its_targets_better_than_the_pruned_one(calibrati
 
     pruned_error = error()
     assert relative_error(outputs(layer), targets) == pytest.approx(pruned_error)
-    losses = reconstruct_layer(layer, list(modules.values()), hidden, kwargs, targets, torch.device("cpu"), 20, 3e-3,
+    losses = reconstruct_layer(layer, list(modules.values()), hidden, kwargs, targets, torch.device("cpu"), 20, 0.1,
                                batch_size=6)
     assert losses[0] == pytest.approx(pruned_error)  # one batch of all six samples: the first loss is the error
     assert error() < pruned_error and losses[-1] < losses[0]
