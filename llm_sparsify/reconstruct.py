@@ -73,7 +73,11 @@ def reconstruct_layer(
 ) -> list[float]:
     """Fit the kept weights of `modules` (pruned Linears of `layer`) so that `layer` maps `inputs` to `targets`,
     by `steps` Adam steps on `batch_size` samples each, each module's learning rate `lr` times the RMS of its kept
-    weights; in place. Returns each step's loss."""
+    weights; in place. Returns each step's loss.
+
+    Memory beyond the masks and Adam's kept-weight tensors stays about one module's weight: the layer's own weights
+    are released while the fit runs (each forward is given its weights), and the weights a forward saves for its
+    backward are not kept but computed again from the latent ones when the backward needs them."""
     relative = {module: name for name, module in layer.named_modules()}
     names = [f"{relative[module]}.weight" for module in modules]
     dtype = modules[0].weight.dtype
@@ -81,24 +85,49 @@ def reconstruct_layer(
     grids = [getattr(module, "quantization_grid", None) for module in modules]
     grids = [None if g is None else Grid(g.scheme, g.scale.to(device), g.zero_point.to(device)) for g in grids]
     latent = [module.weight.detach()[k].float().requires_grad_() for module, k in zip(modules, kept, strict=True)]
+    for module in modules:
+        module.weight.data = module.weight.data.new_empty(0)
     # Adam moves every weight by about lr per step whatever its size: scaled by each module's RMS, one lr suits
     # SmolLM2 (RMS ≈ 0.2) and a 7B model (≈ 0.02) alike
     optimizer = torch.optim.Adam([{"params": [w], "lr": lr * w.detach().pow(2).mean().sqrt().item()} for w in latent])
+    made: dict[int, tuple[int, tuple[int, ...]]] = {}  # data_ptr of a weight this forward uses -> (module, stride)
+
+    def pack(tensor: Tensor) -> Any:
+        if tensor.data_ptr() not in made:
+            return tensor
+        i, stride = made[tensor.data_ptr()]
+        return i, tensor.stride() != stride  # the weight, or its transpose (a view a matmul saves)
+
+    def unpack(packed: Any) -> Tensor:
+        if isinstance(packed, Tensor):
+            return packed
+        i, transposed = packed
+        w = _weight(latent[i].detach(), kept[i], grids[i], dtype)
+        return w.t() if transposed else w
+
     batches, losses = sample_batches(inputs, batch_size), []
-    with torch.enable_grad():
-        for step in range(steps):
-            b, rows = batches[step % len(batches)]
-            weights = {n: _weight(w, k, g, dtype) for n, w, k, g in zip(names, latent, kept, grids, strict=True)}
-            kw = {key: _rows(value, rows, len(inputs[b])) for key, value in kwargs[b].items()}
-            out = functional_call(layer, weights, (inputs[b][rows].to(device),), kw, strict=False)
-            y = targets[b][rows].to(device).float()
-            loss = ((out[0] if isinstance(out, tuple) else out).float() - y).pow(2).sum() / y.pow(2).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.average(w.grad for w in latent)  # every rank takes the same step
-            optimizer.step()
-            losses.append(loss.item())
-    with torch.no_grad():
-        for module, w, k, g in zip(modules, latent, kept, grids, strict=True):
-            module.weight.data.copy_(_weight(w, k, g, dtype))
+    try:
+        with torch.enable_grad():
+            for step in range(steps):
+                b, rows = batches[step % len(batches)]
+                weights = {n: _weight(w, k, g, dtype) for n, w, k, g in zip(names, latent, kept, grids, strict=True)}
+                made.clear()
+                made.update({w.data_ptr(): (i, w.stride()) for i, w in enumerate(weights.values())})
+                kw = {key: _rows(value, rows, len(inputs[b])) for key, value in kwargs[b].items()}
+                with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                    out = functional_call(layer, weights, (inputs[b][rows].to(device),), kw, strict=False)
+                del weights
+                made.clear()
+                y = targets[b][rows].to(device).float()
+                loss = ((out[0] if isinstance(out, tuple) else out).float() - y).pow(2).sum() / y.pow(2).sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                distributed.average(w.grad for w in latent)  # every rank takes the same step
+                optimizer.step()
+                losses.append(loss.item())
+    finally:
+        del optimizer
+        with torch.no_grad():
+            for module, w, k, g in zip(modules, latent, kept, grids, strict=True):
+                module.weight.data = _weight(w, k, g, dtype)
     return losses

@@ -254,7 +254,7 @@ def fit_layer(
     n = len(teacher)
     pruned = outputs[:n] if outputs else [forward_layer(layer, h, kw, device) for h, kw in zip(hidden[:n], kwargs[:n],
                                                                                           strict=True)]
-    weights = [module.weight.detach().clone() for module in modules]
+    backup = [(module.weight != 0, module.weight[module.weight != 0]) for module in modules]  # the pruned weights
     reconstruct_layer(layer, modules, hidden[:n], kwargs[:n], teacher, device, fit.steps, fit.lr, fit.batch_size)
     layers.round_to_storage(layer)
     fitted = [forward_layer(layer, h, kw, device) for h, kw in zip(hidden, kwargs, strict=True)]
@@ -262,8 +262,8 @@ def fit_layer(
     if after < before:
         return [before, after], fitted
     log.info("reconstruction did not lower the layer's output error (%.4g -> %.4g): kept as pruned", before, after)
-    for module, weight in zip(modules, weights, strict=True):
-        module.weight.data.copy_(weight)
+    for module, (kept, values) in zip(modules, backup, strict=True):
+        module.weight.data = torch.zeros_like(module.weight).masked_scatter(kept, values)
     return [before, before], outputs
 
 

@@ -229,3 +229,15 @@ def test_the_section_survives_the_record():
     fitted = recipe({"method": "ria", "sparsity": "2:4", "update": "lstsq"}, {"steps": 8, "targets": "pruned"})
     assert load_recipe(fitted.to_dict()) == fitted
     assert fitted.needs_calibration and fitted.streams
+
+
+def test_a_fit_that_makes_a_layer_worse_is_undone_exactly(calibration, one_thread):
+    """At an absurd learning rate every fit diverges; each layer is then restored to its pruned weights bit for bit
+    (from the compact copy the fit keeps: mask and kept values)."""
+    pruned, fitted = tiny_model(), tiny_model()
+    pruning = {"method": "sparsegpt", "sparsity": 0.5}
+    prune_model(pruned, recipe(pruning, None), calibration, batch_size=2)
+    reports = prune_model(fitted, recipe(pruning, FIT | {"lr": 1e4}), calibration, batch_size=2)
+    assert all(r.reconstruction[0] == r.reconstruction[1] for r in reports)  # every fit undone
+    for a, b in zip(pruned.state_dict().values(), fitted.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -44,13 +44,13 @@ def refit_lstsq(
     residual is below `tolerance` times its right-hand side, or `steps` products. Rows are independent problems:
     they are solved a block of about CHUNK values at a time, so the solver's vectors stay small whatever the matrix.
     """
-    H = hessian.detach().float().to(weights[0].device).clone()
-    H.diagonal().add_(dampening * H.diagonal().mean())
-    if not bool(H.diagonal().min() > 0):
+    H = hessian.detach().float().to(weights[0].device)  # not copied: λI is added in each product instead
+    damping = dampening * H.diagonal().mean().item()
+    if not bool(H.diagonal().min() + damping > 0):
         raise ValueError("the Hessian needs positive dampening (inputs that were always zero leave it singular)")
     starts = weights if start is None else start
-    return [torch.cat([_solve_rows(w[rows].float(), s[rows].float(), ~m[rows], H, steps, tolerance).to(w.dtype)
-                       for rows in _chunks(*w.shape)])
+    return [torch.cat([_solve_rows(w[rows].float(), s[rows].float(), ~m[rows], H, damping, steps, tolerance)
+                       .to(w.dtype) for rows in _chunks(*w.shape)])
             for w, s, m in zip(weights, starts, masks, strict=True)]
 
 
@@ -60,14 +60,15 @@ def _chunks(rows: int, columns: int) -> list[slice]:
     return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
-def _solve_rows(W: Tensor, x: Tensor, keep: Tensor, H: Tensor, steps: int, tolerance: float) -> Tensor:
-    """min over x of (W − x)H(W − x)ᵀ with x = 0 off `keep`, each row its own system H_KK x_K = (WH)_K,
-    by Jacobi-preconditioned conjugate gradients from `x` (masked here)."""
+def _solve_rows(W: Tensor, x: Tensor, keep: Tensor, H: Tensor, damping: float, steps: int,
+                tolerance: float) -> Tensor:
+    """min over x of (W − x)(H + λI)(W − x)ᵀ with x = 0 off `keep`, each row its own system
+    (H + λI)_KK x_K = (W(H + λI))_K, by Jacobi-preconditioned conjugate gradients from `x` (masked here)."""
     keep = keep.to(W.device)
-    inverse_diagonal = 1 / H.diagonal()
-    b = (W @ H) * keep
+    inverse_diagonal = 1 / (H.diagonal() + damping)
+    b = (torch.addmm(W, W, H, beta=damping)) * keep
     x = x * keep
-    r = b - (x @ H) * keep
+    r = b - torch.addmm(x, x, H, beta=damping) * keep
     z = r * inverse_diagonal
     p = z.clone()
     rz = (r * z).sum(1)
@@ -75,7 +76,7 @@ def _solve_rows(W: Tensor, x: Tensor, keep: Tensor, H: Tensor, steps: int, toler
     for _ in range(steps):
         if bool((r.norm(dim=1) <= goal).all()):
             break
-        Ap = (p @ H) * keep
+        Ap = torch.addmm(p, p, H, beta=damping) * keep
         alpha = rz / (p * Ap).sum(1).clamp_min(1e-30)
         x.addcmul_(alpha[:, None], p)
         r.addcmul_(alpha[:, None], Ap, value=-1)
