@@ -22,11 +22,11 @@ only if the layer's output error on the fitted samples went down).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from llm_sparsify import distributed
 from llm_sparsify.quantize.grid import Grid, round_to_grid
@@ -75,22 +75,28 @@ def reconstruct_layer(
     by `steps` Adam steps on `batch_size` samples each, each module's learning rate `lr` times the RMS of its kept
     weights; in place. Returns each step's loss.
 
-    Memory beyond the masks and Adam's kept-weight tensors stays about one module's weight: the layer's own weights
-    are released while the fit runs (each forward is given its weights), and the weights a forward saves for its
-    backward are not kept but computed again from the latent ones when the backward needs them."""
-    relative = {module: name for name, module in layer.named_modules()}
-    names = [f"{relative[module]}.weight" for module in modules]
+    Memory beyond the masks and Adam's kept-weight tensors stays about one module's weight: while the fit runs, a
+    module's weight exists only during its own forward (made from the latent weight as it starts, dropped as it
+    ends), and what a forward saves of it for the backward is made again when the backward needs it."""
     dtype = modules[0].weight.dtype
     kept = [module.weight != 0 for module in modules]
     grids = [getattr(module, "quantization_grid", None) for module in modules]
     grids = [None if g is None else Grid(g.scheme, g.scale.to(device), g.zero_point.to(device)) for g in grids]
     latent = [module.weight.detach()[k].float().requires_grad_() for module, k in zip(modules, kept, strict=True)]
-    for module in modules:
-        module.weight.data = module.weight.data.new_empty(0)
     # Adam moves every weight by about lr per step whatever its size: scaled by each module's RMS, one lr suits
     # SmolLM2 (RMS ≈ 0.2) and a 7B model (≈ 0.02) alike
     optimizer = torch.optim.Adam([{"params": [w], "lr": lr * w.detach().pow(2).mean().sqrt().item()} for w in latent])
-    made: dict[int, tuple[int, tuple[int, ...]]] = {}  # data_ptr of a weight this forward uses -> (module, stride)
+    made: dict[int, tuple[int, tuple[int, ...]]] = {}  # data_ptr of a weight made for a forward -> (module, stride)
+
+    def make(i: int) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            module.weight = _weight(latent[i], kept[i], grids[i], dtype)  # a plain tensor, through to the latent
+            made[module.weight.data_ptr()] = i, module.weight.stride()
+        return hook
+
+    def drop(module: nn.Module, args: tuple, output: Any) -> None:
+        made.pop(module.weight.data_ptr())  # its memory may now hold another tensor
+        del module.weight
 
     def pack(tensor: Tensor) -> Any:
         if tensor.data_ptr() not in made:
@@ -105,18 +111,19 @@ def reconstruct_layer(
         w = _weight(latent[i].detach(), kept[i], grids[i], dtype)
         return w.t() if transposed else w
 
+    params = [module.weight for module in modules]
+    for module in modules:
+        del module.weight  # the Parameter leaves the module until the fit is done
+    handles = [h for i, module in enumerate(modules)
+               for h in (module.register_forward_pre_hook(make(i)), module.register_forward_hook(drop))]
     batches, losses = sample_batches(inputs, batch_size), []
     try:
         with torch.enable_grad():
             for step in range(steps):
                 b, rows = batches[step % len(batches)]
-                weights = {n: _weight(w, k, g, dtype) for n, w, k, g in zip(names, latent, kept, grids, strict=True)}
-                made.clear()
-                made.update({w.data_ptr(): (i, w.stride()) for i, w in enumerate(weights.values())})
                 kw = {key: _rows(value, rows, len(inputs[b])) for key, value in kwargs[b].items()}
                 with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-                    out = functional_call(layer, weights, (inputs[b][rows].to(device),), kw, strict=False)
-                del weights
+                    out = layer(inputs[b][rows].to(device), **kw)
                 made.clear()
                 y = targets[b][rows].to(device).float()
                 loss = ((out[0] if isinstance(out, tuple) else out).float() - y).pow(2).sum() / y.pow(2).sum()
@@ -126,8 +133,12 @@ def reconstruct_layer(
                 optimizer.step()
                 losses.append(loss.item())
     finally:
+        for handle in handles:
+            handle.remove()
         del optimizer
         with torch.no_grad():
-            for module, w, k, g in zip(modules, latent, kept, grids, strict=True):
-                module.weight.data = _weight(w, k, g, dtype)
+            for module, param, w, k, g in zip(modules, params, latent, kept, grids, strict=True):
+                module.__dict__.pop("weight", None)
+                param.data = _weight(w, k, g, dtype)
+                module.weight = param
     return losses
