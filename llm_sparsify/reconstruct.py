@@ -112,7 +112,8 @@ def reconstruct_layer(
         return w.t() if transposed else w
 
     params = [module.weight for module in modules]
-    for module in modules:
+    for module, param in zip(modules, params, strict=True):
+        param.data = param.data.new_empty(0)  # its values are in `latent` and `kept` now
         del module.weight  # the Parameter leaves the module until the fit is done
     handles = [h for i, module in enumerate(modules)
                for h in (module.register_forward_pre_hook(make(i)), module.register_forward_hook(drop))]
