@@ -5,7 +5,6 @@ command skips an evaluation with the same settings already in the record and an 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,9 @@ from llm_sparsify.errors import UserError
 from llm_sparsify.evaluate import perplexity
 from llm_sparsify.events import Event, emit
 from llm_sparsify.export.card import write_model_card
-from llm_sparsify.export.hf import RECORD, read_record
+from llm_sparsify.export.hf import read_record, update_record
 from llm_sparsify.export.hub import check_token, push_to_hub
-from llm_sparsify.files import atomic_file, check_output, check_writable, disk_size
+from llm_sparsify.files import check_output, check_writable, disk_size
 from llm_sparsify.models import DEFAULT_MODEL, default_calibration_size, load_model
 from llm_sparsify.recipe import Evaluation, Recipe
 from llm_sparsify.zero_shot import check_tasks, evaluate_tasks
@@ -178,10 +177,8 @@ def protocol(evaluation: Evaluation, device: str) -> str:
 def add_evaluation(output: Path, models: dict, protocol: str, settings: dict | None = None) -> None:
     """Keep evaluation results (and how they were taken) in the output's record, where the model card finds them;
     `settings` (the command's, given once its evaluation is complete) let a rerun of the command skip it."""
-    record = read_record(output)
-    record["evaluation"] = {"models": models, "protocol": protocol} | ({"settings": settings} if settings else {})
-    with atomic_file(output / RECORD, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    update_record(output, "evaluation",
+                  {"models": models, "protocol": protocol} | ({"settings": settings} if settings else {}))
 
 
 def export_checkpoint(source: Path, format: str, qtype: str, output: Path | None, overwrite: bool,
@@ -207,14 +204,11 @@ def export_checkpoint(source: Path, format: str, qtype: str, output: Path | None
 
 def check_speed(format: str, source: Path) -> None:
     """Refuse --speed before any work where it cannot be measured: not GGUF, no llama.cpp, no record of the base."""
-    import importlib.util
-
-    from llm_sparsify.export.speed import RuntimeMissing
+    from llm_sparsify.export.speed import require_llama_cpp
 
     if format != "gguf":
         raise UserError(f"speed is measured for GGUF exports (in llama.cpp) so far, not {format}")
-    if importlib.util.find_spec("llama_cpp") is None:
-        raise RuntimeMissing("measuring a GGUF file needs llama.cpp: pip install llama-cpp-python")
+    require_llama_cpp()
     if not read_record(source):
         raise UserError(f"{source} has no llm_sparsify record naming its dense base model to compare with")
 
@@ -238,9 +232,6 @@ def deployment_speed(source: Path, export: dict[str, Any], qtype: str, *, thread
                               rounds=rounds or ROUNDS)
     report = {"format": f"gguf {qtype}", "runtime": "llama.cpp", "threads": threads or torch.get_num_threads(),
               **speed}
-    record = read_record(source)
-    record.setdefault("deployment", {})[report["format"]] = report
-    with atomic_file(source / RECORD, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    update_record(source, "deployment", {**(read_record(source).get("deployment") or {}), report["format"]: report})
     write_model_card(source)
     return report

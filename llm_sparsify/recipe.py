@@ -303,7 +303,7 @@ class Reconstruction:
     on the pruned stream (`pruned`)."""
 
     steps: int = option(8, _count)  # 8 matched 16 on held-out C4 at half the cost (SparseGPT 2:4 + lstsq, README)
-    # × each module's weight RMS (SmolLM2's kept weights ≈ 0.3, a 7B model's ≈ 0.02, where a plain 3e-4 diverged):
+    # × each module's weight RMS (SmolLM2's dense 0.16-0.23; the 7B benchmark's 0.02, where a plain 3e-4 diverged):
     # 2.5e-3 beat 1.5e-3 and 1e-3 on held-out C4 (best-50, README)
     lr: float = option(2.5e-3, _number)
     batch_size: int = option(2, _count)

@@ -84,7 +84,7 @@ def reconstruct_layer(
     grids = [None if g is None else Grid(g.scheme, g.scale.to(device), g.zero_point.to(device)) for g in grids]
     latent = [module.weight.detach()[k].float().requires_grad_() for module, k in zip(modules, kept, strict=True)]
     # Adam moves every weight by about lr per step whatever its size: scaled by each module's RMS, one lr suits
-    # SmolLM2 (RMS ≈ 0.2) and a 7B model (≈ 0.02) alike
+    # SmolLM2's weights (dense RMS 0.16-0.23) and the 7B benchmark's (0.02) alike
     optimizer = torch.optim.Adam([{"params": [w], "lr": lr * w.detach().pow(2).mean().sqrt().item()} for w in latent])
     made: dict[int, tuple[int, tuple[int, ...]]] = {}  # data_ptr of a weight made for a forward -> (module, stride)
 

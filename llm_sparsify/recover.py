@@ -109,11 +109,11 @@ class _MaskedLoRA(nn.Module):
         return weight + delta.to(weight.dtype)
 
 
-def _batches(data: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:
-    """Indices of the rows of `data` in batches, reshuffled every epoch, endlessly."""
+def _batches(rows: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """Row indices of `rows` windows in batches, reshuffled every epoch, endlessly."""
     generator = torch.Generator().manual_seed(seed)
     while True:
-        order = torch.randperm(len(data), generator=generator)
+        order = torch.randperm(rows, generator=generator)
         for start in range(0, len(order), batch_size):
             yield order[start : start + batch_size]
 
@@ -296,7 +296,7 @@ def finetune(
     masks = sparsity_masks(model, modules) if masks is None else masks
     _check(model, data, steps, lr, batch_size, lora, group_lasso, lasso_unit, masks, modules)
     _check_teacher(teacher, data)
-    losses, _, _ = _train(model, data, _batches(data, batch_size, seed), steps,
+    losses, _, _ = _train(model, data, _batches(len(data), batch_size, seed), steps,
                           _rates(0, steps, warmup, lr), masks, lora, group_lasso, lasso_unit,
                           weight_decay, torch.device(device), seed, on_event=on_event, teacher=teacher)
     if losses:
@@ -339,7 +339,7 @@ def gradual_prune(
     device = torch.device(options.pop("device"))
     modules = _decoder_linears(model)
     total = len(schedule) * steps_per_stage
-    batches = _batches(calibration, batch_size, seed)  # one stream of batches across the stages
+    batches = _batches(len(calibration), batch_size, seed)  # one stream of batches across the stages
     optimizer = None
     results = []
     for stage, target in enumerate(schedule):

@@ -290,7 +290,7 @@ def _prepends_space(spec: dict) -> bool:
 
 def _pre_tokenizer_name(pre: dict | None) -> str:
     """llama.cpp's name for a byte-level BPE pre-tokenizer of tokenizer.json, or an ExportError."""
-    steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
+    steps = _steps(pre, "pretokenizers")
     kinds = [step["type"] for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt-2"

@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llm_sparsify.files import RECORD, atomic_directory
+from llm_sparsify.files import RECORD, atomic_directory, atomic_file
 from llm_sparsify.quantize.grid import GRIDS_FILE, save_grids
 
 
@@ -51,6 +51,14 @@ def read_record(checkpoint: str | Path) -> dict[str, Any] | None:
     """The llm_sparsify record of a checkpoint directory, or None if it has none."""
     path = Path(checkpoint) / RECORD
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def update_record(checkpoint: str | Path, key: str, value: Any) -> None:
+    """Set `key` of a finished output's record to `value`, the file replaced atomically."""
+    record = read_record(checkpoint)
+    record[key] = value
+    with atomic_file(Path(checkpoint) / RECORD, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def require_record(checkpoint: str | Path, error: type[ValueError]) -> dict[str, Any]:

@@ -30,9 +30,14 @@ class RuntimeMissing(UserError, RuntimeError):
     """The runtime a format is measured in is not installed."""
 
 
-def _llama_cpp(path: Path, threads: int, context: int, stack: contextlib.ExitStack) -> tuple[Timer, int]:
+def require_llama_cpp() -> None:
+    """RuntimeMissing unless llama-cpp-python is installed (checked without loading it)."""
     if importlib.util.find_spec("llama_cpp") is None:
         raise RuntimeMissing("measuring a GGUF file needs llama.cpp: pip install llama-cpp-python")
+
+
+def _llama_cpp(path: Path, threads: int, context: int, stack: contextlib.ExitStack) -> tuple[Timer, int]:
+    require_llama_cpp()
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=context, n_threads=threads,
