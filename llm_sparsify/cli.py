@@ -235,6 +235,11 @@ def run_prune(args: argparse.Namespace) -> None:
                                f"{stages['parameters_before']:,} -> {stages['parameters_after']:,})")
             print(f"pruned {value['base_model']} with {value['recipe_name']} in {value['seconds']:.1f} s: "
                   + "; ".join(done))
+            if budget := stages.get("budget"):
+                predicted = budget["predicted"]
+                print(f"budget plan, predicted: {predicted['size']:.1%} of the dense {budget['qtype']} GGUF's tensor "
+                      f"bytes, {predicted['decode_speedup']:.2f}x its decode speed, calibration perplexity "
+                      f"{predicted['calibration_perplexity']:.2f}")
             print(f"saved to {output}")
             args.resume_hint = (f"the pruned model in {output} is complete, and the same command does the remaining "
                                 "steps")
@@ -247,6 +252,8 @@ def run_prune(args: argparse.Namespace) -> None:
             print(markdown_table(value, list(value)))
         elif kind == "export":
             _print_export(value)
+        elif kind == "deployment":
+            _print_deployment(value)
         elif kind == "pushed":
             print(f"pushed {output} to {value}")
 
@@ -316,9 +323,12 @@ def run_export(args: argparse.Namespace) -> None:
                                on_event=Bars())
     _print_export(export)
     if args.speed:
-        report = deployment_speed(args.checkpoint, export, args.qtype, threads=args.threads)
-        print(markdown_table({label: {report["format"]: report[label]} for label in ("dense", "pruned")},
-                             ["dense", "pruned"]))
+        _print_deployment(deployment_speed(args.checkpoint, export, args.qtype, threads=args.threads))
+
+
+def _print_deployment(report: dict) -> None:
+    print(markdown_table({label: {report["format"]: report[label]} for label in ("dense", "pruned")},
+                         ["dense", "pruned"]))
 
 
 def run_push(args: argparse.Namespace) -> None:

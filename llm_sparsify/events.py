@@ -10,6 +10,7 @@ draws the progress bars and prints the results from these).
     ("perplexity", {"base": ..., "pruned": ...})        --ppl, after saving (finish.py)
     ("evaluation", {model: {task: {metric: value}}})    the recipe's `evaluate:` section
     ("export", {...})                                   one of the recipe's exports
+    ("deployment", {...})                               export.speed: the GGUF export and the dense one, timed
     ("pushed", url)                                     the Hub push
 """
 

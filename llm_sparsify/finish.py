@@ -69,6 +69,10 @@ def check_steps(recipe: Recipe, output: Path, steps: Steps, device: str, *, over
             from llm_sparsify.export.bitsandbytes import check_backend
 
             check_backend(name.removeprefix("bnb-"), device)
+    if recipe.export and recipe.export.speed:
+        from llm_sparsify.export.speed import require_llama_cpp
+
+        require_llama_cpp()
     if steps.push_to_hub:
         check_token(steps.token, steps.push_to_hub)
 
@@ -77,7 +81,8 @@ def run_steps(output: Path, recipe: Recipe, base_model: str | None, steps: Steps
               dtype: torch.dtype | None, *, overwrite: bool, on_event: Event | None = None) -> dict[str, Any]:
     """The model card, --ppl and the recipe's `evaluate:` section (into the record, and the card again), the
     recipe's exports and the push, each told to `on_event` as it finishes. Returns what was done: {"perplexity":
-    the --ppl figures, "evaluation": the section's, "exports": [...], "pushed": url}, each only where done now."""
+    the --ppl figures, "evaluation": the section's, "exports": [...], "deployment": export.speed's, "pushed": url},
+    each only where done now."""
     write_model_card(output, command=steps.command_line)  # the output is complete with its card from here on
     done: dict[str, Any] = {}
 
@@ -120,6 +125,9 @@ def run_steps(output: Path, recipe: Recipe, base_model: str | None, steps: Steps
             continue
         finished("export", export_checkpoint(output, name, recipe.export.qtype, path, overwrite, device,
                                              on_event=on_event))
+    if recipe.export and recipe.export.speed:
+        gguf = {"format": "gguf", "path": str(export_path(output, "gguf", recipe.export.qtype))}
+        finished("deployment", deployment_speed(output, gguf, recipe.export.qtype))
     if steps.push_to_hub:
         finished("pushed", push_to_hub(output, steps.push_to_hub, token=steps.token, private=steps.private,
                                        revision=steps.revision))

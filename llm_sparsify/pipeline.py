@@ -18,22 +18,25 @@ and recovery fine-tuning are whole-model stages: they need the model in host mem
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_sparsify.architecture import parameter_count
+from llm_sparsify.budget_pass import file_cost, output_loss, unit_losses
 from llm_sparsify.data import DataError, calibration_ids
 from llm_sparsify.events import Event
 from llm_sparsify.fisher_pass import fisher_diagonal, obd_importance
 from llm_sparsify.models import decoder_layers
 from llm_sparsify.prune.allocation import sensitivity_levels, sensitivity_sparsities
 from llm_sparsify.prune.owl import owl_sparsities
-from llm_sparsify.recipe import Depth, ExpertRemoval, Recipe, RecipeError, Width
+from llm_sparsify.recipe import Budget, Depth, ExpertRemoval, Recipe, RecipeError, Width
 from llm_sparsify.recover import finetune, gradual_prune, teacher_logits
 from llm_sparsify.score_passes import (
     block_importance,
@@ -42,6 +45,7 @@ from llm_sparsify.score_passes import (
     layer_sensitivities,
     unit_scores,
 )
+from llm_sparsify.structure.budget import BudgetError, FileCost, plan_budget, smallest, width_levels
 from llm_sparsify.structure.depth import (
     DepthError,
     baseline_importance,
@@ -148,6 +152,7 @@ def prune_width(
     batch_size: int = BATCH_SIZE,
     importance: list[dict[str, Tensor]] | None = None,
     *,
+    multiple: int = Width.multiple,
     layers: LayerSource | None = None,
     on_event: Event | None = None,
 ) -> dict[str, Any]:
@@ -173,7 +178,7 @@ def prune_width(
         scores = [scorer(layer, imp) for layer, imp in zip(decoder_layers(model), importance, strict=True)]
     else:
         scores = unit_scores(model, unit, score, calibration, device, batch_size, layers=layers, on_event=on_event)
-    keep = choose_units(scores, amount, scope)
+    keep = choose_units(scores, amount, scope, multiple)
     before = parameter_count(model)
     layers.remove_units(unit, keep)
     report = {"unit": unit, "amount": amount, "score": given,
@@ -182,6 +187,92 @@ def prune_width(
     log.info("width pruning: %s %s of %d, %d -> %d parameters", unit, sum(report["kept"]), sum(report["of"]),
              before, report["parameters_after"])
     return report
+
+
+@dataclass
+class BudgetUnits:
+    """What the budget planner measured of a model (measure_budget_units): its file's cost model, each layer's channel
+    order (lowest score first) and widths, the dense calibration loss and each unit's loss increase."""
+
+    cost: FileCost
+    orders: list[Tensor]
+    widths: list[list[int]]
+    base: float
+    blocks: list[float]
+    narrowed: list[list[float]]
+    output: float | None
+
+
+def budget_limit(units: BudgetUnits, budget: Budget) -> tuple[str, float]:
+    """The budget as (measure, limit) of units.cost, refused if no plan could meet it."""
+    cost, dense = units.cost, [w[0] for w in units.widths]
+    measure = "size" if budget.size is not None else "time"
+    of = cost.size if measure == "size" else cost.time
+    limit = of(dense) * budget.size if budget.size is not None else of(dense) / budget.decode_speedup
+    if of(smallest(units.widths), True) > limit:
+        raise BudgetError(f"budget {measure} {limit / of(dense):.3f} of dense is below what one block at its narrowest "
+                          f"width costs ({of(smallest(units.widths), True) / of(dense):.3f}); raise the budget")
+    return measure, limit
+
+
+def measure_budget_units(model: PreTrainedModel, layers: LayerSource, budget: Budget, calibration: Tensor,
+                         device: str, batch_size: int, on_event: Event | None = None) -> BudgetUnits:
+    """Score every MLP channel (a streamed score pass), then measure what each block, MLP width and the output
+    layer's type cost in calibration loss (budget_pass.py, on the whole model). A budget no plan meets is refused
+    first."""
+    cost = file_cost(model, budget.qtype)
+    widths = [width_levels(c.channels, budget.levels, budget.max_mlp) for c in cost.layers]
+    units = BudgetUnits(cost, [], widths, 0.0, [], [], None)
+    budget_limit(units, budget)  # before any measurement
+    scores = unit_scores(model, "mlp", "activation", calibration, device, batch_size, layers=layers, on_event=on_event)
+    units.orders = [s.argsort() for s in scores]
+    samples = calibration[: budget.samples]
+    units.base, units.blocks, units.narrowed = unit_losses(model, samples, units.orders, widths, device,
+                                                           on_event=on_event)
+    if cost.output_saving > 0:
+        units.output = output_loss(model, samples, budget.qtype, units.base, device)
+    return units
+
+
+def apply_budget_plan(layers: LayerSource, budget: Budget, units: BudgetUnits) -> dict[str, Any]:
+    """Plan the cheapest removal that meets `budget` (structure/budget.py) and apply it through `layers`: channels
+    first, then blocks. The output layer's type is recorded for the GGUF export (export/gguf.planned_small_output).
+    Returns the plan with its predictions and the measurements it came from."""
+    measure, limit = budget_limit(units, budget)
+    cost, dense = units.cost, [w[0] for w in units.widths]
+    plan = plan_budget(units.blocks, units.narrowed, units.widths, cost, measure, limit, units.output)
+    keep = []
+    for order, kept in zip(units.orders, plan.kept, strict=True):
+        mask = torch.ones(order.numel(), dtype=torch.bool)
+        if kept is not None:
+            mask[order[: order.numel() - kept]] = False
+        keep.append(mask)
+    layers.remove_units("mlp", keep)
+    layers.remove_blocks(plan.removed_blocks)
+    chosen = (plan.kept, plan.small_output)
+    report = {"measure": measure, "qtype": budget.qtype, "removed": plan.removed_blocks, "kept": plan.kept,
+              "of": dense, "small_output": plan.small_output, "predicted": {
+                  "size": round(cost.size(*chosen) / cost.size(dense), 4),
+                  "decode_speedup": round(cost.time(dense) / cost.time(*chosen), 4),
+                  "tensor_bytes": int(cost.size(*chosen)),
+                  "calibration_loss": round(units.base + plan.predicted_loss, 4),
+                  "calibration_perplexity": round(math.exp(units.base + plan.predicted_loss), 3)},
+              "dense": {"tensor_bytes": int(cost.size(dense)), "calibration_loss": round(units.base, 4)},
+              "block_losses": [round(b, 5) for b in units.blocks],
+              "width_losses": [[round(v, 5) for v in row] for row in units.narrowed],
+              "output_loss": None if units.output is None else round(units.output, 5)}
+    log.info("budget: removed blocks %s, MLP widths %s, output layer at %s; predicted size %.3f, decode speed-up "
+             "%.3f, calibration perplexity %.3f", plan.removed_blocks, [k for k in plan.kept if k is not None],
+             budget.qtype if plan.small_output else "its own type", report["predicted"]["size"],
+             report["predicted"]["decode_speedup"], report["predicted"]["calibration_perplexity"])
+    return report
+
+
+def plan_for_budget(model: PreTrainedModel, layers: LayerSource, budget: Budget, calibration: Tensor, device: str,
+                    batch_size: int, on_event: Event | None = None) -> dict[str, Any]:
+    """The budget stage: measure_budget_units, then apply_budget_plan."""
+    units = measure_budget_units(model, layers, budget, calibration, device, batch_size, on_event)
+    return apply_budget_plan(layers, budget, units)
 
 
 def layer_sparsities(model: PreTrainedModel, layers: LayerSource, recipe: Recipe, calibration: Tensor | None,
@@ -248,10 +339,13 @@ def restructure(model: PreTrainedModel, layers: LayerSource, recipe: Recipe, cal
     if recipe.depth is not None:
         stages["depth"] = timed(remove_depth, model, layers, recipe.depth, calibration, tokenizer, device, batch_size,
                                   on_event)
+    if recipe.budget is not None:
+        stages["budget"] = timed(plan_for_budget, model, layers, recipe.budget, calibration, device, batch_size,
+                                 on_event)
     if recipe.width is not None:
         width: Width = recipe.width
         stages["width"] = timed(prune_width, model, width.unit, width.amount, width.score, width.scope, calibration,
-                                device, batch_size, layers=layers, on_event=on_event)
+                                device, batch_size, multiple=width.multiple, layers=layers, on_event=on_event)
     return stages
 
 

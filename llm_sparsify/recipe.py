@@ -34,10 +34,11 @@
                                #   groups); default on, except with N:M chosen in the same sweep (its groups
                                #   need their columns in order)
 
-The stages run in this order: experts -> depth -> width -> pruning (+ quantization) -> recovery; then evaluate and
-export the saved output. Expert removal, depth, width and the per-layer allocations stream one decoder layer at a
-time like plain pruning; OBD and recovery need the whole model in memory (Recipe.whole_model_stages). Every section
-is optional, but a recipe needs at least one of experts, depth, width, pruning.
+The stages run in this order: experts -> depth -> width (or budget) -> pruning (+ quantization) -> recovery; then
+evaluate and export the saved output. Expert removal, depth, width and the per-layer allocations stream one decoder
+layer at a time like plain pruning; OBD, the budget planner and recovery need the whole model in memory
+(Recipe.whole_model_stages). Every section is optional, but a recipe needs at least one of experts, depth, width,
+budget, pruning.
 
     experts:                   # remove whole MoE experts, the same count in every MoE layer (structure/experts.py)
       remove: 2                #   experts removed per layer (or max_parameters: a budget for the whole model),
@@ -54,6 +55,14 @@ is optional, but a recipe needs at least one of experts, depth, width, pruning.
       amount: 0.3              #   share of the units removed
       score: activation        #   weight (‖W‖) | activation (|W|·‖X‖) | obd (Σ ½·F·w², F the Fisher)
       scope: layer             #   layer: the same share in every layer | global: ranked across the model
+      multiple: 1              #   units kept per layer rounded to a multiple: 32 MLP channels fill GGUF blocks
+    budget:                    # plan depth and MLP widths for the edge (structure/budget.py; whole model in memory)
+      size: 0.5                #   GGUF tensor bytes at `qtype`, as a share of the dense model's (or:)
+      decode_speedup: 1.4      #   predicted decode speed in llama.cpp over the dense GGUF at `qtype`
+      qtype: Q4_0              #   the GGUF type the plan is costed in (export.qtype must match)
+      levels: 3                #   MLP widths tried per layer, down to `max_mlp` of its channels removed, each a
+      max_mlp: 0.75            #   multiple of 32 (GGUF blocks)
+      samples: 4               #   calibration windows of the loss measurements
     pruning:
       allocation: owl          # per-layer sparsity from outlier ratios (prune/owl.py), wanda and sparsegpt only
       owl_threshold: 5         #   M: a score is an outlier above M × its matrix's mean
@@ -90,6 +99,7 @@ is optional, but a recipe needs at least one of experts, depth, width, pruning.
     export:                    # after saving, beside the output: OUTPUT-<format>
       formats: [gguf, compact] #   gguf | compact | compressed-tensors | bnb-nf4 | bnb-fp4 | bnb-int8
       qtype: Q8_0              #   gguf tensor type
+      speed: false             #   time the gguf export against the dense model's in llama.cpp (export --speed)
 """
 
 from __future__ import annotations
@@ -275,6 +285,21 @@ class Width:
     amount: float = option(0.2, _fraction)
     score: str = option("activation", one_of(*SCORES))
     scope: str = option("layer", one_of(*SCOPES))
+    multiple: int = option(1, _count)  # units kept per layer rounded to a multiple (32: whole GGUF Q8_0/Q4_0 blocks)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Remove the blocks and MLP channels that cost the least loss until the GGUF at `qtype` is `size` of the dense
+    model's tensor bytes, or decodes `decode_speedup` times faster (predicted); structure/budget.py."""
+
+    size: float | None = option(None, optional(_fraction))
+    decode_speedup: float | None = option(None, optional(_number))
+    qtype: str = option("Q4_0", lambda value, key: _choice(value.upper() if isinstance(value, str) else value,
+                                                          key, GGUF_TYPES))
+    levels: int = option(3, _count)
+    max_mlp: float = option(0.75, _fraction)
+    samples: int = option(4, _count)  # each unit's loss is a forward from its layer on: 1 + layers·(1 + levels)
 
 
 @dataclass(frozen=True)
@@ -345,6 +370,7 @@ class Export:
     formats: tuple[str, ...] = option((), names_of(*EXPORT_FORMATS))
     qtype: str = option(GGUF_TYPE, lambda value, key: _choice(value.upper() if isinstance(value, str) else value,
                                                               key, GGUF_TYPES))
+    speed: bool = option(False, _flag)  # time the GGUF export against the dense model's in llama.cpp
 
 
 Section = TypeVar("Section")
@@ -381,6 +407,7 @@ class Recipe:
     experts: ExpertRemoval | None = None
     depth: Depth | None = None
     width: Width | None = None
+    budget: Budget | None = None
     recovery: Recovery | None = None
     evaluate: Evaluation | None = None
     export: Export | None = None
@@ -398,14 +425,14 @@ class Recipe:
     def whole_model_stages(self) -> list[str]:
         """The stages of the recipe that need the whole model in memory (pipeline.py), in words: the others stream."""
         obd = self.needs_fisher or bool(self.width and self.width.score == "obd")
-        stages = {"OBD": obd, "recovery": self.recovery}
+        stages = {"OBD": obd, "budget planner": self.budget, "recovery": self.recovery}
         return [name for name, present in stages.items() if present]
 
     @property
     def needs_calibration(self) -> bool:
         needs = self.depth and self.depth.score == "cosine" or self.width and self.width.score != "weight"
-        return bool(needs or self.experts or self.recovery or self.owl or self.sensitivity or self.reconstruction
-                    or self.statistic is not None)
+        return bool(needs or self.experts or self.budget or self.recovery or self.owl or self.sensitivity
+                    or self.reconstruction or self.statistic is not None)
 
     @property
     def needs_fisher(self) -> bool:
@@ -433,7 +460,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """The recipe in the YAML file format, so a saved record can be run again with load_recipe."""
         sections: dict[str, Any] = {}
-        for key in ("experts", "depth", "width"):
+        for key in ("experts", "depth", "width", "budget"):
             if (stage := getattr(self, key)) is not None:
                 sections[key] = asdict(stage)
         if self.method is not None:
@@ -531,7 +558,8 @@ def parse_quantization(section: Any, method: str, pattern: Pattern, options: dic
 
 
 _ABSENT = object()  # a recipe without a quantization section (`quantization: null` is an error)
-SECTIONS = ("experts", "depth", "width", "pruning", "quantization", "reconstruction", "recovery", "evaluate", "export")
+SECTIONS = ("experts", "depth", "width", "budget", "pruning", "quantization", "reconstruction", "recovery", "evaluate",
+            "export")
 
 
 def parse_depth(section: Any) -> Depth:
@@ -549,6 +577,24 @@ def parse_experts(section: Any) -> ExpertRemoval:
     experts = section_of(section, "experts", ExpertRemoval)
     _count_or_budget(experts.remove, experts.max_parameters, "experts", "remove", "experts per MoE layer")
     return experts
+
+
+def parse_budget(section: Any, data: dict) -> Budget:
+    """Validate a `budget:` section: exactly one target, no depth or width of its own, and a GGUF export (if any) of
+    the type the plan was costed in."""
+    budget = section_of(section, "budget", Budget)
+    if (budget.size is None) == (budget.decode_speedup is None):
+        raise RecipeError("budget needs exactly one of `size` (a share of the dense GGUF's bytes) or `decode_speedup`")
+    if budget.decode_speedup is not None and budget.decode_speedup <= 1:
+        raise RecipeError(f"budget.decode_speedup must be above 1, got {budget.decode_speedup}")
+    if {"depth", "width"} & set(data):
+        raise RecipeError("budget plans the depth and MLP widths itself: leave out the depth and width sections")
+    export = data.get("export")
+    if isinstance(export, dict) and "gguf" in (export.get("formats") or []):
+        qtype = str(export.get("qtype", GGUF_TYPE)).upper()
+        if qtype != budget.qtype:
+            raise RecipeError(f"budget was costed in {budget.qtype}, but export.qtype is {qtype}: make them equal")
+    return budget
 
 
 def _count_or_budget(count: int | None, budget: int | None, name: str, key: str, meaning: str) -> None:
@@ -680,12 +726,12 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
     """Validate a parsed recipe: a mapping of sections (see the module docstring), each checked in full."""
     if not isinstance(data, dict):
         raise RecipeError(f"a recipe needs a `pruning:` section with at least `method` and `sparsity` (or an "
-                          f"`experts:`, `depth:` or `width:` section); got {type(data).__name__}")
+                          f"`experts:`, `depth:`, `width:` or `budget:` section); got {type(data).__name__}")
     if unknown := set(data) - set(SECTIONS):
         raise RecipeError(f"unknown recipe section(s): {', '.join(sorted(unknown))}; known: {', '.join(SECTIONS)}")
-    if not {"pruning", "experts", "depth", "width"} & set(data):
+    if not {"pruning", "experts", "depth", "width", "budget"} & set(data):
         raise RecipeError("a recipe needs a `pruning:` section with at least `method` and `sparsity` "
-                          "(or an `experts:`, `depth:` or `width:` section)")
+                          "(or an `experts:`, `depth:`, `width:` or `budget:` section)")
     for section in ("quantization", "reconstruction"):
         if section in data and "pruning" not in data:
             raise RecipeError(f"{section} applies to the pruned weights: it needs a `pruning:` section")
@@ -695,6 +741,8 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
     if export and "compressed-tensors" in export.formats and "quantization" not in data:
         raise RecipeError("export.formats: compressed-tensors stores integer weights, so it needs a `quantization:` "
                           "section (e.g. {method: gptq, bits: 4}); for an unquantized model use compact or gguf")
+    if export and export.speed and "gguf" not in export.formats:
+        raise RecipeError("export.speed times a GGUF export in llama.cpp: add gguf to export.formats")
     if "recovery" in data and "quantization" in data:
         raise RecipeError("recovery would move quantized weights off their grid: quantize the recovered model in a "
                           "second recipe instead")
@@ -704,6 +752,7 @@ def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
         experts=parse_experts(data["experts"]) if "experts" in data else None,
         depth=parse_depth(data["depth"]) if "depth" in data else None,
         width=section_of(data["width"], "width", Width) if "width" in data else None,
+        budget=parse_budget(data["budget"], data) if "budget" in data else None,
         reconstruction=(section_of(data["reconstruction"], "reconstruction", Reconstruction)
                         if "reconstruction" in data else None),
         recovery=parse_recovery(data["recovery"], pruning["pattern"]) if "recovery" in data else None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -34,11 +36,13 @@ class InputStatistics:
         samples = x.shape[0] if x.dim() == 3 else SAMPLES_PER_SUM
         x = x.detach().reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
-        if self.partial is None:
-            self.partial = torch.empty_like(self.sum, dtype=torch.float32)
         if self.sum.dim() == 2:
-            self.partial.addmm_(x.T, x, beta=1 if self.pending else 0)
+            if self.partial is None:  # zeros: the blocks below the diagonal are never written
+                self.partial = torch.zeros_like(self.sum, dtype=torch.float32)
+            add_gram(self.partial, x, beta=1 if self.pending else 0)
         else:
+            if self.partial is None:
+                self.partial = torch.empty_like(self.sum, dtype=torch.float32)
             self.partial.add_(x.square().sum(0)) if self.pending else torch.sum(x.square(), 0, out=self.partial)
         self.pending += samples
         if self.pending >= SAMPLES_PER_SUM:
@@ -55,6 +59,8 @@ class InputStatistics:
         14336-wide input's is 0.8 GiB)."""
         self.flush()
         self.partial = None
+        if self.sum.dim() == 2:
+            mirror_upper(self.sum)
         return self.sum
 
     def hessian(self) -> Tensor:
@@ -88,6 +94,31 @@ class InputStatistics:
                 total += _energy(W, sums)
             errors.append(error / total if total > 0 else 0.0)
         return errors
+
+
+def gram_edges(features: int) -> list[int]:
+    """Where the column blocks of add_gram start (and the last ends): 4 blocks, 8 from 2048 inputs on, where
+    the products stay large enough to run at full speed (measured on this project's 2-core CPU)."""
+    blocks = max(1, min(features, 4 if features < 2048 else 8))
+    return [features * i // blocks for i in range(blocks + 1)]
+
+
+def add_gram(total: Tensor, x: Tensor, beta: float = 1) -> None:
+    """total ← β·total + xᵀx on the blocks on and above the diagonal only: the Gram matrix is symmetric, so this
+    does about 60% of the products' work. The blocks below stay as they were; mirror_upper fills them."""
+    edges = gram_edges(x.shape[1])
+    for start, end in itertools.pairwise(edges):
+        total[start:end, start:].addmm_(x[:, start:end].T, x[:, start:], beta=beta)
+
+
+def mirror_upper(total: Tensor) -> None:
+    """Copy the upper triangle onto the lower one, in place, a block of add_gram's at a time, so that the result
+    is exactly symmetric."""
+    edges = gram_edges(total.shape[0])
+    for start, end in itertools.pairwise(edges):
+        total[end:, start:end] = total[start:end, end:].T
+        block = total[start:end, start:end]
+        block.copy_(block.triu() + block.triu(1).T)
 
 
 def _energy(A: Tensor, sums: Tensor) -> float:

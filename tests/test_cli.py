@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -13,6 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from llm_sparsify.cli import main
 from llm_sparsify.export.hf import RECORD, read_record
+from llm_sparsify.finish import export_path
+from llm_sparsify.models import load_model
 from llm_sparsify.recipe import builtin_recipes, load_recipe
 from tests.conftest import save_tiny_llama
 
@@ -327,16 +330,18 @@ def six_layer_dir(workdir):
     return save_tiny_llama(workdir / "six-layers", hidden=64, layers=6)
 
 
-@pytest.mark.parametrize("name", builtin_recipes())
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name.startswith("edge-") else name
+                                  for name in builtin_recipes()])  # edge-*: recovery and evaluation, minutes
 def test_every_shipped_recipe_runs_from_the_command_line(tmp_path, six_layer_dir, name, one_thread):
     """Each recipe in recipes/, end to end on the bundled C4 sample: exit 0, a model that loads and runs, a card."""
     out = tmp_path / "out"
     assert main(["prune", str(six_layer_dir), "--recipe", name, "--output", str(out), "--nsamples", "4",
                  "--seqlen", "32", "--device", "cpu", "-q"]) == 0
     recipe = load_recipe(name)
-    model = AutoModelForCausalLM.from_pretrained(out)
+    model, _ = load_model(str(out))  # unequal widths (a budget plan) too
     assert torch.isfinite(model(torch.arange(16)[None]).logits).all()
-    assert len(model.model.layers) == 6 - (recipe.depth.blocks if recipe.depth else 0)
+    removed = read_record(out)["stages"]["budget"]["removed"] if recipe.budget else []
+    assert len(model.model.layers) == 6 - (recipe.depth.blocks if recipe.depth else 0) - len(removed)
     if recipe.width:
         assert model.model.layers[0].mlp.gate_proj.out_features == round(128 * (1 - recipe.width.amount))
     if recipe.method and recipe.method != "magnitude" and isinstance(recipe.pattern, float):
@@ -344,7 +349,7 @@ def test_every_shipped_recipe_runs_from_the_command_line(tmp_path, six_layer_dir
         assert read_record(out)["sparsity"]["overall"] >= recipe.pattern - 1 / 64
     assert f"compressed with {name}" in (out / "README.md").read_text()
     for fmt in recipe.export.formats if recipe.export else ():
-        assert any(p.name.startswith(f"out-{fmt}") for p in tmp_path.iterdir()), fmt
+        assert export_path(out, fmt, recipe.export.qtype).exists(), fmt
 
 
 def test_export_compact_restores_the_checkpoint_and_reports_sizes(tmp_path, pruned, capsys):
@@ -433,3 +438,39 @@ def test_bars_follow_walks_and_other_loops_and_close_when_done():
     bars("progress", {"what": "compact", "done": 1, "total": 1, "unit": "shard"})
     assert bars.bar is None
     assert not bars("saved", {})  # not a bar's
+
+
+def budget_recipe(tmp_path, speed: bool):
+    path = tmp_path / "edge.yaml"
+    path.write_text(f"budget: {{size: 0.8, qtype: Q4_0, levels: 2, samples: 2}}\n"
+                    f"export: {{formats: [gguf], qtype: Q4_0, speed: {str(speed).lower()}}}\n")
+    return path
+
+
+def test_a_budget_recipe_prunes_exports_and_times_its_gguf(tmp_path, model_dir, calib, capsys):
+    """The plan's tensor bytes are the GGUF's (its output layer at the planned type), under the budget; with
+    llama.cpp, export.speed times the file against the dense one."""
+    import gguf
+
+    speed = importlib.util.find_spec("llama_cpp") is not None
+    out = tmp_path / "edge"
+    assert main(prune_args(model_dir, calib, out, recipe=budget_recipe(tmp_path, speed))) == 0
+    printed = capsys.readouterr().out
+    record = read_record(out)
+    budget = record["stages"]["budget"]
+    assert "budget plan, predicted" in printed and budget["predicted"]["size"] <= 0.8
+    written = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(tmp_path / "edge-Q4_0.gguf")).tensors)
+    assert written == budget["predicted"]["tensor_bytes"] <= 0.8 * budget["dense"]["tensor_bytes"]
+    assert ("## Deployment" in (out / "README.md").read_text()) == speed
+    if speed:
+        assert record["deployment"]["gguf Q4_0"]["pruned"]["bytes"] == (tmp_path / "edge-Q4_0.gguf").stat().st_size
+
+
+def test_a_recipe_asking_for_speed_without_llama_cpp_is_refused_before_any_work(tmp_path, model_dir, calib, capsys,
+                                                                                monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else
+                        find_spec(name, *a))
+    out = tmp_path / "edge"
+    assert main(prune_args(model_dir, calib, out, recipe=budget_recipe(tmp_path, True))) == 2
+    assert "pip install llama-cpp-python" in capsys.readouterr().err and not out.exists()

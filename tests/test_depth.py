@@ -25,6 +25,7 @@ from llm_sparsify.structure.depth import (
     remove_blocks,
     skip_block_perplexity,
 )
+from llm_sparsify.structure.resize import load_width_pruned, remove_mlp_channels
 from llm_sparsify.walk import ResidentLayers
 from tests.conftest import TINY, tiny_model
 
@@ -108,6 +109,24 @@ def test_layer_types_follow_the_kept_blocks(calibration, tmp_path):
     assert reloaded.config.layer_types == ["sliding_attention", "sliding_attention"]
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x).logits, before)
+
+
+def test_unequal_widths_follow_the_kept_blocks(calibration, tmp_path):
+    """Width pruning first, then depth (the budget planner's order): the recorded per-layer widths lose the removed
+    block's entry, so the saved model loads with its layers' real shapes and computes the same logits."""
+    model = tiny_model("llama")
+    keep = [torch.arange(128) < k for k in (96, 64, 32)]
+    remove_mlp_channels(model, keep)
+    silence_block(model, 1)
+    with torch.no_grad():
+        before = model(calibration[:2]).logits
+    remove_blocks(model, [1])
+    assert model.config.layer_widths["intermediate_size"] == [96, 32]
+    model.save_pretrained(tmp_path)
+    reloaded = load_width_pruned(tmp_path).eval()
+    assert [layer.mlp.down_proj.in_features for layer in reloaded.model.layers] == [96, 32]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(calibration[:2]).logits, before)
 
 
 @pytest.mark.parametrize("kind", [*KINDS, "sliding_qwen2"])

@@ -82,6 +82,23 @@ def test_statistics_hessian_and_column_norms_agree():
         norms_only.hessian()
 
 
+@pytest.mark.parametrize("features", [1, 7, 130, 2050])  # fewer inputs than blocks, 4 blocks, 8 blocks
+def test_hessian_from_the_upper_blocks_equals_the_full_product(features):
+    """add_gram forms only the blocks on and above the diagonal; read, the Hessian is the whole 2XᵀX/n, exactly
+    symmetric, and stays right when samples arrive after a read (the lower blocks are filled again)."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 20, features)
+    stats = InputStatistics(features, True, "cpu")
+    for i, sample in enumerate(x):
+        stats.add(sample[None])
+        if i in (4, 9):  # reads midway: the lower blocks are filled, then more samples are added on top
+            stats.hessian()
+    flat = x.reshape(-1, features).double()
+    H, reference = stats.hessian(), 2 * flat.T @ flat / flat.shape[0]
+    assert torch.equal(H, H.T)
+    assert torch.allclose(H.double(), reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+
+
 @pytest.mark.parametrize("pattern", [0.5, (2, 4)])
 def test_sparsegpt_on_stacked_weights_equals_one_by_one(pattern):
     """q/k/v share one Hessian: one factorization and one sweep over their stacked rows changes nothing,

@@ -176,6 +176,22 @@ def test_global_scope_ranks_normalised_scores_and_keeps_one_per_layer():
     assert keep[0].tolist() == [False, False, False, True]
 
 
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_a_multiple_keeps_whole_blocks_of_the_best_units(scope):
+    """width-mlp-30 on SmolLM2 keeps 1075 of 1536 channels, which GGUF writes in F16; with multiple 32 every layer
+    keeps a multiple of 32 (the nearest, at least one), and the units kept are still the best of their layer."""
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.rand(1536, generator=g) * (i + 1) for i in range(4)] + [torch.rand(40, generator=g)]
+    keep = choose_units(scores, 0.3, scope, multiple=32)
+    plain = choose_units(scores, 0.3, scope)
+    for s, mask, before in zip(scores, keep, plain, strict=True):
+        kept = int(mask.sum())
+        assert kept % 32 == 0 and abs(kept - int(before.sum())) <= 16
+        assert s[~mask].max() < s[mask].min()
+    with pytest.raises(WidthError, match="multiple"):
+        choose_units(scores, 0.3, scope, multiple=0)
+
+
 @pytest.mark.parametrize(("amount", "scope"), [(0, "layer"), (1, "layer"), (1.5, "global"), (0.3, "model"),
                                                (0.9, "layer"), (0.99, "global")])
 def test_choose_units_rejects_bad_requests(amount, scope):

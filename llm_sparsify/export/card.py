@@ -84,6 +84,11 @@ def removed_in_words(stages: dict[str, Any]) -> dict[str, str]:
         words["depth"] = f"decoder blocks {blocks}" if blocks else "no decoder blocks"
     if width := stages.get("width"):
         words["width"] = f"{1 - sum(width['kept']) / sum(width['of']):.0%} of the {UNIT_NAMES[width['unit']]}"
+    if budget := stages.get("budget"):
+        kept = sum(k for k in budget["kept"] if k is not None)
+        blocks = ", ".join(map(str, budget["removed"])) or "none"
+        words["budget"] = (f"decoder blocks {blocks} and {1 - kept / sum(budget['of']):.0%} of the MLP channels"
+                           + (f", the output layer at {budget['qtype']}" if budget["small_output"] else ""))
     return words
 
 
@@ -99,6 +104,11 @@ def what_was_done(record: dict[str, Any]) -> list[str]:
     if "width" in removed:
         width = stages["width"]
         done.append(f"removed {removed['width']} ({width['score']} score, {width['scope']})")
+    if budget := stages.get("budget"):
+        target = recipe["budget"]
+        goal = (f"{target['size']:.0%} of the dense {budget['qtype']} GGUF's bytes" if target.get("size")
+                else f"{target['decode_speedup']}× the dense {budget['qtype']} GGUF's decode speed")
+        done.append(f"budget plan for {goal}: removed {removed.get('budget', 'nothing')}")
     if pruning := recipe.get("pruning"):
         done.append(f"one-shot {pruning['method']} pruning to sparsity {pruning['sparsity']}")
     if record.get("quantization"):
@@ -125,6 +135,15 @@ def structure_section(record: dict[str, Any]) -> str:
     if width := stages.get("width"):
         kept = ", ".join(f"{k}/{n}" for k, n in zip(width["kept"], width["of"], strict=True))
         parts.append(f"{UNIT_NAMES[width['unit']]} kept per layer: {kept}.")
+    if budget := stages.get("budget"):
+        kept = ", ".join("removed" if k is None else f"{k}/{n}" for k, n in zip(budget["kept"], budget["of"],
+                                                                                  strict=True))
+        predicted = budget["predicted"]
+        parts.append(f"Budget plan ({budget['qtype']} GGUF), MLP channels kept per layer: {kept}. Predicted: "
+                     f"{predicted['size']:.1%} of the dense file's tensor bytes, {predicted['decode_speedup']:.2f}× "
+                     f"its decode speed in llama.cpp (a fitted model; `export --speed` measures), calibration "
+                     f"perplexity {predicted['calibration_perplexity']:.2f} (dense "
+                     f"{math.exp(budget['dense']['calibration_loss']):.2f}).")
     return "\n\n".join(parts)
 
 

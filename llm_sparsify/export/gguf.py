@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ def export_gguf(checkpoint: str | Path, output: str | Path, *, qtype: str = GGUF
 
     `qtype` is the type of the 2-D weights (F32, F16, BF16, Q8_0, Q4_0); norms stay F32. With Q4_0 the token
     embedding (which is also the output layer when they are tied) and a separate output layer are Q8_0, as
-    llama.cpp's own quantizer keeps that layer at a higher precision. A row length that is not a multiple of
+    llama.cpp's own quantizer keeps that layer at a higher precision, unless the checkpoint's budget plan chose
+    Q4_0 for it (planned_small_output). A row length that is not a multiple of
     32 falls back to F16. The file appears only once complete; its metadata key `llm_sparsify.version` lets a
     later export with `overwrite` replace it (and nothing else).
     """
@@ -184,6 +186,7 @@ def _tensor_plan(checkpoint: Path, files: dict[str, str], config: PretrainedConf
     """(checkpoint name, GGUF name, shape, GGML type) of every tensor to write, from the shards' headers."""
     names = gguf.get_tensor_name_map(_arch(config), config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    small_output = planned_small_output(checkpoint, qtype)
     plan = []
     for name in sorted(files):
         if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
@@ -193,13 +196,16 @@ def _tensor_plan(checkpoint: Path, files: dict[str, str], config: PretrainedConf
             raise ExportError(f"{checkpoint}: tensor {name} has no llama.cpp counterpart")
         with safe_open(checkpoint / files[name], "pt") as f:
             shape = list(f.get_slice(name).get_shape())
-        plan.append((name, gguf_name, shape, _ggml_type(gguf_name, shape, qtype, tied)))
+        plan.append((name, gguf_name, shape, tensor_type(gguf_name, shape, qtype, tied, small_output)))
     if not tied and "output.weight" not in {p[1] for p in plan}:
         raise ExportError(f"{checkpoint} has untied embeddings but no lm_head.weight")
     return plan
 
 
-def _ggml_type(gguf_name: str, shape: list[int], qtype: str, tied: bool) -> gguf.GGMLQuantizationType:
+def tensor_type(gguf_name: str, shape: list[int], qtype: str, tied: bool,
+                small_output: bool = False) -> gguf.GGMLQuantizationType:
+    """The type a tensor is written as in a file of `qtype` (see export_gguf); `small_output`: the output layer at
+    `qtype` too (a budget plan's choice, planned_output)."""
     types = gguf.GGMLQuantizationType
     if len(shape) == 1:
         return types.F32
@@ -207,9 +213,22 @@ def _ggml_type(gguf_name: str, shape: list[int], qtype: str, tied: bool) -> gguf
         log.warning("%s: rows of %d values do not split into %s blocks; writing F16", gguf_name, shape[-1], qtype)
         return types.F16
     output_layer = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
-    if qtype == "Q4_0" and output_layer:
+    if qtype == "Q4_0" and output_layer and not small_output:
         return types.Q8_0
     return types[qtype]
+
+
+def planned_small_output(checkpoint: Path, qtype: str) -> bool:
+    """Whether the checkpoint's budget plan (its record's stages.budget) chose the output layer at `qtype`, for a file
+    of the type it was planned in."""
+    budget = ((read_record(checkpoint) or {}).get("stages") or {}).get("budget") or {}
+    return bool(budget.get("small_output")) and budget.get("qtype") == qtype
+
+
+def tensor_bytes(shape: list[int], kind: gguf.GGMLQuantizationType) -> int:
+    """Bytes of a tensor's data in the file."""
+    values, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+    return math.prod(shape) // values * block_bytes
 
 
 def _convert(tensor: Tensor, gguf_name: str, config: PretrainedConfig, kind: gguf.GGMLQuantizationType) -> np.ndarray:

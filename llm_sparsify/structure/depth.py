@@ -144,6 +144,9 @@ def remove_blocks(model: PreTrainedModel, indices: list[int]) -> PreTrainedModel
         values = getattr(config, name, None)
         if isinstance(values, (list, tuple)) and len(values) == config.num_hidden_layers:
             setattr(config, name, [values[i] for i in kept])
+    widths = getattr(config, "layer_widths", None)  # unequal widths from width pruning (structure/resize.py)
+    if isinstance(widths, dict):
+        config.layer_widths = {key: [values[i] for i in kept] for key, values in widths.items()}
     if isinstance(getattr(config, "max_window_layers", None), int):  # Qwen2/3: layers below it use full attention
         config.max_window_layers = sum(i < config.max_window_layers for i in kept)
     config.num_hidden_layers = len(kept)
@@ -151,7 +154,7 @@ def remove_blocks(model: PreTrainedModel, indices: list[int]) -> PreTrainedModel
     return model
 
 
-class _Bypass(nn.Module):
+class Bypass(nn.Module):
     """Stands in for a decoder layer: its output is its hidden-states input (what a decoder layer returns)."""
 
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
@@ -181,7 +184,7 @@ def skip_block_perplexity(
         originals = [layers[i] for i in span]
         try:
             for i in span:
-                layers[i] = _Bypass()
+                layers[i] = Bypass()
             values.append(perplexity(model, ids, seqlen, device, max_windows))
         finally:
             for i, layer in zip(span, originals, strict=True):

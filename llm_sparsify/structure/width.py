@@ -102,16 +102,34 @@ def check_amount(sizes: list[int], amount: float, scope: str = "layer", unit: st
             raise WidthError(f"amount {amount} removes {remove} of {n} units, leaving fewer than one per layer")
 
 
-def choose_units(scores: list[Tensor], amount: float, scope: str = "layer") -> list[Tensor]:
+def choose_units(scores: list[Tensor], amount: float, scope: str = "layer", multiple: int = 1) -> list[Tensor]:
     """Per layer, the bool mask of units to keep after removing the `amount` share with the lowest scores.
 
     Scope "layer" removes round(amount·n) units from every layer of n. Scope "global" ranks all units of the
     model together, after dividing each layer's scores by that layer's mean score: raw scores differ in scale
     from layer to layer (weight and activation norms grow along the residual stream), so an unnormalised ranking
     would empty the layers with small numbers rather than drop the units that matter least within their layer.
-    Every layer keeps at least its best unit.
+    Every layer keeps at least its best unit. With `multiple`, each layer's count kept is then rounded to the
+    nearest multiple of it (at least one multiple, at most the layer's units), the best-scoring units kept: 32 MLP
+    channels make whole Q8_0 / Q4_0 blocks in a GGUF file, whose rows are otherwise written in F16.
     """
     check_amount([s.numel() for s in scores], amount, scope)
+    if multiple < 1:
+        raise WidthError(f"multiple must be a positive count of units, not {multiple!r}")
+    keep = _choose(scores, amount, scope)
+    if multiple == 1:
+        return keep
+    rounded = []
+    for s, mask in zip(scores, keep, strict=True):
+        kept = min(s.numel(), max(multiple, round(int(mask.sum()) / multiple) * multiple))
+        mask = torch.zeros(s.numel(), dtype=torch.bool)
+        mask[torch.argsort(s.float(), descending=True, stable=True)[:kept]] = True
+        rounded.append(mask)
+    return rounded
+
+
+def _choose(scores: list[Tensor], amount: float, scope: str) -> list[Tensor]:
+    """choose_units before rounding to a multiple."""
     if scope == "layer":
         keep = []
         for s in scores:

@@ -1,0 +1,168 @@
+"""The budget planner's measurements (structure/budget.py), a whole-model stage: the calibration loss of the full
+model with one unit removed at a time, and the file's cost model from the model's shapes.
+
+Every measurement is a forward of the whole model (the loss is taken at its output), so this stage needs the model in
+memory; the channel scores that order each layer's MLP come from the streamed score pass of width pruning.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import gguf
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from llm_sparsify.architecture import home_device
+from llm_sparsify.evaluate import perplexity
+from llm_sparsify.events import Event, progress
+from llm_sparsify.export.gguf import tensor_bytes, tensor_type
+from llm_sparsify.models import decoder_layers
+from llm_sparsify.structure.budget import FileCost, LayerCost
+from llm_sparsify.structure.depth import Bypass
+from llm_sparsify.structure.resize import linear
+
+log = logging.getLogger(__name__)
+
+# Decode time in llama.cpp beyond the decoder's weight bytes read per token, in decoder bytes' worth of time, per
+# qtype: (per decoder layer, per token, the output layer's bytes' weight). Fitted by `eval/decode_cost.py --rounds 10`
+# to SmolLM2-135M GGUFs of 30, 22 and 14 layers, three MLP widths and (Q4_0) both output types, 2 threads of this
+# project's 2-core CPU, llama-cpp-python 0.3.36; largest error of the fits 4.5% (Q4_0, fitted without a time per token:
+# it came out negative) and 0.8% (Q8_0); two runs put Q4_0's output weight at 1.38 and 1.78 (with a time per token),
+# so take it as rough. A prediction to plan by: `export --speed` measures.
+# Types not fitted count bytes alone.
+DECODE_OVERHEAD = {"Q4_0": (2.157e6, 0.0, 1.35), "Q8_0": (1.638e6, 1.363e7, 1.0)}
+
+
+def file_cost(model: PreTrainedModel, qtype: str, small_output: bool = False) -> FileCost:
+    """The GGUF file of `model` at `qtype` as a cost model: each layer's bytes outside its MLP and per MLP channel
+    (export/gguf.py's types), the rest of the file, what writing the output layer at `qtype` saves, and the decode
+    overheads of DECODE_OVERHEAD. `small_output`: the model's output layer is already planned at `qtype`."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+
+    def size(name: str, shape: list[int], small: bool = small_output) -> int:
+        return tensor_bytes(shape, tensor_type(name, shape, qtype, tied, small))
+
+    layers = []
+    for layer in decoder_layers(model):
+        mlp = {name: list(linear(layer, f"mlp.{name}").weight.shape) for name in ("gate_proj", "up_proj", "down_proj")}
+        channels = mlp["gate_proj"][0]
+        in_mlp = sum(size("blk", shape) for shape in mlp.values())
+        whole = sum(size("blk", list(p.shape)) for p in layer.parameters())
+        layers.append(LayerCost(whole - in_mlp, in_mlp / channels, channels))
+    hidden = model.config.hidden_size
+    output_name, output = (("token_embd.weight", model.get_input_embeddings()) if tied
+                           else ("output.weight", model.get_output_embeddings()))
+    shape = list(output.weight.shape)
+    read = size(output_name, shape)
+    other = read + size("output_norm.weight", [hidden])
+    if not tied:
+        other += size("token_embd.weight", list(model.get_input_embeddings().weight.shape))
+    layer_time, token_time, output_weight = DECODE_OVERHEAD.get(qtype, (0, 0, 1))
+    return FileCost(layers, other, read, layer_time, token_time, output_weight,
+                    output_saving=read - size(output_name, shape, True))
+
+
+class _LayerInputs:
+    """Every decoder layer's input on each calibration window, from one dense forward, so that a change to layer i
+    is measured by running layers i.. only: the layers before it are bypassed and layer i is handed their output."""
+
+    def __init__(self, model: PreTrainedModel, windows: Tensor, device: str | torch.device) -> None:
+        self.model, self.windows, self.device = model, windows, device
+        self.inputs: list[list[Tensor]] = [[] for _ in decoder_layers(model)]
+        hooks = [layer.register_forward_pre_hook(self._record(i), with_kwargs=True)
+                 for i, layer in enumerate(decoder_layers(model))]
+        try:
+            self.base = self.loss(0)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _record(self, i: int):
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.inputs[i].append((args[0] if args else kwargs["hidden_states"]).detach().cpu())
+        return record
+
+    def loss(self, start: int) -> float:
+        """Mean next-token loss over the windows, the model run from decoder layer `start` on."""
+        layers = decoder_layers(self.model)
+        skipped = list(layers[:start])
+        window = iter(range(len(self.windows)))
+
+        def feed(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            hidden = self.inputs[start][next(window)].to(self.device)
+            return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+        hook = layers[start].register_forward_pre_hook(feed, with_kwargs=True) if start else None
+        for i in range(start):
+            layers[i] = Bypass()
+        total = 0.0
+        try:
+            for ids in self.windows:
+                ids = ids[None].to(self.device)
+                logits = self.model(ids, use_cache=False).logits[:, :-1].float()
+                total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+        finally:
+            for i, layer in enumerate(skipped):
+                layers[i] = layer
+            if hook is not None:
+                hook.remove()
+        return total / len(self.windows)
+
+
+@torch.no_grad()
+def unit_losses(model: PreTrainedModel, calibration: Tensor, orders: list[Tensor], widths: list[list[int]],
+                device: str | torch.device = "cpu", *, on_event: Event | None = None
+                ) -> tuple[float, list[float], list[list[float]]]:
+    """Loss increases on the windows `calibration` [n, seqlen], one unit removed at a time from the dense model:
+    block i bypassed, and layer i's MLP cut to each of widths[i][1:] (its channels removed in the order orders[i],
+    lowest score first: down_proj's columns zeroed, which is what removing them computes). Each is measured from
+    layer i on (the dense inputs of every layer kept from one forward). Returns the dense loss and the block and
+    width increases (width_losses[i][0] = 0)."""
+    home = home_device(model)
+    model.to(device)
+    try:
+        run = _LayerInputs(model, calibration, device)
+        layers = decoder_layers(model)
+        blocks, narrowed = [], []
+        for i in progress(range(len(layers)), on_event, "budget: unit losses", "layer"):
+            layer = layers[i]
+            layers[i] = Bypass()
+            try:
+                blocks.append(run.loss(i) - run.base)
+            finally:
+                layers[i] = layer
+            down = linear(layer, "mlp.down_proj").weight
+            row = [0.0]
+            for kept in widths[i][1:]:
+                removed = orders[i][: down.shape[1] - kept].to(down.device)
+                saved = down[:, removed].clone()
+                down[:, removed] = 0
+                try:
+                    row.append(run.loss(i) - run.base)
+                finally:
+                    down[:, removed] = saved
+            narrowed.append(row)
+    finally:
+        model.to(home)
+    log.info("budget: calibration loss %.4f; block losses %s", run.base, [round(b, 3) for b in blocks])
+    return run.base, blocks, narrowed
+
+
+@torch.no_grad()
+def output_loss(model: PreTrainedModel, calibration: Tensor, qtype: str, base: float,
+                device: str | torch.device = "cpu") -> float:
+    """The loss increase on `calibration` with the output layer (tied: the embedding, which is that layer too)
+    rounded to `qtype` as the GGUF file would store it."""
+    weight = model.get_output_embeddings().weight
+    kind = gguf.GGMLQuantizationType[qtype]
+    saved = weight.detach().clone()
+    rounded = gguf.quants.dequantize(gguf.quants.quantize(saved.float().numpy(), kind), kind)
+    weight.copy_(torch.from_numpy(rounded).to(weight.dtype))
+    try:
+        return math.log(perplexity(model, calibration.reshape(1, -1), calibration.shape[1], device)) - base
+    finally:
+        weight.copy_(saved)

@@ -1,0 +1,181 @@
+"""The budget planner (structure/budget.py, budget_pass.py): its cost model against real GGUF files, its plans
+against a brute-force search, and a budget recipe run end to end on a tiny model."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import gguf
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from llm_sparsify.budget_pass import file_cost, unit_losses
+from llm_sparsify.evaluate import perplexity
+from llm_sparsify.export.card import structure_section, what_was_done
+from llm_sparsify.export.gguf import export_gguf
+from llm_sparsify.export.hf import save_checkpoint
+from llm_sparsify.models import decoder_layers
+from llm_sparsify.pipeline import run_recipe
+from llm_sparsify.recipe import RecipeError, load_recipe
+from llm_sparsify.structure.budget import BLOCK, BudgetError, FileCost, LayerCost, plan_budget, width_levels
+from llm_sparsify.structure.depth import Bypass
+from tests.conftest import TINY, tiny_model
+from tests.test_export_gguf import bpe_tokenizer, save_unequal
+
+
+def test_width_levels_stay_multiples_of_the_gguf_block():
+    assert width_levels(1536, 4, 0.75) == [1536, 1248, 960, 672, 384]
+    for channels in (128, 1536, 11008, 14336):
+        widths = width_levels(channels, 5, 0.9)
+        assert all(w % BLOCK == 0 for w in widths) and widths == sorted(set(widths), reverse=True)
+    assert width_levels(100, 2, 0.5) == [100, 75, 50]  # not a multiple of the block: any width
+
+
+def costs(layers: int, seed: int) -> FileCost:
+    rng = random.Random(seed)
+    return FileCost([LayerCost(rng.uniform(50, 150), rng.uniform(1, 3), 64) for _ in range(layers)],
+                    other_bytes=300, other_read=100, layer_time=rng.uniform(0, 80), token_time=40)
+
+
+def every_plan(widths: list[list[int]]):
+    return itertools.product(*[[None, *w] for w in widths])
+
+
+def loss_of(kept, blocks, narrowed, widths) -> float:
+    return sum(blocks[i] if k is None else narrowed[i][widths[i].index(k)] for i, k in enumerate(kept))
+
+
+@pytest.mark.parametrize("measure", ["size", "time"])
+def test_plans_are_the_best_within_the_budget(measure):
+    """Against every plan of a 4-layer model (each layer at one of 3 widths or removed, the output layer at either
+    type): the budget is met, the predicted loss is the plan's own sum, and no plan within the budget (less the
+    rounding, a step per layer) has a lower one."""
+    rng = random.Random(0)
+    widths = [width_levels(64, 2, 0.5)] * 4
+    cost = costs(4, 1)
+    of = cost.size if measure == "size" else cost.time
+    dense = of([64] * 4)
+    for trial in range(30):
+        blocks = [rng.uniform(0.2, 2) for _ in range(4)]
+        narrowed = [[0.0, *sorted(rng.uniform(0, b) for _ in range(2))] for b in blocks]
+        output = rng.uniform(0, 1)
+        limit = dense * rng.uniform(0.45, 0.95)
+        plan = plan_budget(blocks, narrowed, widths, cost, measure, limit, output)
+        assert of(plan.kept, plan.small_output) <= limit
+        own_loss = loss_of(plan.kept, blocks, narrowed, widths) + output * plan.small_output
+        assert plan.predicted_loss == pytest.approx(own_loss)
+        feasible = [loss_of(k, blocks, narrowed, widths) + output * small for k in every_plan(widths)
+                    for small in (False, True)
+                    if any(x is not None for x in k) and of(list(k), small) <= limit * (1 - 1e-3)]
+        assert plan.predicted_loss <= min(feasible) + 1e-9, trial
+
+
+def test_with_equal_costs_the_plan_is_the_best_one():
+    """Blocks only, all of one size: dropping the k cheapest is optimal; a budget that no block fits is refused."""
+    cost = FileCost([LayerCost(100, 0, 1)] * 6, other_bytes=0, other_read=0, layer_time=0, token_time=0)
+    blocks = [0.5, 0.1, 0.9, 0.3, 0.2, 0.7]
+    plan = plan_budget(blocks, [[0.0]] * 6, [[1]] * 6, cost, "size", 350)
+    assert plan.removed_blocks == [1, 3, 4] and plan.predicted_loss == pytest.approx(0.6)
+    with pytest.raises(BudgetError, match="no plan"):
+        plan_budget(blocks, [[0.0]] * 6, [[1]] * 6, cost, "size", 50)
+
+
+def gguf_tensor_bytes(path) -> int:
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+
+
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_0"])
+def test_the_cost_model_counts_the_gguf_tensor_bytes_exactly(tmp_path, qtype):
+    """Dense, and with unequal layers (MLP widths and KV groups), tied embeddings and not."""
+    checkpoint, unequal = save_unequal(tmp_path / "unequal")
+    cost = file_cost(unequal, qtype)
+    assert cost.size([c.channels for c in cost.layers]) == gguf_tensor_bytes(
+        export_gguf(checkpoint, tmp_path / "unequal.gguf", qtype=qtype))
+    tokenizer = bpe_tokenizer()
+    torch.manual_seed(0)
+    untied = LlamaForCausalLM(LlamaConfig(**dict(TINY, vocab_size=len(tokenizer) + 4, tie_word_embeddings=False,
+                                                 bos_token_id=1, eos_token_id=2, pad_token_id=0))).eval()
+    save_checkpoint(untied, tokenizer, tmp_path / "untied", {"recipe_name": "dense"})
+    cost = file_cost(untied, qtype)
+    assert cost.size([c.channels for c in cost.layers]) == gguf_tensor_bytes(
+        export_gguf(tmp_path / "untied", tmp_path / "untied.gguf", qtype=qtype))
+
+
+@pytest.mark.parametrize("target", [{"size": 0.75}, {"decode_speedup": 1.3}])
+def test_a_budget_recipe_meets_its_budget_on_a_tiny_model(calibration, target):
+    model = tiny_model("llama")
+    dense_cost = file_cost(model, "Q4_0")
+    dense = [c.channels for c in dense_cost.layers]
+    recipe = load_recipe({"budget": {**target, "qtype": "Q4_0", "levels": 2, "samples": 2}})
+    _, stages = run_recipe(model, recipe, calibration)
+    report = stages["budget"]
+    after = file_cost(model, "Q4_0", report["small_output"])
+    kept = [c.channels for c in after.layers]
+    assert len(kept) == TINY["num_hidden_layers"] - len(report["removed"])
+    assert kept == [k for k in report["kept"] if k is not None] and all(k % BLOCK == 0 for k in kept)
+    if "size" in target:
+        assert after.size(kept) <= 0.75 * dense_cost.size(dense)
+        assert report["predicted"]["size"] == pytest.approx(after.size(kept) / dense_cost.size(dense), abs=1e-4)
+    else:
+        assert dense_cost.time(dense) / after.time(kept) >= 1.3
+    assert report["removed"] or min(kept) < TINY["intermediate_size"]
+
+
+def test_budget_recipes_are_checked_before_any_work(calibration):
+    for section, message in [({"size": 0.5, "decode_speedup": 2}, "exactly one"), ({"qtype": "Q4_0"}, "exactly one"),
+                             ({"decode_speedup": 0.9}, "above 1"), ({"size": 1.5}, "fraction")]:
+        with pytest.raises(RecipeError, match=message):
+            load_recipe({"budget": section})
+    with pytest.raises(RecipeError, match="leave out the depth"):
+        load_recipe({"budget": {"size": 0.5}, "depth": {"blocks": 1}})
+    with pytest.raises(RecipeError, match="export.qtype is Q8_0"):
+        load_recipe({"budget": {"size": 0.5}, "export": {"formats": ["gguf"]}})
+    assert "budget planner" in load_recipe({"budget": {"size": 0.5}}).whole_model_stages
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(BudgetError, match="raise the budget"):  # below one block at its narrowest: refused first
+        run_recipe(model, load_recipe({"budget": {"size": 0.05, "samples": 2}}), calibration)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_unit_losses_from_layer_i_on_equal_the_whole_model_s(kind, calibration):
+    """Each change to layer i is measured from layer i on, over the dense inputs kept from one forward: the same
+    losses as a forward of the whole changed model."""
+    model = tiny_model(kind)
+    orders = [torch.randperm(128, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    base, blocks, narrowed = unit_losses(model, calibration[:3], orders, [[128, 96, 64]] * 3)
+
+    def loss() -> float:
+        return math.log(perplexity(model, calibration[:3].reshape(1, -1), calibration.shape[1]))
+
+    assert base == pytest.approx(loss(), abs=1e-5)
+    layers = decoder_layers(model)
+    for i in range(3):
+        layer = layers[i]
+        layers[i] = Bypass()
+        assert blocks[i] == pytest.approx(loss() - base, abs=1e-5)
+        layers[i] = layer
+        down = layer.mlp.down_proj.weight
+        saved = down.detach().clone()
+        with torch.no_grad():
+            down[:, orders[i][:64]] = 0
+        assert narrowed[i][2] == pytest.approx(loss() - base, abs=1e-5) and narrowed[i][2] != 0
+        with torch.no_grad():
+            down.copy_(saved)
+
+
+def test_the_card_says_what_the_plan_removed_and_predicted(calibration):
+    model = tiny_model("llama")
+    recipe = load_recipe({"budget": {"size": 0.75, "qtype": "Q4_0", "levels": 2, "samples": 2}})
+    _, stages = run_recipe(model, recipe, calibration)
+    record = {"recipe": recipe.to_dict(), "stages": stages}
+    assert load_recipe(record["recipe"]).budget == recipe.budget  # the saved recipe runs again as it was
+    done = " ".join(what_was_done(record))
+    assert "budget plan for 75% of the dense Q4_0 GGUF's bytes" in done
+    section = structure_section(record)
+    assert "Budget plan (Q4_0 GGUF)" in section and f"{stages['budget']['predicted']['size']:.1%}" in section
+    assert section.count("removed") == len(stages["budget"]["removed"])
