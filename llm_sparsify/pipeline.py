@@ -29,7 +29,6 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_sparsify.architecture import parameter_count
-from llm_sparsify.budget_pass import file_cost, output_loss, unit_losses
 from llm_sparsify.data import DataError, calibration_ids
 from llm_sparsify.events import Event
 from llm_sparsify.fisher_pass import fisher_diagonal, obd_importance
@@ -220,6 +219,8 @@ def measure_budget_units(model: PreTrainedModel, layers: LayerSource, budget: Bu
     """Score every MLP channel (a streamed score pass), then measure what each block, MLP width and the output
     layer's type cost in calibration loss (budget_pass.py, on the whole model). A budget no plan meets is refused
     first."""
+    from llm_sparsify.budget_pass import file_cost, output_loss, unit_losses  # gguf: not on every machine
+
     cost = file_cost(model, budget.qtype)
     widths = [width_levels(c.channels, budget.levels, budget.max_mlp) for c in cost.layers]
     units = BudgetUnits(cost, [], widths, 0.0, [], [], None)

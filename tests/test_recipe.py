@@ -19,7 +19,8 @@ from llm_sparsify.recipe import (
     recipe_from_dict,
 )
 
-BUILTINS = ["best-2of4", "best-50", "best-70", "depth-cosine-4", "magnitude-2of4", "magnitude-50", "owl-wanda-70",
+BUILTINS = ["best-2of4", "best-50", "best-70", "depth-cosine-4", "edge-fast", "edge-half", "magnitude-2of4",
+            "magnitude-50", "owl-wanda-70",
             "sparsegpt-2of4", "sparsegpt-2of4-lstsq", "sparsegpt-50", "sparsegpt-50-rtn-w4g128", "sparsegpt-50-w4g128",
             "wanda-2of4", "wanda-50", "wanda-70-recover", "width-mlp-30"]
 
@@ -223,7 +224,7 @@ def test_unknown_key_for_sparsegpt_lists_its_options():
 
 
 def test_unknown_top_level_section():
-    with pytest.raises(RecipeError, match=r"section\(s\): distill; known: experts, depth, width, pruning, quantiz"):
+    with pytest.raises(RecipeError, match=r"section\(s\): distill; known: experts, depth, width, budget, pruning"):
         recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5}, "distill": {"teacher": "x"}})
 
 
