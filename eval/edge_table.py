@@ -1,7 +1,7 @@
 """What the budget planner gains at the edge, in llama.cpp (issue 18): SmolLM2-135M planned for sizes and decode
 speeds of its dense Q4_0 GGUF, each with and without distillation recovery.
 
-    python eval/edge_table.py                                       # the README table
+    python eval/edge_table.py --data-dir ../shared/data              # the README table
     python eval/edge_table.py --budgets size=0.5 --recovery-steps 50 --tasks "" --rounds 3
 
 One run: the dense model's units are measured once (budget_pass.py: the planner's loss per block, MLP width and
@@ -17,6 +17,7 @@ rounding). Prints a markdown table and one JSON line per row.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -49,61 +50,76 @@ def main() -> int:
     parser.add_argument("--recovery-steps", type=int, default=200)
     parser.add_argument("--tasks", default="piqa,arc_easy,winogrande")
     parser.add_argument("--limit", type=int, default=500)
+    parser.add_argument("--data-dir", default=None, help="local task files (offline), as `llm-sparsify eval` takes")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--windows", type=int, default=16, help="WikiText-2 windows of 512 for perplexity")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the files here (default: a temporary directory); its units.pt, the measured units, "
+                             "is reused by a later run")
     args = parser.parse_args()
 
     dense, tokenizer = load_model(None, dtype=torch.float32)
     calibration = calibration_ids("c4", tokenizer, 64, 512, 0)  # the CLI's default calibration on the CPU
     recovery = Recovery(loss="kl", steps=args.recovery_steps)
     training = calibration_ids("c4", tokenizer, recovery.nsamples, recovery.seqlen, 1)  # other windows (seed 1)
-    start = time.perf_counter()
-    units = measure_budget_units(dense, ResidentLayers(dense), Budget(size=0.99), calibration, "cpu", 8)
-    measured = time.perf_counter() - start
-    print(f"units measured in {measured:.0f} s", file=sys.stderr)
+    with contextlib.ExitStack() as stack:
+        folder = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llm_sparsify_edge_")))
+        folder.mkdir(parents=True, exist_ok=True)
+        return table(args, dense, tokenizer, calibration, training, recovery, folder)
+
+
+def table(args, dense, tokenizer, calibration, training, recovery, folder: Path) -> int:
+    cached = folder / "units.pt"
+    if cached.exists():
+        units = torch.load(cached, weights_only=False)
+        print(f"units read from {cached}", file=sys.stderr)
+    else:
+        start = time.perf_counter()
+        units = measure_budget_units(dense, ResidentLayers(dense), Budget(size=0.99), calibration, "cpu", 8)
+        print(f"units measured in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        torch.save(units, cached)
     teacher = teacher_logits(dense, training, recovery.top_k, recovery.batch_size)
     ids = evaluation_ids("wikitext2", tokenizer)
     tasks = [t for t in args.tasks.split(",") if t]
 
-    with tempfile.TemporaryDirectory(prefix="llm_sparsify_edge_") as tmp:
-        folder = Path(tmp)
-        files = {f"dense {q}": export_gguf(resolve_checkpoint(None), folder / f"dense-{q}.gguf", qtype=q)
-                 for q in ("F16", "Q8_0", "Q4_0")}
-        checkpoints = {label: resolve_checkpoint(None) for label in files}
-        notes: dict[str, dict] = {label: {} for label in files}
-        for spec in args.budgets.split(","):
-            key, value = spec.split("=")
-            budget = Budget(**{key: float(value)})
-            model = copy.deepcopy(dense)
-            report = apply_budget_plan(ResidentLayers(model), budget, units)
-            for distilled in (False, True):
-                label = f"{spec}{' + distillation' if distilled else ''}"
-                note = {"plan": {k: report[k] for k in ("removed", "kept", "small_output", "predicted")}}
-                if distilled:
-                    begin = time.perf_counter()
-                    losses = finetune(model, training, recovery.steps, recovery.lr, recovery.batch_size, masks={},
-                                      teacher=teacher)
-                    note["distillation"] = {"steps": recovery.steps, "tokens": recovery.steps * recovery.batch_size
-                                            * recovery.seqlen, "seconds": round(time.perf_counter() - begin, 1),
-                                            "kl_first": round(losses[0], 4),
-                                            "kl_last": round(statistics.mean(losses[-10:]), 4)}
-                path = folder / label.replace(" ", "_").replace("+", "")
-                save_checkpoint(model, tokenizer, path, {"recipe_name": label, "stages": {"budget": report}})
-                files[label] = export_gguf(path, folder / f"{path.name}.gguf", qtype="Q4_0")
-                checkpoints[label], notes[label] = path, note
-        speed = measure_speed(files, threads=args.threads, rounds=args.rounds)
-        rows = {}
-        for label, path in files.items():
-            row = {**speed[label], "perplexity": gguf_perplexity(path, ids, 512, args.windows, args.threads),
-                   **notes[label]}
-            if tasks:
-                model, _ = load_model(str(checkpoints[label]), dtype=torch.float32)
-                accuracy = evaluate_tasks(model, tokenizer, tasks, limit=args.limit, device="cpu")
-                row["tasks"] = {t: round(accuracy[t]["acc"], 4) for t in tasks}
-                row["mean_accuracy"] = round(statistics.mean(row["tasks"].values()), 4)
-            rows[label] = row
-            print(json.dumps({"model": label, **row}), file=sys.stderr, flush=True)
+    files = {f"dense {q}": export_gguf(resolve_checkpoint(None), folder / f"dense-{q}.gguf", qtype=q, overwrite=True)
+             for q in ("F16", "Q8_0", "Q4_0")}
+    checkpoints = {label: resolve_checkpoint(None) for label in files}
+    notes: dict[str, dict] = {label: {} for label in files}
+    for spec in args.budgets.split(","):
+        key, value = spec.split("=")
+        budget = Budget(**{key: float(value)})
+        model = copy.deepcopy(dense)
+        report = apply_budget_plan(ResidentLayers(model), budget, units)
+        for distilled in (False, True):
+            label = f"{spec}{' + distillation' if distilled else ''}"
+            note = {"plan": {k: report[k] for k in ("removed", "kept", "small_output", "predicted")}}
+            if distilled:
+                begin = time.perf_counter()
+                losses = finetune(model, training, recovery.steps, recovery.lr, recovery.batch_size, masks={},
+                                  teacher=teacher)
+                note["distillation"] = {"steps": recovery.steps, "tokens": recovery.steps * recovery.batch_size
+                                        * recovery.seqlen, "seconds": round(time.perf_counter() - begin, 1),
+                                        "kl_first": round(losses[0], 4),
+                                        "kl_last": round(statistics.mean(losses[-10:]), 4)}
+            path = folder / label.replace(" ", "_").replace("+", "")
+            save_checkpoint(model, tokenizer, path, {"recipe_name": label, "stages": {"budget": report}},
+                            overwrite=True)
+            files[label] = export_gguf(path, folder / f"{path.name}.gguf", qtype="Q4_0", overwrite=True)
+            checkpoints[label], notes[label] = path, note
+    speed = measure_speed(files, threads=args.threads, rounds=args.rounds)
+    rows = {}
+    for label, path in files.items():
+        rows[label] = {**speed[label], "perplexity": gguf_perplexity(path, ids, 512, args.windows, args.threads),
+                       **notes[label]}
+        print(json.dumps({"model": label, **rows[label]}), file=sys.stderr, flush=True)
+    for label, row in rows.items() if tasks else ():
+        model, _ = load_model(str(checkpoints[label]), dtype=torch.float32)
+        accuracy = evaluate_tasks(model, tokenizer, tasks, limit=args.limit, data_dir=args.data_dir, device="cpu")
+        row["tasks"] = {t: round(accuracy[t]["acc"], 4) for t in tasks}
+        row["mean_accuracy"] = round(statistics.mean(row["tasks"].values()), 4)
+        print(json.dumps({"model": label, "tasks": row["tasks"]}), file=sys.stderr, flush=True)
 
     reference = rows["dense Q4_0"]
     print(f"| model (Q4_0 unless named) | MiB | vs dense Q4_0 | decode tok/s | vs dense Q4_0 | prefill tok/s | "
