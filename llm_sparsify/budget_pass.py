@@ -1,5 +1,5 @@
 """The budget planner's measurements (structure/budget.py), a whole-model stage: the calibration loss of the full
-model with one unit removed at a time, and the file's cost model from the model's shapes.
+model with one unit changed at a time, and the file's cost model from the model's shapes.
 
 Every measurement is a forward of the whole model (the loss is taken at its output), so this stage needs the model in
 memory; the channel scores that order each layer's MLP come from the streamed score pass of width pruning.
@@ -8,7 +8,6 @@ memory; the channel scores that order each layer's MLP come from the streamed sc
 from __future__ import annotations
 
 import logging
-import math
 
 import gguf
 import torch
@@ -17,13 +16,13 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from llm_sparsify.architecture import home_device
-from llm_sparsify.evaluate import perplexity
 from llm_sparsify.events import Event, progress
 from llm_sparsify.export.gguf import tensor_bytes, tensor_type
 from llm_sparsify.models import decoder_layers
 from llm_sparsify.structure.budget import FileCost, LayerCost
 from llm_sparsify.structure.depth import Bypass
 from llm_sparsify.structure.resize import linear
+from llm_sparsify.structure.width import best_units
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +113,15 @@ class _LayerInputs:
 
 
 @torch.no_grad()
-def unit_losses(model: PreTrainedModel, calibration: Tensor, orders: list[Tensor], widths: list[list[int]],
-                device: str | torch.device = "cpu", *, on_event: Event | None = None
-                ) -> tuple[float, list[float], list[list[float]]]:
-    """Loss increases on the windows `calibration` [n, seqlen], one unit removed at a time from the dense model:
-    block i bypassed, and layer i's MLP cut to each of widths[i][1:] (its channels removed in the order orders[i],
-    lowest score first: down_proj's columns zeroed, which is what removing them computes). Each is measured from
-    layer i on (the dense inputs of every layer kept from one forward). Returns the dense loss and the block and
-    width increases (width_losses[i][0] = 0)."""
+def unit_losses(model: PreTrainedModel, calibration: Tensor, scores: list[Tensor], widths: list[list[int]],
+                device: str | torch.device = "cpu", output_qtype: str | None = None, *,
+                on_event: Event | None = None) -> tuple[float, list[float], list[list[float]], float | None]:
+    """Loss increases on the windows `calibration` [n, seqlen], one unit changed at a time in the dense model:
+    block i bypassed; layer i's MLP cut to each of widths[i][1:] (its best-scoring channels by scores[i] kept, the
+    others' down_proj columns zeroed, which is what removing them computes); with `output_qtype`, the output layer
+    (tied: the embedding, which is that layer too) rounded to it as the GGUF file would store it. Each is measured
+    from the layer it changes on (the dense inputs of every layer kept from one forward). Returns the dense loss,
+    the block and width increases (width_losses[i][0] = 0) and the output layer's (None without output_qtype)."""
     home = home_device(model)
     model.to(device)
     try:
@@ -138,7 +138,7 @@ def unit_losses(model: PreTrainedModel, calibration: Tensor, orders: list[Tensor
             down = linear(layer, "mlp.down_proj").weight
             row = [0.0]
             for kept in widths[i][1:]:
-                removed = orders[i][: down.shape[1] - kept].to(down.device)
+                removed = (~best_units(scores[i], kept)).nonzero().squeeze(1).to(down.device)
                 saved = down[:, removed].clone()
                 down[:, removed] = 0
                 try:
@@ -146,23 +146,18 @@ def unit_losses(model: PreTrainedModel, calibration: Tensor, orders: list[Tensor
                 finally:
                     down[:, removed] = saved
             narrowed.append(row)
+        output = None
+        if output_qtype is not None:
+            weight = model.get_output_embeddings().weight
+            kind = gguf.GGMLQuantizationType[output_qtype]
+            saved = weight.detach().clone()
+            rounded = gguf.quants.dequantize(gguf.quants.quantize(saved.float().cpu().numpy(), kind), kind)
+            weight.copy_(torch.from_numpy(rounded).to(weight.dtype))
+            try:
+                output = run.loss(0) - run.base
+            finally:
+                weight.copy_(saved)
     finally:
         model.to(home)
     log.info("budget: calibration loss %.4f; block losses %s", run.base, [round(b, 3) for b in blocks])
-    return run.base, blocks, narrowed
-
-
-@torch.no_grad()
-def output_loss(model: PreTrainedModel, calibration: Tensor, qtype: str, base: float,
-                device: str | torch.device = "cpu") -> float:
-    """The loss increase on `calibration` with the output layer (tied: the embedding, which is that layer too)
-    rounded to `qtype` as the GGUF file would store it."""
-    weight = model.get_output_embeddings().weight
-    kind = gguf.GGMLQuantizationType[qtype]
-    saved = weight.detach().clone()
-    rounded = gguf.quants.dequantize(gguf.quants.quantize(saved.float().numpy(), kind), kind)
-    weight.copy_(torch.from_numpy(rounded).to(weight.dtype))
-    try:
-        return math.log(perplexity(model, calibration.reshape(1, -1), calibration.shape[1], device)) - base
-    finally:
-        weight.copy_(saved)
+    return run.base, blocks, narrowed, output

@@ -58,6 +58,7 @@ from llm_sparsify.structure.resize import UNITS, WidthError
 from llm_sparsify.structure.width import (
     SCORES,
     UNIT_WORDS,
+    best_units,
     channel_scores,
     check_amount,
     choose_units,
@@ -190,11 +191,11 @@ def prune_width(
 
 @dataclass
 class BudgetUnits:
-    """What the budget planner measured of a model (measure_budget_units): its file's cost model, each layer's channel
-    order (lowest score first) and widths, the dense calibration loss and each unit's loss increase."""
+    """What the budget planner measured of a model (measure_budget_units): its file's cost model, each layer's MLP
+    channel scores and widths, the dense calibration loss and each unit's loss increase."""
 
     cost: FileCost
-    orders: list[Tensor]
+    scores: list[Tensor]
     widths: list[list[int]]
     base: float
     blocks: list[float]
@@ -202,15 +203,15 @@ class BudgetUnits:
     output: float | None
 
 
-def budget_limit(units: BudgetUnits, budget: Budget) -> tuple[str, float]:
-    """The budget as (measure, limit) of units.cost, refused if no plan could meet it."""
-    cost, dense = units.cost, [w[0] for w in units.widths]
+def budget_limit(cost: FileCost, widths: list[list[int]], budget: Budget) -> tuple[str, float]:
+    """The budget as (measure, limit) of `cost`, refused if no plan could meet it."""
+    dense = [w[0] for w in widths]
     measure = "size" if budget.size is not None else "time"
     of = cost.size if measure == "size" else cost.time
     limit = of(dense) * budget.size if budget.size is not None else of(dense) / budget.decode_speedup
-    if of(smallest(units.widths), True) > limit:
+    if of(smallest(widths), True) > limit:
         raise BudgetError(f"budget {measure} {limit / of(dense):.3f} of dense is below what one block at its narrowest "
-                          f"width costs ({of(smallest(units.widths), True) / of(dense):.3f}); raise the budget")
+                          f"width costs ({of(smallest(widths), True) / of(dense):.3f}); raise the budget")
     return measure, limit
 
 
@@ -219,36 +220,26 @@ def measure_budget_units(model: PreTrainedModel, layers: LayerSource, budget: Bu
     """Score every MLP channel (a streamed score pass), then measure what each block, MLP width and the output
     layer's type cost in calibration loss (budget_pass.py, on the whole model). A budget no plan meets is refused
     first."""
-    from llm_sparsify.budget_pass import file_cost, output_loss, unit_losses  # gguf: not on every machine
+    from llm_sparsify.budget_pass import file_cost, unit_losses  # gguf: not on every machine
 
     cost = file_cost(model, budget.qtype)
     widths = [width_levels(c.channels, budget.levels, budget.max_mlp) for c in cost.layers]
-    units = BudgetUnits(cost, [], widths, 0.0, [], [], None)
-    budget_limit(units, budget)  # before any measurement
+    budget_limit(cost, widths, budget)  # before any measurement
     scores = unit_scores(model, "mlp", "activation", calibration, device, batch_size, layers=layers, on_event=on_event)
-    units.orders = [s.argsort() for s in scores]
-    samples = calibration[: budget.samples]
-    units.base, units.blocks, units.narrowed = unit_losses(model, samples, units.orders, widths, device,
-                                                           on_event=on_event)
-    if cost.output_saving > 0:
-        units.output = output_loss(model, samples, budget.qtype, units.base, device)
-    return units
+    measured = unit_losses(model, calibration[: budget.samples], scores, widths, device,
+                           budget.qtype if cost.output_saving > 0 else None, on_event=on_event)
+    return BudgetUnits(cost, scores, widths, *measured)
 
 
 def apply_budget_plan(layers: LayerSource, budget: Budget, units: BudgetUnits) -> dict[str, Any]:
     """Plan the cheapest removal that meets `budget` (structure/budget.py) and apply it through `layers`: channels
     first, then blocks. The output layer's type is recorded for the GGUF export (export/gguf.planned_small_output).
     Returns the plan with its predictions and the measurements it came from."""
-    measure, limit = budget_limit(units, budget)
+    measure, limit = budget_limit(units.cost, units.widths, budget)
     cost, dense = units.cost, [w[0] for w in units.widths]
     plan = plan_budget(units.blocks, units.narrowed, units.widths, cost, measure, limit, units.output)
-    keep = []
-    for order, kept in zip(units.orders, plan.kept, strict=True):
-        mask = torch.ones(order.numel(), dtype=torch.bool)
-        if kept is not None:
-            mask[order[: order.numel() - kept]] = False
-        keep.append(mask)
-    layers.remove_units("mlp", keep)
+    layers.remove_units("mlp", [torch.ones(s.numel(), dtype=torch.bool) if kept is None else best_units(s, kept)
+                                for s, kept in zip(units.scores, plan.kept, strict=True)])
     layers.remove_blocks(plan.removed_blocks)
     chosen = (plan.kept, plan.small_output)
     report = {"measure": measure, "qtype": budget.qtype, "removed": plan.removed_blocks, "kept": plan.kept,

@@ -36,8 +36,9 @@ def test_width_levels_stay_multiples_of_the_gguf_block():
 
 def costs(layers: int, seed: int) -> FileCost:
     rng = random.Random(seed)
-    return FileCost([LayerCost(rng.uniform(50, 150), rng.uniform(1, 3), 64) for _ in range(layers)],
-                    other_bytes=300, other_read=100, layer_time=rng.uniform(0, 80), token_time=40)
+    return FileCost([LayerCost(rng.uniform(50, 150), rng.uniform(1, 3), 96) for _ in range(layers)],
+                    other_bytes=300, other_read=100, layer_time=rng.uniform(0, 80), token_time=40,
+                    output_saving=40)
 
 
 def every_plan(widths: list[list[int]]):
@@ -54,13 +55,13 @@ def test_plans_are_the_best_within_the_budget(measure):
     type): the budget is met, the predicted loss is the plan's own sum, and no plan within the budget (less the
     rounding, a step per layer) has a lower one."""
     rng = random.Random(0)
-    widths = [width_levels(64, 2, 0.5)] * 4
+    widths = [width_levels(96, 2, 0.67)] * 4  # 96, 64, 32 channels
     cost = costs(4, 1)
     of = cost.size if measure == "size" else cost.time
-    dense = of([64] * 4)
+    dense = of([96] * 4)
     for trial in range(30):
         blocks = [rng.uniform(0.2, 2) for _ in range(4)]
-        narrowed = [[0.0, *sorted(rng.uniform(0, b) for _ in range(2))] for b in blocks]
+        narrowed = [[0.0, *sorted(rng.uniform(0, b) for _ in widths[0][1:])] for b in blocks]
         output = rng.uniform(0, 1)
         limit = dense * rng.uniform(0.45, 0.95)
         plan = plan_budget(blocks, narrowed, widths, cost, measure, limit, output)
@@ -144,10 +145,11 @@ def test_budget_recipes_are_checked_before_any_work(calibration):
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_unit_losses_from_layer_i_on_equal_the_whole_model_s(kind, calibration):
     """Each change to layer i is measured from layer i on, over the dense inputs kept from one forward: the same
-    losses as a forward of the whole changed model."""
+    losses as a forward of the whole changed model; the output layer's rounding too."""
     model = tiny_model(kind)
-    orders = [torch.randperm(128, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    base, blocks, narrowed = unit_losses(model, calibration[:3], orders, [[128, 96, 64]] * 3)
+    scores = [torch.rand(128, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    base, blocks, narrowed, output = unit_losses(model, calibration[:3], scores, [[128, 96, 64]] * 3,
+                                                 output_qtype="Q4_0")
 
     def loss() -> float:
         return math.log(perplexity(model, calibration[:3].reshape(1, -1), calibration.shape[1]))
@@ -162,10 +164,18 @@ def test_unit_losses_from_layer_i_on_equal_the_whole_model_s(kind, calibration):
         down = layer.mlp.down_proj.weight
         saved = down.detach().clone()
         with torch.no_grad():
-            down[:, orders[i][:64]] = 0
+            down[:, scores[i].argsort()[:64]] = 0  # the 64 lowest-scoring channels
         assert narrowed[i][2] == pytest.approx(loss() - base, abs=1e-5) and narrowed[i][2] != 0
         with torch.no_grad():
             down.copy_(saved)
+    weight = model.get_output_embeddings().weight
+    saved = weight.detach().clone()
+    kind_q4 = gguf.GGMLQuantizationType.Q4_0
+    with torch.no_grad():
+        weight.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(saved.numpy(), kind_q4), kind_q4)))
+    assert output == pytest.approx(loss() - base, abs=1e-5) and output != 0
+    with torch.no_grad():
+        weight.copy_(saved)
 
 
 def test_the_card_says_what_the_plan_removed_and_predicted(calibration):

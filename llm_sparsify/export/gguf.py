@@ -205,7 +205,7 @@ def _tensor_plan(checkpoint: Path, files: dict[str, str], config: PretrainedConf
 def tensor_type(gguf_name: str, shape: list[int], qtype: str, tied: bool,
                 small_output: bool = False) -> gguf.GGMLQuantizationType:
     """The type a tensor is written as in a file of `qtype` (see export_gguf); `small_output`: the output layer at
-    `qtype` too (a budget plan's choice, planned_output)."""
+    `qtype` too (a budget plan's choice, planned_small_output)."""
     types = gguf.GGMLQuantizationType
     if len(shape) == 1:
         return types.F32

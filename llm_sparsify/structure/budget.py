@@ -123,12 +123,16 @@ def plan_budget(block_losses: list[float], width_losses: list[list[float]], widt
     def steps(value: float) -> int:
         return math.ceil(value / step - 1e-9)
 
+    def alone(i: int, width: int) -> float:
+        """What layer i costs at `width`."""
+        kept = empty.copy()
+        kept[i] = width
+        return of(kept) - of(empty)
+
     groups = []  # per layer, then the output layer: [(loss, cost in steps, choice)]
     for i, (row, losses) in enumerate(zip(widths, width_losses, strict=True)):
-        alone = [None] * i + [0] + [None] * (len(widths) - i - 1)
-        options = [(0.0 if k == 0 else losses[k], steps(_layer(of, alone, i, w) - of(empty)), w)
-                   for k, w in enumerate(row)]
-        groups.append([*options, (block_losses[i], 0, None)])
+        groups.append([*[(loss, steps(alone(i, w)), w) for w, loss in zip(row, losses, strict=True)],
+                       (block_losses[i], 0, None)])
     own = of(empty) - floor
     groups.append([(0.0, steps(own), False)] + ([(output_loss, 0, True)] if output_loss is not None else []))
 
@@ -163,9 +167,3 @@ def plan_budget(block_losses: list[float], width_losses: list[list[float]], widt
     *kept, small_output = reversed(chosen)
     return Plan(kept, small_output, loss)
 
-
-def _layer(of, alone: list[int | None], i: int, width: int) -> float:
-    """`of` with only layer i kept, at `width`."""
-    alone = alone.copy()
-    alone[i] = width
-    return of(alone)

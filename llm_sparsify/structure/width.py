@@ -119,13 +119,15 @@ def choose_units(scores: list[Tensor], amount: float, scope: str = "layer", mult
     keep = _choose(scores, amount, scope)
     if multiple == 1:
         return keep
-    rounded = []
-    for s, mask in zip(scores, keep, strict=True):
-        kept = min(s.numel(), max(multiple, round(int(mask.sum()) / multiple) * multiple))
-        mask = torch.zeros(s.numel(), dtype=torch.bool)
-        mask[torch.argsort(s.float(), descending=True, stable=True)[:kept]] = True
-        rounded.append(mask)
-    return rounded
+    return [best_units(s, min(s.numel(), max(multiple, round(int(mask.sum()) / multiple) * multiple)))
+            for s, mask in zip(scores, keep, strict=True)]
+
+
+def best_units(scores: Tensor, kept: int) -> Tensor:
+    """The bool mask of the `kept` best-scoring units (ties: the earlier unit first)."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask[torch.argsort(scores.float(), descending=True, stable=True)[:kept]] = True
+    return mask
 
 
 def _choose(scores: list[Tensor], amount: float, scope: str) -> list[Tensor]:
