@@ -117,6 +117,7 @@ from llm_sparsify.errors import UserError
 from llm_sparsify.export import FORMATS as EXPORT_FORMATS
 from llm_sparsify.export import GGUF_TYPE, GGUF_TYPES
 from llm_sparsify.prune import STATISTIC, method_statistic
+from llm_sparsify.prune.admm import ITERATIONS as ADMM_ITERATIONS
 from llm_sparsify.prune.allocation import CURRENCIES
 from llm_sparsify.prune.masks import Pattern
 from llm_sparsify.prune.owl import LAMBDA, M
@@ -133,6 +134,7 @@ OPTIONS: dict[str, dict[str, Any]] = {  # method -> its options and their defaul
     "wanda": {"update": "none", "permute": False},
     "ria": {"alpha": ALPHA, "update": "none", "permute": False},
     "sparsegpt": {"blocksize": BLOCKSIZE, "dampening": DAMPENING, "update": "none", "permute": False},
+    "admm": {"iterations": ADMM_ITERATIONS, "update": "none"},
     "obd": {},
 }
 _COMMON = {"method", "sparsity", "targets", "ignore"}
@@ -648,7 +650,7 @@ def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
     quantizer = quantization.get("method") if isinstance(quantization, dict) else None
     options = {**OPTIONS[method], **{k: section[k] for k in OPTIONS[method] if k in section}}
     needs_data = method_statistic(method, options) not in (None, "fisher") or quantizer == "gptq"
-    owl_keys = {"allocation", *OWL_KEYS} if method in ("wanda", "ria", "sparsegpt") else set()
+    owl_keys = {"allocation", *OWL_KEYS} if method in ("wanda", "ria", "sparsegpt", "admm") else set()
     if owl_keys and section.get("allocation") == "sensitivity":
         owl_keys |= SENSITIVITY_KEYS
     elif owl_keys and SENSITIVITY_KEYS & set(section):

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llm_sparsify.prune.admm import prune_admm
 from llm_sparsify.prune.fisher import prune_obd
 from llm_sparsify.prune.magnitude import prune_magnitude
 from llm_sparsify.prune.masks import Pattern
@@ -26,7 +27,7 @@ from llm_sparsify.stats import DAMPENING, InputStatistics
 
 # method -> the statistic it needs: of the Linear's input, or the Fisher diagonal of its weight (None: no data)
 STATISTIC: dict[str, str | None] = {"magnitude": None, "wanda": "column_norms", "sparsegpt": "hessian",
-                                    "ria": "column_norms", "obd": "fisher"}
+                                    "ria": "column_norms", "admm": "hessian", "obd": "fisher"}
 
 
 def method_statistic(method: str, options: dict[str, Any]) -> str | None:
@@ -49,6 +50,8 @@ def prune_weight(
         return prune_ria(weight, stats.column_norms(), pattern, options.get("alpha", ALPHA))
     if method == "sparsegpt":
         return prune_sparsegpt(weight, stats.hessian(), pattern, **options)
+    if method == "admm":
+        return prune_admm(weight, stats.hessian(), pattern, **options)
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(STATISTIC)}")
 
 

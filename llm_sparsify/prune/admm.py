@@ -1,0 +1,66 @@
+"""ADMM with a gradual mask (Boža, 2024): choose the mask and the kept weights together, for
+min ‖X(Ŵ − W)ᵀ‖² with Ŵ in the pattern, on the layer's H = XᵀX.
+
+Each input is first scaled to unit energy (W̃ = W·D, H̃ = D⁻¹HD⁻¹ + δI, D = diag √H_jj), so |W̃| is Wanda's score.
+ADMM splits the problem into a least-squares step pulled towards the sparse copy Z,
+    Ŵ = (W̃H̃ + ρ(Z − U)) (H̃ + ρI)⁻¹          (one [rows, in] × [in, in] product: the inverse is formed once)
+a projection onto the pattern, Z = P(Ŵ + U), keeping the largest |Ŵ + U| of each row (or N:M group), and the dual
+step U += Ŵ − Z. The mask is chosen anew at each of the first `gradual` iterations with a sparsity that rises as
+s_t = s(1 − (1 − t/T)³), so weights leave while the others still move to make up for them; then it is frozen.
+The result is Z: exactly in the pattern. Unlike SparseGPT's one left-to-right sweep, a removal is never final
+until the schedule ends, and every kept weight makes up for every removed one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from llm_sparsify.prune.masks import Pattern, nm_mask, unstructured_mask
+
+ITERATIONS = 20  # ADMM iterations in all (each one [rows, in] × [in, in] product)
+GRADUAL = 15  # of which the first ones choose the mask, at a rising sparsity
+RHO = 1.0  # ρ: the penalty tying Ŵ to its sparse copy Z (inputs at unit energy, so H̃'s diagonal is 1 + δ)
+DAMPENING = 0.1  # δ added to H̃'s unit diagonal
+
+
+def pattern_sparsity(pattern: Pattern) -> float:
+    """The share of the weights `pattern` removes."""
+    return (pattern[1] - pattern[0]) / pattern[1] if isinstance(pattern, tuple) else float(pattern)
+
+
+def gradual_mask(scores: Tensor, pattern: Pattern, sparsity: float) -> Tensor:
+    """The `sparsity` lowest `scores` of each row removed (True); for N:M only weights outside each group's n best go,
+    so that the mask at the pattern's own sparsity is the N:M mask."""
+    if isinstance(pattern, tuple):
+        scores = scores.masked_fill(~nm_mask(scores, *pattern), float("inf"))
+    return unstructured_mask(scores, sparsity, per_row=True)
+
+
+def prune_admm(
+    weight: Tensor, hessian: Tensor, pattern: Pattern, iterations: int = ITERATIONS, gradual: int = GRADUAL,
+    rho: float = RHO, dampening: float = DAMPENING,
+) -> Tensor:
+    """`weight` [out, in] pruned to `pattern` by ADMM with a gradual mask (see above); float32 inside."""
+    H = hessian.float().to(weight.device)
+    d = H.diagonal().clamp_min(0).sqrt() + 1e-8
+    H = H / d[:, None] / d[None, :]
+    H.diagonal().add_(dampening)
+    W = weight.float() * d  # W̃
+    B = W @ H  # W̃H̃
+    H.diagonal().add_(rho)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    del H
+    target = pattern_sparsity(pattern)
+    T = max(1, min(gradual, iterations))  # the last choice is at the target sparsity
+    U = torch.zeros_like(W)
+    removed = gradual_mask(W.abs(), pattern, target)
+    for t in range(iterations):
+        V = W + U
+        if t < T:
+            removed = gradual_mask(V.abs(), pattern, target * (1 - (1 - (t + 1) / T) ** 3))
+        Z = V.masked_fill(removed, 0)
+        U = V - Z  # U + (Ŵ − Z)
+        W = (B + rho * (Z - U)) @ inverse
+    Z = (W + U).masked_fill(removed, 0)
+    return (Z / d).to(weight.dtype)

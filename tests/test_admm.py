@@ -1,0 +1,61 @@
+"""ADMM with a gradual mask (prune/admm.py): exact patterns, the least-squares optimum for its own mask, and a lower
+layer error than Wanda's mask from the same score."""
+
+import pytest
+import torch
+
+from llm_sparsify.prune import prune_weights
+from llm_sparsify.prune.admm import prune_admm
+from llm_sparsify.prune.wanda import prune_wanda
+from llm_sparsify.stats import InputStatistics
+from tests.test_methods import correlated_inputs, error
+
+
+def statistics(x):
+    stats = InputStatistics(x.shape[1], hessian=True, device="cpu")
+    stats.add(x)
+    return stats
+
+
+@pytest.mark.parametrize("pattern", [0.5, 0.7, (2, 4)])
+def test_admm_patterns_are_exact_and_beat_wanda(pattern):
+    torch.manual_seed(0)
+    weight, x = torch.randn(48, 64), correlated_inputs()
+    stats = statistics(x)
+    pruned = prune_admm(weight, stats.hessian(), pattern)
+    removed = pruned == 0
+    if isinstance(pattern, tuple):
+        assert (removed.reshape(48, 16, 4).sum(2) == 2).all()
+    else:
+        assert (removed.sum(1) == int(64 * pattern)).all()
+    # its first mask is Wanda's; moving the kept weights while the mask forms must do better
+    assert error(weight, pruned, x) < 0.5 * error(weight, prune_wanda(weight, stats.column_norms(), pattern), x)
+
+
+def test_admm_converges_to_the_least_squares_optimum_for_its_mask():
+    """Once the mask is frozen ADMM solves a convex problem: min (ŵ − w)(H + δD²)(ŵ − w)ᵀ with ŵ = 0 off the mask,
+    D² = diag H (δ on the unit diagonal of the scaled H). Its result must satisfy that problem's normal equations,
+    solved here row by row with a dense solve."""
+    torch.manual_seed(1)
+    weight, x = torch.randn(6, 32), correlated_inputs(features=32)
+    H = statistics(x).hessian().double()
+    pruned = prune_admm(weight.double(), H, 0.5, iterations=2000, gradual=10, dampening=0.1)
+    A = H + 0.1 * torch.diag(H.diagonal())
+    W = weight.double()
+    for i in range(6):
+        keep = pruned[i] != 0
+        best = torch.linalg.solve(A[keep][:, keep], (W[i] @ A)[keep])
+        assert torch.allclose(pruned[i, keep], best, rtol=1e-4, atol=1e-5)
+
+
+def test_admm_through_prune_weights_with_an_update():
+    """method admm in the dispatcher, then `update: lstsq` for its mask: the mask is kept, the error does not grow."""
+    torch.manual_seed(2)
+    x = correlated_inputs()
+    stats = statistics(x)
+    weights = [torch.randn(16, 64), torch.randn(8, 64)]
+    alone, _ = prune_weights("admm", weights, stats, (2, 4))
+    refitted, _ = prune_weights("admm", weights, stats, (2, 4), update="lstsq")
+    for weight, a, r in zip(weights, alone, refitted, strict=True):
+        assert torch.equal(a == 0, r == 0)
+        assert error(weight, r, x) <= error(weight, a, x) * 1.001
