@@ -1,7 +1,7 @@
 """Recipes: what to prune, how, and how much, read from YAML and validated with clear errors.
 
     pruning:
-      method: sparsegpt        # magnitude | wanda | ria | sparsegpt | obd (½·F·w², F the diagonal Fisher)
+      method: sparsegpt        # magnitude | wanda | ria | sparsegpt | admm | obd (½·F·w², F the diagonal Fisher)
       sparsity: "2:4"          # a fraction in (0, 1) such as 0.5 or "50%", or N:M (keep N of every M)
       targets: ["*"]           # fnmatch globs on module names, e.g. "*.self_attn.*" (default: every
       ignore: ["*.down_proj"]  #   Linear inside the decoder layers; never embeddings or lm_head)
@@ -9,6 +9,8 @@
       dampening: 0.01          # sparsegpt: λ as a share of mean(diag H)
       scope: layer             # magnitude: rank per matrix (layer) or across the model (global)
       alpha: 0.5               # ria: the power of ‖X_j‖₂ in its score (prune/ria.py)
+      iterations: 20           # admm: ADMM iterations, the mask chosen at a rising sparsity over the first 15
+                               #   (prune/admm.py; each one [rows, in] × [in, in] product)
       update: none             # after the mask, update the kept weights for it from the Hessian (prune/refit.py):
                                #   obs (SparseGPT's sweep; not for sparsegpt) | lstsq (the least-squares optimum)
       update_steps: 200        # lstsq: conjugate-gradient steps at most (each one [rows, in] × [in, in] product)
@@ -688,6 +690,8 @@ def parse_pruning(section: Any, quantization: Any) -> dict[str, Any]:
         if isinstance(pattern, tuple) and options["blocksize"] % pattern[1]:
             raise RecipeError(f"blocksize {options['blocksize']} must be a multiple of M={pattern[1]}")
         _positive(options["dampening"], "dampening", integer=False)
+    if method == "admm":
+        _positive(options["iterations"], "pruning.iterations", integer=True)
     if method == "magnitude":
         if options["scope"] not in ("layer", "global"):
             raise RecipeError(f"magnitude scope must be 'layer' or 'global', got {options['scope']!r}")

@@ -5,9 +5,12 @@ import pytest
 import torch
 
 from llm_sparsify.prune import prune_weights
-from llm_sparsify.prune.admm import prune_admm
+from llm_sparsify.prune.admm import ITERATIONS, prune_admm
 from llm_sparsify.prune.wanda import prune_wanda
+from llm_sparsify.recipe import RecipeError, recipe_from_dict
 from llm_sparsify.stats import InputStatistics
+from llm_sparsify.transform_pass import prune_model
+from tests.conftest import tiny_model
 from tests.test_methods import correlated_inputs, error
 
 
@@ -59,3 +62,24 @@ def test_admm_through_prune_weights_with_an_update():
     for weight, a, r in zip(weights, alone, refitted, strict=True):
         assert torch.equal(a == 0, r == 0)
         assert error(weight, r, x) <= error(weight, a, x) * 1.001
+
+
+def test_admm_recipe_options_and_a_whole_model(calibration, one_thread):
+    recipe = recipe_from_dict({"pruning": {"method": "admm", "sparsity": 0.5}})
+    assert recipe.options == {"iterations": ITERATIONS, "update": "none"} and recipe.statistic == "hessian"
+    assert recipe_from_dict(recipe.to_dict()).options == recipe.options
+    for bad in (0, 2.5, True):
+        with pytest.raises(RecipeError, match="pruning.iterations must be a positive integer"):
+            recipe_from_dict({"pruning": {"method": "admm", "sparsity": 0.5, "iterations": bad}})
+    with pytest.raises(RecipeError, match="unknown key.*permute"):
+        recipe_from_dict({"pruning": {"method": "admm", "sparsity": "2:4", "permute": True}})
+
+    errors = {}
+    for method in ("wanda", "admm"):
+        model = tiny_model()
+        reports = prune_model(model, recipe_from_dict({"pruning": {"method": method, "sparsity": 0.5}}), calibration)
+        errors[method] = sum(e for report in reports for e in report.error.values())
+        for layer in model.model.layers:
+            for weight in (layer.self_attn.q_proj.weight, layer.mlp.down_proj.weight):
+                assert ((weight == 0).sum(1) == weight.shape[1] // 2).all()
+    assert errors["admm"] < errors["wanda"]

@@ -42,6 +42,8 @@ def prune_admm(
     rho: float = RHO, dampening: float = DAMPENING,
 ) -> Tensor:
     """`weight` [out, in] pruned to `pattern` by ADMM with a gradual mask (see above); float32 inside."""
+    if iterations < 1:
+        raise ValueError(f"ADMM needs at least one iteration, got {iterations}")
     H = hessian.float().to(weight.device)
     d = H.diagonal().clamp_min(0).sqrt() + 1e-8
     H = H / d[:, None] / d[None, :]
@@ -54,13 +56,13 @@ def prune_admm(
     target = pattern_sparsity(pattern)
     T = max(1, min(gradual, iterations))  # the last choice is at the target sparsity
     U = torch.zeros_like(W)
-    removed = gradual_mask(W.abs(), pattern, target)
     for t in range(iterations):
         V = W + U
-        if t < T:
-            removed = gradual_mask(V.abs(), pattern, target * (1 - (1 - (t + 1) / T) ** 3))
-        Z = V.masked_fill(removed, 0)
-        U = V - Z  # U + (Ŵ − Z)
-        W = (B + rho * (Z - U)) @ inverse
-    Z = (W + U).masked_fill(removed, 0)
+        if t < T:  # float masks: products are faster than bool indexing on CPU
+            removed = gradual_mask(V.abs(), pattern, target * (1 - (1 - (t + 1) / T) ** 3)).float()
+            sign = 1 - 2 * removed
+        # Z = V kept, 0 removed; U + Ŵ − Z = V removed, 0 kept; so Z − U = ±V
+        U = V * removed
+        W = (B + rho * (V * sign)) @ inverse
+    Z = (W + U) * (1 - removed)
     return (Z / d).to(weight.dtype)
