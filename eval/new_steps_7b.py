@@ -6,9 +6,10 @@
 The layer (and a one-layer model around it, for the embeddings) is built from benchmark_7b.py's preset with random
 weights; random token ids go through the embeddings to the layer, as the engine captures them. Each step is timed
 on its own, as prune_layers runs it: the Hessians (one forward with hooks, what SparseGPT needs anyway), SparseGPT's
-2:4 sweeps (the reference), the lstsq refit after them, the dense targets (one forward), block-wise reconstruction
-(8 Adam steps of 2 samples, the recipes' default), the sensitivity pass's measurements (one Wanda mask and forward
-per level) and, with --permute, the input-permutation search of down_proj and o_proj.
+2:4 sweeps (the reference), ADMM with a gradual mask at 50% (best-50's and best-70's masks; prune/admm.py), the lstsq
+refit after the sweeps (--no-lstsq skips it: some 500 s on a 2-core CPU), the dense targets (one forward),
+block-wise reconstruction (8 Adam steps of 2 samples, the recipes' default), the sensitivity pass's measurements (one
+Wanda mask and forward per level) and, with --permute, the input-permutation search of down_proj and o_proj.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from llm_sparsify.architecture import decoder_layers
 from llm_sparsify.prune import input_permutation
+from llm_sparsify.prune.admm import prune_admm
 from llm_sparsify.prune.allocation import sensitivity_levels
 from llm_sparsify.prune.refit import update_kept
 from llm_sparsify.prune.sparsegpt import sparsegpt_sweep
@@ -54,6 +56,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--permute", action="store_true", help="also time the permutation search (slow on a CPU)")
+    parser.add_argument("--no-lstsq", action="store_true", help="leave out the lstsq refit (the slowest step)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -79,6 +82,8 @@ def main() -> None:
         return pruned
 
     pruned = timed(times, "SparseGPT 2:4 sweeps", sweeps)
+    timed(times, "ADMM 50% (20 iterations)",
+          lambda: [prune_admm(dense[n], stats[names[0]].hessian(), 0.5) for names in INPUTS for n in names])
 
     def refit() -> None:
         for names in INPUTS:
@@ -87,7 +92,8 @@ def main() -> None:
             for n, w in zip(names, out, strict=True):
                 modules[n].weight.data.copy_(w)
 
-    timed(times, "lstsq refit", refit)
+    if not args.no_lstsq:
+        timed(times, "lstsq refit", refit)
     for name, module in modules.items():  # the dense layer, for its targets
         module.weight.data.copy_(dense[name])
     targets = timed(times, "dense targets (forward)",

@@ -4,7 +4,7 @@ layer error than Wanda's mask from the same score."""
 import pytest
 import torch
 
-from llm_sparsify.prune import prune_weights
+from llm_sparsify.prune import prune_weights, refit
 from llm_sparsify.prune.admm import ITERATIONS, prune_admm
 from llm_sparsify.prune.wanda import prune_wanda
 from llm_sparsify.recipe import RecipeError, recipe_from_dict
@@ -49,6 +49,21 @@ def test_admm_converges_to_the_least_squares_optimum_for_its_mask():
         keep = pruned[i] != 0
         best = torch.linalg.solve(A[keep][:, keep], (W[i] @ A)[keep])
         assert torch.allclose(pruned[i, keep], best, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", [0.5, (2, 4)])
+def test_admm_in_blocks_of_rows_as_all_at_once(monkeypatch, pattern):
+    torch.manual_seed(3)
+    weight, x = torch.randn(11, 64), correlated_inputs()
+    x[:, 5] = 0  # a dead input: diag H = 0 there
+    H = statistics(x).hessian()
+    before = H.clone()
+    whole = prune_admm(weight, H, pattern)
+    assert torch.equal(H, before)  # the caller's Hessian is not changed
+    assert whole.isfinite().all() and (whole[:, 5] == 0).all()  # a dead input's weights go first
+    monkeypatch.setattr(refit, "CHUNK", 3 * 64)  # 11 rows of 64 in 4 blocks
+    blocks = prune_admm(weight, H, pattern)
+    assert torch.equal(whole == 0, blocks == 0) and torch.allclose(whole, blocks, atol=1e-5)
 
 
 def test_admm_through_prune_weights_with_an_update():

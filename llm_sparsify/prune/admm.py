@@ -7,7 +7,8 @@ ADMM splits the problem into a least-squares step pulled towards the sparse copy
 a projection onto the pattern, Z = P(Ŵ + U), keeping the largest |Ŵ + U| of each row (or N:M group), and the dual
 step U += Ŵ − Z. The mask is chosen anew at each of the first `gradual` iterations with a sparsity that rises as
 s_t = s(1 − (1 − t/T)³), so weights leave while the others still move to make up for them; then it is frozen.
-The result is Z: exactly in the pattern. Unlike SparseGPT's one left-to-right sweep, a removal is never final
+The result is Z: exactly in the pattern. Rows are independent problems, solved a block of rows at a time (the
+scratch of a 7B down_proj stays small). Unlike SparseGPT's one left-to-right sweep, a removal is never final
 until the schedule ends, and every kept weight makes up for every removed one.
 """
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from llm_sparsify.prune.masks import Pattern, nm_mask, unstructured_mask
+from llm_sparsify.prune.refit import row_blocks
 
 ITERATIONS = 20  # ADMM iterations in all (each one [rows, in] × [in, in] product)
 GRADUAL = 15  # of which the first ones choose the mask, at a rising sparsity
@@ -46,23 +48,29 @@ def prune_admm(
         raise ValueError(f"ADMM needs at least one iteration, got {iterations}")
     H = hessian.float().to(weight.device)
     d = H.diagonal().clamp_min(0).sqrt() + 1e-8
-    H = H / d[:, None] / d[None, :]
+    H = H / d[:, None] / d[None, :]  # H̃ (a new tensor: the caller's Hessian is left as it was)
     H.diagonal().add_(dampening)
-    W = weight.float() * d  # W̃
-    B = W @ H  # W̃H̃
     H.diagonal().add_(rho)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(H))
-    del H
+    H.diagonal().sub_(rho)
     target = pattern_sparsity(pattern)
     T = max(1, min(gradual, iterations))  # the last choice is at the target sparsity
+    schedule = [target * (1 - (1 - (t + 1) / T) ** 3) for t in range(T)]
+    return torch.cat([_admm_rows(weight[rows].float() * d, H, inverse, pattern, schedule, iterations, rho) / d
+                      for rows in row_blocks(*weight.shape)]).to(weight.dtype)
+
+
+def _admm_rows(W: Tensor, H: Tensor, inverse: Tensor, pattern: Pattern, schedule: list[float], iterations: int,
+               rho: float) -> Tensor:
+    """ADMM on a block of rows of W̃ (rows are independent problems): the sparse Z at the end."""
+    B = W @ H  # W̃H̃
     U = torch.zeros_like(W)
     for t in range(iterations):
         V = W + U
-        if t < T:  # float masks: products are faster than bool indexing on CPU
-            removed = gradual_mask(V.abs(), pattern, target * (1 - (1 - (t + 1) / T) ** 3)).float()
+        if t < len(schedule):  # float masks: products are faster than bool indexing on CPU
+            removed = gradual_mask(V.abs(), pattern, schedule[t]).float()
             sign = 1 - 2 * removed
         # Z = V kept, 0 removed; U + Ŵ − Z = V removed, 0 kept; so Z − U = ±V
         U = V * removed
         W = (B + rho * (V * sign)) @ inverse
-    Z = (W + U) * (1 - removed)
-    return (Z / d).to(weight.dtype)
+    return (W + U) * (1 - removed)

@@ -50,12 +50,12 @@ def refit_lstsq(
         raise ValueError("the Hessian needs positive dampening (inputs that were always zero leave it singular)")
     starts = weights if start is None else start
     return [torch.cat([_solve_rows(w[rows].float(), s[rows].float(), ~m[rows], H, damping, steps, tolerance)
-                       .to(w.dtype) for rows in _chunks(*w.shape)])
+                       .to(w.dtype) for rows in row_blocks(*w.shape)])
             for w, s, m in zip(weights, starts, masks, strict=True)]
 
 
-def _chunks(rows: int, columns: int) -> list[slice]:
-    """Blocks of rows of about CHUNK values each."""
+def row_blocks(rows: int, columns: int) -> list[slice]:
+    """Blocks of rows of about CHUNK values each: row-wise solvers work one at a time to keep their scratch small."""
     step = max(1, CHUNK // columns)
     return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
 
