@@ -8,16 +8,10 @@ from llm_sparsify.prune import prune_weights, refit
 from llm_sparsify.prune.admm import ITERATIONS, prune_admm
 from llm_sparsify.prune.wanda import prune_wanda
 from llm_sparsify.recipe import RecipeError, recipe_from_dict
-from llm_sparsify.stats import InputStatistics
 from llm_sparsify.transform_pass import prune_model
 from tests.conftest import tiny_model
 from tests.test_methods import correlated_inputs, error
-
-
-def statistics(x):
-    stats = InputStatistics(x.shape[1], hessian=True, device="cpu")
-    stats.add(x)
-    return stats
+from tests.test_ria import statistics
 
 
 @pytest.mark.parametrize("pattern", [0.5, 0.7, (2, 4)])
