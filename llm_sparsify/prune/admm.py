@@ -48,22 +48,24 @@ def prune_admm(
         raise ValueError(f"ADMM needs at least one iteration, got {iterations}")
     H = hessian.float().to(weight.device)
     d = H.diagonal().clamp_min(0).sqrt() + 1e-8
-    H = H / d[:, None] / d[None, :]  # H̃ (a new tensor: the caller's Hessian is left as it was)
-    H.diagonal().add_(dampening)
-    H.diagonal().add_(rho)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(H))
-    H.diagonal().sub_(rho)
+    A = H / d[:, None] / d[None, :]  # H̃ + ρI, a new tensor: the caller's Hessian is left as it was
+    A.diagonal().add_(dampening + rho)
+    L = torch.linalg.cholesky(A)
+    del A  # so that at most three [in, in] matrices live at once (a 7B down_proj's are 0.45 GiB each)
+    inverse = torch.cholesky_inverse(L)
+    del L
     target = pattern_sparsity(pattern)
     T = max(1, min(gradual, iterations))  # the last choice is at the target sparsity
     schedule = [target * (1 - (1 - (t + 1) / T) ** 3) for t in range(T)]
-    return torch.cat([_admm_rows(weight[rows].float() * d, H, inverse, pattern, schedule, iterations, rho) / d
-                      for rows in row_blocks(*weight.shape)]).to(weight.dtype)
+    return torch.cat([_admm_rows(weight[rows].float(), H, d, dampening, inverse, pattern, schedule, iterations, rho)
+                      / d for rows in row_blocks(*weight.shape)]).to(weight.dtype)
 
 
-def _admm_rows(W: Tensor, H: Tensor, inverse: Tensor, pattern: Pattern, schedule: list[float], iterations: int,
-               rho: float) -> Tensor:
-    """ADMM on a block of rows of W̃ (rows are independent problems): the sparse Z at the end."""
-    B = W @ H  # W̃H̃
+def _admm_rows(weight: Tensor, H: Tensor, d: Tensor, dampening: float, inverse: Tensor, pattern: Pattern,
+               schedule: list[float], iterations: int, rho: float) -> Tensor:
+    """ADMM on a block of rows (independent problems): the sparse Z (in the scaled space) at the end."""
+    W = weight * d  # W̃
+    B = (weight @ H) / d + dampening * W  # W̃H̃ = W H D⁻¹ + δW̃, without forming H̃
     U = torch.zeros_like(W)
     for t in range(iterations):
         V = W + U
