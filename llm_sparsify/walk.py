@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from llm_sparsify.architecture import decoder_layers, home_device
 from llm_sparsify.data import DataError
 from llm_sparsify.events import Event, emit
-from llm_sparsify.host_memory import release_host_memory
+from llm_sparsify.host_memory import release_if_grown, reuse_freed_buffers
 from llm_sparsify.stats import InputStatistics
 from llm_sparsify.structure.depth import remove_blocks
 from llm_sparsify.structure.experts import remove_experts
@@ -293,6 +293,8 @@ def walk(
     device = torch.device(device)
     hidden: list[Tensor] = []
     kwargs: list[dict[str, Any]] = []
+    reuse_freed_buffers()  # within a layer; given back once RSS grows
+    resident = None  # RSS after the first layer
     if calibration is not None:
         check_calibration(model, calibration, what)
         store = activation_store(model, calibration, device, interleaved)
@@ -312,4 +314,4 @@ def walk(
                                      "seconds": round(time.perf_counter() - start, 3)})
         finally:
             layers.unload(i, layer)
-        release_host_memory()  # else the allocator keeps each layer's freed buffers and RSS creeps up
+        resident = release_if_grown(resident)  # else the allocator's free lists fragment and RSS creeps up
