@@ -115,6 +115,7 @@ def sparsegpt_sweep(
         W1, mask1 = W[:, i1:i2].T.contiguous(), M[:, i1:i2].T.contiguous()  # [block columns, rows]
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = Hinv1.diagonal()
+        d_inv = 1 / d  # once per block, not per column
         Err1 = torch.zeros_like(W1)
         if pattern is not None and nm is None:  # saliency w²/[H⁻¹]²_qq, lowest share of each weight's block part
             saliency = (W1**2 / d[:, None] ** 2).T
@@ -137,7 +138,7 @@ def sparsegpt_sweep(
                 q = W1[i].masked_fill(mask1[i], 0)
                 if scheme is not None:
                     q = dequantize(quantize(q, *column_grid, scheme), *column_grid)
-                torch.mul(W1[i] - q, 1 / d[i], out=Err1[i])  # (w − q) / [H⁻¹]_qq
+                torch.mul(W1[i] - q, d_inv[i], out=Err1[i])  # (w − q) / [H⁻¹]_qq
                 W1[i:j2].addr_(Hinv1[i, i:j2], Err1[i], alpha=-1)
                 W1[i] = q
             W1[j2:].addmm_(Hinv1[j1:j2, j2:].T, Err1[j1:j2], alpha=-1)  # the rest of the block, at once
