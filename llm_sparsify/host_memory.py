@@ -6,7 +6,7 @@ little is alive (issue 19: 2.0 GiB over the first layers of a 7B, 3.7 GiB by lay
 is free at the top of every arena and unmaps what is free inside them.
 
 Within a layer the opposite is wanted: glibc's default thresholds hand a forward's freed buffers of a few MiB back to
-the OS as soon as they are freed, and the next forward pays a page fault per 4 KiB to get them again (about 2,500
+the OS as soon as they are freed, and the next forward pays a page fault per 4 KiB to get them again (2,100–2,600
 faults and a sixth of the time of a SmolLM2 layer's forward on 512 tokens). reuse_freed_buffers keeps them in the
 heap until the walk gives memory back, which it does only once the free part has grown (release_if_grown):
 trimming after every layer made every layer fault its whole working set in again (4 M faults on SmolLM2's Wanda).
@@ -62,7 +62,7 @@ def free_heap_bytes() -> int | None:
     mallinfo2 = _glibc("mallinfo2")
     if mallinfo2 is None:
         return None
-    mallinfo2.restype = _MallInfo2
+    mallinfo2.restype = _MallInfo2  # returned by value; ctypes would read an int
     return int(mallinfo2().fordblks)
 
 

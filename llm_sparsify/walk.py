@@ -293,8 +293,8 @@ def walk(
     device = torch.device(device)
     hidden: list[Tensor] = []
     kwargs: list[dict[str, Any]] = []
-    reuse_freed_buffers()  # within a layer; given back once RSS grows
-    resident = None  # RSS after the first layer
+    reuse_freed_buffers()  # within a layer; given back once the free heap grows (release_if_grown)
+    first_free = None  # free heap bytes after the first layer
     if calibration is not None:
         check_calibration(model, calibration, what)
         store = activation_store(model, calibration, device, interleaved)
@@ -314,4 +314,4 @@ def walk(
                                      "seconds": round(time.perf_counter() - start, 3)})
         finally:
             layers.unload(i, layer)
-        resident = release_if_grown(resident)  # else the allocator's free lists fragment and RSS creeps up
+        first_free = release_if_grown(first_free)  # else the allocator's free lists fragment and RSS creeps up

@@ -345,7 +345,8 @@ def test_every_shipped_recipe_runs_from_the_command_line(tmp_path, six_layer_dir
     if name == "edge-half":
         recipe_arg = str(tmp_path / "edge-half.yaml")
         text = (RECIPES / "edge-half.yaml").read_text()
-        (tmp_path / "edge-half.yaml").write_text(text.replace("size: 0.49", "size: 0.85"))
+        assert "size: 0.49\n" in text
+        (tmp_path / "edge-half.yaml").write_text(text.replace("size: 0.49\n", "size: 0.85\n"))
     assert main(["prune", str(six_layer_dir), "--recipe", recipe_arg, "--output", str(out), "--nsamples", "4",
                  "--seqlen", "32", "--device", "cpu", "-q"]) == 0
     recipe = load_recipe(recipe_arg)
@@ -370,6 +371,7 @@ def test_edge_half_on_a_model_too_small_for_it_is_refused_before_any_work(tmp_pa
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "budget size 0.490 of dense is below" in err, err
     assert not out.exists()
+
 
 def test_export_compact_restores_the_checkpoint_and_reports_sizes(tmp_path, pruned, capsys):
     from llm_sparsify.export.compact import load_compact

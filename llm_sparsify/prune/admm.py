@@ -57,11 +57,12 @@ def prune_admm(
     target = pattern_sparsity(pattern)
     T = max(1, min(gradual, iterations))  # the last choice is at the target sparsity
     schedule = [target * (1 - (1 - (t + 1) / T) ** 3) for t in range(T)]
-    return torch.cat([_admm_rows(weight[rows].float(), H, d, dampening, inverse, pattern, schedule, iterations, rho)
-                      / d for rows in row_blocks(*weight.shape)]).to(weight.dtype)
+    solve = {"dampening": dampening, "pattern": pattern, "schedule": schedule, "iterations": iterations, "rho": rho}
+    return torch.cat([_admm_rows(weight[rows].float(), H, d, inverse, **solve) / d
+                      for rows in row_blocks(*weight.shape)]).to(weight.dtype)
 
 
-def _admm_rows(weight: Tensor, H: Tensor, d: Tensor, dampening: float, inverse: Tensor, pattern: Pattern,
+def _admm_rows(weight: Tensor, H: Tensor, d: Tensor, inverse: Tensor, *, dampening: float, pattern: Pattern,
                schedule: list[float], iterations: int, rho: float) -> Tensor:
     """ADMM on a block of rows (independent problems): the sparse Z (in the scaled space) at the end."""
     W = weight * d  # W̃
