@@ -50,9 +50,12 @@ class InputStatistics:
 
     def flush(self) -> None:
         """Add the float32 sum of the current run to the float64 total."""
-        if self.pending:
+        if self.pending and self.sum.dim() == 2:  # the blocks add_gram wrote; mirror_upper fills the rest
+            for start, end in itertools.pairwise(gram_edges(self.sum.shape[0])):
+                self.sum[start:end, start:] += self.partial[start:end, start:]
+        elif self.pending:
             self.sum += self.partial
-            self.pending = 0
+        self.pending = 0
 
     def _total(self) -> Tensor:
         """The float64 total, for reading: flushed, and the run's buffer freed until more samples arrive (a

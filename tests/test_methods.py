@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llm_sparsify.prune.magnitude import prune_magnitude
-from llm_sparsify.prune.sparsegpt import prune_sparsegpt, prune_sparsegpt_together
+from llm_sparsify.prune.sparsegpt import inverse_hessian_factor, prune_sparsegpt, prune_sparsegpt_together
 from llm_sparsify.prune.wanda import prune_wanda
 from llm_sparsify.stats import InputStatistics
 
@@ -60,6 +60,16 @@ def test_sparsegpt_handles_dead_inputs_and_low_precision():
     pruned = prune_sparsegpt(weight, hessian, 0.5)
     assert pruned.dtype == torch.bfloat16 and torch.isfinite(pruned.float()).all()
     assert (pruned[:, 5] == 0).all()
+
+
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    x = correlated_inputs(features=48).double()
+    hessian = 2 * x.T @ x / len(x)
+    damped = hessian + 0.01 * hessian.diagonal().mean() * torch.eye(48, dtype=torch.float64)
+    textbook = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)  # inverse, then its factor
+    factor = inverse_hessian_factor(hessian, 0.01)
+    assert torch.equal(factor, factor.triu()) and (factor.diagonal() > 0).all()
+    assert torch.allclose(factor, textbook, rtol=1e-9, atol=1e-12)
 
 
 def test_sparsegpt_survives_a_singular_hessian():
