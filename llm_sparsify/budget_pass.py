@@ -21,7 +21,7 @@ from llm_sparsify.export.gguf import tensor_bytes, tensor_type
 from llm_sparsify.models import decoder_layers
 from llm_sparsify.structure.budget import FileCost, LayerCost
 from llm_sparsify.structure.depth import Bypass
-from llm_sparsify.structure.resize import linear
+from llm_sparsify.structure.resize import ATTENTION, head_layout, linear, unit_slices
 from llm_sparsify.structure.width import best_units
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,9 @@ DECODE_OVERHEAD = {"Q4_0": (2.157e6, 0.0, 1.35), "Q8_0": (1.638e6, 1.363e7, 1.0)
 
 
 def file_cost(model: PreTrainedModel, qtype: str, small_output: bool = False) -> FileCost:
-    """The GGUF file of `model` at `qtype` as a cost model: each layer's bytes outside its MLP and per MLP channel
-    (export/gguf.py's types), the rest of the file, what writing the output layer at `qtype` saves, and the decode
-    overheads of DECODE_OVERHEAD. `small_output`: the model's output layer is already planned at `qtype`."""
+    """The GGUF file of `model` at `qtype` as a cost model: each layer's bytes outside its MLP, per MLP channel and
+    per KV group (export/gguf.py's types), the rest of the file, what writing the output layer at `qtype` saves, and
+    the decode overheads of DECODE_OVERHEAD. `small_output`: the model's output layer is already planned at `qtype`."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
 
     def size(name: str, shape: list[int], small: bool = small_output) -> int:
@@ -50,8 +50,10 @@ def file_cost(model: PreTrainedModel, qtype: str, small_output: bool = False) ->
         mlp = {name: list(linear(layer, f"mlp.{name}").weight.shape) for name in ("gate_proj", "up_proj", "down_proj")}
         channels = mlp["gate_proj"][0]
         in_mlp = sum(size("blk", shape) for shape in mlp.values())
+        groups = head_layout(layer)[2]
+        in_attention = sum(size("blk", list(linear(layer, name).weight.shape)) for name in ATTENTION)
         whole = sum(size("blk", list(p.shape)) for p in layer.parameters())
-        layers.append(LayerCost(whole - in_mlp, in_mlp / channels, channels))
+        layers.append(LayerCost(whole - in_mlp, in_mlp / channels, channels, in_attention / groups, groups))
     hidden = model.config.hidden_size
     output_name, output = (("token_embd.weight", model.get_input_embeddings()) if tied
                            else ("output.weight", model.get_output_embeddings()))
@@ -112,22 +114,45 @@ class _LayerInputs:
         return total / len(self.windows)
 
 
+READERS = {"mlp": "mlp.down_proj", "heads": "self_attn.o_proj"}  # the Linear that reads a unit's output
+
+
 @torch.no_grad()
 def unit_losses(model: PreTrainedModel, calibration: Tensor, scores: list[Tensor], widths: list[list[int]],
                 device: str | torch.device = "cpu", output_qtype: str | None = None, *,
-                on_event: Event | None = None) -> tuple[float, list[float], list[list[float]], float | None]:
+                group_scores: list[Tensor] | None = None, group_counts: list[list[int]] | None = None,
+                on_event: Event | None = None,
+                ) -> tuple[float, list[float], list[list[float]], float | None, list[list[float]] | None]:
     """Loss increases on the windows `calibration` [n, seqlen], one unit changed at a time in the dense model:
     block i bypassed; layer i's MLP cut to each of widths[i][1:] (its best-scoring channels by scores[i] kept, the
-    others' down_proj columns zeroed, which is what removing them computes); with `output_qtype`, the output layer
-    (tied: the embedding, which is that layer too) rounded to it as the GGUF file would store it. Each is measured
-    from the layer it changes on (the dense inputs of every layer kept from one forward). Returns the dense loss,
-    the block and width increases (width_losses[i][0] = 0) and the output layer's (None without output_qtype)."""
+    others' down_proj columns zeroed, which is what removing them computes); with group scores, its attention cut to
+    each of group_counts[i][1:] KV groups the same way (the o_proj columns of the removed groups' query heads zeroed);
+    with `output_qtype`, the output layer (tied: the embedding, which is that layer too) rounded to it as the GGUF
+    file would store it. Each is measured from the layer it changes on (the dense inputs of every layer kept from one
+    forward). Returns the dense loss, the block and width increases (width_losses[i][0] = 0), the output layer's
+    (None without output_qtype) and the KV group increases (None without group scores)."""
     home = home_device(model)
     model.to(device)
     try:
         run = _LayerInputs(model, calibration, device)
         layers = decoder_layers(model)
-        blocks, narrowed = [], []
+
+        def cut(i: int, unit: str, unit_scores: Tensor, counts: list[int]) -> list[float]:
+            """Layer i's loss increase with only its counts[k] best units of `unit` kept, for each k (0 for k = 0)."""
+            reader = linear(layers[i], READERS[unit]).weight
+            row = [0.0]
+            for kept in counts[1:]:
+                removed = unit_slices(layers[i], unit, ~best_units(unit_scores, kept))[READERS[unit]][1]
+                removed = removed.to(reader.device)
+                saved = reader[:, removed].clone()
+                reader[:, removed] = 0
+                try:
+                    row.append(run.loss(i) - run.base)
+                finally:
+                    reader[:, removed] = saved
+            return row
+
+        blocks, narrowed, grouped = [], [], [] if group_scores is not None else None
         for i in progress(range(len(layers)), on_event, "budget: unit losses", "layer"):
             layer = layers[i]
             layers[i] = Bypass()
@@ -135,17 +160,9 @@ def unit_losses(model: PreTrainedModel, calibration: Tensor, scores: list[Tensor
                 blocks.append(run.loss(i) - run.base)
             finally:
                 layers[i] = layer
-            down = linear(layer, "mlp.down_proj").weight
-            row = [0.0]
-            for kept in widths[i][1:]:
-                removed = (~best_units(scores[i], kept)).nonzero().squeeze(1).to(down.device)
-                saved = down[:, removed].clone()
-                down[:, removed] = 0
-                try:
-                    row.append(run.loss(i) - run.base)
-                finally:
-                    down[:, removed] = saved
-            narrowed.append(row)
+            narrowed.append(cut(i, "mlp", scores[i], widths[i]))
+            if grouped is not None:
+                grouped.append(cut(i, "heads", group_scores[i], group_counts[i]))
         output = None
         if output_qtype is not None:
             weight = model.get_output_embeddings().weight
@@ -160,4 +177,4 @@ def unit_losses(model: PreTrainedModel, calibration: Tensor, scores: list[Tensor
     finally:
         model.to(home)
     log.info("budget: calibration loss %.4f; block losses %s", run.base, [round(b, 3) for b in blocks])
-    return run.base, blocks, narrowed, output
+    return run.base, blocks, narrowed, output, grouped

@@ -192,7 +192,8 @@ def prune_width(
 @dataclass
 class BudgetUnits:
     """What the budget planner measured of a model (measure_budget_units): its file's cost model, each layer's MLP
-    channel scores and widths, the dense calibration loss and each unit's loss increase."""
+    channel scores and widths, the dense calibration loss and each unit's loss increase; where KV groups are planned,
+    each layer's group scores, the group counts tried and their loss increases."""
 
     cost: FileCost
     scores: list[Tensor]
@@ -201,6 +202,15 @@ class BudgetUnits:
     blocks: list[float]
     narrowed: list[list[float]]
     output: float | None
+    group_scores: list[Tensor] | None = None
+    group_counts: list[list[int]] | None = None
+    grouped: list[list[float]] | None = None
+
+
+def group_counts(cost: FileCost, budget: Budget) -> list[list[int]]:
+    """The KV group counts each layer may keep: all, then down to at most `max_kv` of them removed (all only, when
+    max_kv is 0)."""
+    return [width_levels(c.groups, budget.levels, budget.max_kv) if budget.max_kv else [c.groups] for c in cost.layers]
 
 
 def budget_limit(cost: FileCost, widths: list[list[int]], budget: Budget) -> tuple[str, float]:
@@ -209,41 +219,53 @@ def budget_limit(cost: FileCost, widths: list[list[int]], budget: Budget) -> tup
     measure = "size" if budget.size is not None else "time"
     of = cost.size if measure == "size" else cost.time
     limit = of(dense) * budget.size if budget.size is not None else of(dense) / budget.decode_speedup
-    if of(smallest(widths), True) > limit:
+    least = of(smallest(widths), True, [counts[-1] for counts in group_counts(cost, budget)])
+    if least > limit:
         raise BudgetError(f"budget {measure} {limit / of(dense):.3f} of dense is below what one block at its narrowest "
-                          f"width costs ({of(smallest(widths), True) / of(dense):.3f}); raise the budget")
+                          f"width costs ({least / of(dense):.3f}); raise the budget")
     return measure, limit
 
 
 def measure_budget_units(model: PreTrainedModel, layers: LayerSource, budget: Budget, calibration: Tensor,
                          device: str, batch_size: int, on_event: Event | None = None) -> BudgetUnits:
-    """Score every MLP channel (a streamed score pass), then measure what each block, MLP width and the output
-    layer's type cost in calibration loss (budget_pass.py, on the whole model). A budget no plan meets is refused
-    first."""
+    """Score every MLP channel (and KV group, where planned: streamed score passes), then measure what each block,
+    MLP width, KV group count and the output layer's type cost in calibration loss (budget_pass.py, on the whole
+    model). A budget no plan meets is refused first."""
     from llm_sparsify.budget_pass import file_cost, unit_losses  # gguf: not on every machine
 
     cost = file_cost(model, budget.qtype)
     widths = [width_levels(c.channels, budget.levels, budget.max_mlp) for c in cost.layers]
     budget_limit(cost, widths, budget)  # before any measurement
+    counts = group_counts(cost, budget)
     scores = unit_scores(model, "mlp", "activation", calibration, device, batch_size, layers=layers, on_event=on_event)
-    measured = unit_losses(model, calibration[: budget.samples], scores, widths, device,
-                           budget.qtype if cost.output_saving > 0 else None, on_event=on_event)
-    return BudgetUnits(cost, scores, widths, *measured)
+    planned = any(len(c) > 1 for c in counts)
+    groups = unit_scores(model, "heads", "activation", calibration, device, batch_size, layers=layers,
+                         on_event=on_event) if planned else None
+    base, blocks, narrowed, output, grouped = unit_losses(
+        model, calibration[: budget.samples], scores, widths, device, budget.qtype if cost.output_saving > 0 else None,
+        group_scores=groups, group_counts=counts if planned else None, on_event=on_event)
+    return BudgetUnits(cost, scores, widths, base, blocks, narrowed, output, groups, counts if planned else None,
+                       grouped)
 
 
 def apply_budget_plan(layers: LayerSource, budget: Budget, units: BudgetUnits) -> dict[str, Any]:
-    """Plan the cheapest removal that meets `budget` (structure/budget.py) and apply it through `layers`: channels
-    first, then blocks. The output layer's type is recorded for the GGUF export (export/gguf.planned_small_output).
+    """Plan the cheapest removal that meets `budget` (structure/budget.py) and apply it through `layers`: channels and
+    KV groups first, then blocks. The output layer's type is recorded for the GGUF export
+    (export/gguf.planned_small_output).
     Returns the plan with its predictions and the measurements it came from."""
     measure, limit = budget_limit(units.cost, units.widths, budget)
     cost, dense = units.cost, [w[0] for w in units.widths]
-    plan = plan_budget(units.blocks, units.narrowed, units.widths, cost, measure, limit, units.output)
-    layers.remove_units("mlp", [torch.ones(s.numel(), dtype=torch.bool) if kept is None else best_units(s, kept)
-                                for s, kept in zip(units.scores, plan.kept, strict=True)])
+    plan = plan_budget(units.blocks, units.narrowed, units.widths, cost, measure, limit, units.output,
+                       group_losses=units.grouped, group_counts=units.group_counts)
+    for unit, scores, counts in (("mlp", units.scores, plan.kept), ("heads", units.group_scores, plan.groups)):
+        if scores is not None:
+            layers.remove_units(unit, [torch.ones(s.numel(), dtype=torch.bool) if kept is None else best_units(s, kept)
+                                       for s, kept in zip(scores, counts, strict=True)])
     layers.remove_blocks(plan.removed_blocks)
-    chosen = (plan.kept, plan.small_output)
+    chosen = (plan.kept, plan.small_output, plan.groups)
     report = {"measure": measure, "qtype": budget.qtype, "removed": plan.removed_blocks, "kept": plan.kept,
-              "of": dense, "small_output": plan.small_output, "predicted": {
+              "of": dense, "groups": plan.groups, "of_groups": [c.groups for c in cost.layers],
+              "small_output": plan.small_output, "predicted": {
                   "size": round(cost.size(*chosen) / cost.size(dense), 4),
                   "decode_speedup": round(cost.time(dense) / cost.time(*chosen), 4),
                   "tensor_bytes": int(cost.size(*chosen)),
@@ -252,9 +274,11 @@ def apply_budget_plan(layers: LayerSource, budget: Budget, units: BudgetUnits) -
               "dense": {"tensor_bytes": int(cost.size(dense)), "calibration_loss": round(units.base, 4)},
               "block_losses": [round(b, 5) for b in units.blocks],
               "width_losses": [[round(v, 5) for v in row] for row in units.narrowed],
+              "group_losses": units.grouped and [[round(v, 5) for v in row] for row in units.grouped],
               "output_loss": None if units.output is None else round(units.output, 5)}
-    log.info("budget: removed blocks %s, MLP widths %s, output layer at %s; predicted size %.3f, decode speed-up "
-             "%.3f, calibration perplexity %.3f", plan.removed_blocks, [k for k in plan.kept if k is not None],
+    log.info("budget: removed blocks %s, MLP widths %s, KV groups %s, output layer at %s; predicted size %.3f, decode "
+             "speed-up %.3f, calibration perplexity %.3f", plan.removed_blocks, [k for k in plan.kept if k is not None],
+             [g for g in plan.groups if g is not None],
              budget.qtype if plan.small_output else "its own type", report["predicted"]["size"],
              report["predicted"]["decode_speedup"], report["predicted"]["calibration_perplexity"])
     return report

@@ -58,12 +58,13 @@ budget, pruning.
       score: activation        #   weight (‖W‖) | activation (|W|·‖X‖) | obd (Σ ½·F·w², F the Fisher)
       scope: layer             #   layer: the same share in every layer | global: ranked across the model
       multiple: 1              #   units kept per layer rounded to a multiple: 32 MLP channels fill GGUF blocks
-    budget:                    # plan depth and MLP widths for the edge (structure/budget.py; whole model in memory)
+    budget:                    # plan depth, MLP widths and KV groups for the edge (structure/budget.py; whole model)
       size: 0.5                #   GGUF tensor bytes at `qtype`, as a share of the dense model's (or:)
       decode_speedup: 1.4      #   predicted decode speed in llama.cpp over the dense GGUF at `qtype`
       qtype: Q4_0              #   the GGUF type the plan is costed in (export.qtype must match)
       levels: 3                #   MLP widths tried per layer, down to `max_mlp` of its channels removed, each a
       max_mlp: 0.75            #   multiple of 32 (GGUF blocks)
+      max_kv: 0.0              #   KV groups a layer may lose, in up to `levels` steps (0: attention kept whole)
       samples: 4               #   calibration windows of the loss measurements
     pruning:
       allocation: owl          # per-layer sparsity from outlier ratios (prune/owl.py), wanda and sparsegpt only
@@ -205,6 +206,12 @@ def _fraction(value: Any, key: str) -> float:
     return float(value)
 
 
+def _share(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise RecipeError(f"{key} must be a share from 0 up to (not including) 1, got {value!r}")
+    return float(value)
+
+
 def _fractions(value: Any, key: str) -> tuple[float, ...]:
     if not isinstance(value, list | tuple):
         raise RecipeError(f"{key} must be a list of sparsities, e.g. [0.2, 0.5], got {value!r}")
@@ -294,8 +301,9 @@ class Width:
 
 @dataclass(frozen=True)
 class Budget:
-    """Remove the blocks and MLP channels that cost the least loss until the GGUF at `qtype` is `size` of the dense
-    model's tensor bytes, or decodes `decode_speedup` times faster (predicted); structure/budget.py."""
+    """Remove the blocks, MLP channels and (with max_kv) KV groups that cost the least loss until the GGUF at `qtype` is
+    `size` of the dense model's tensor bytes, or decodes `decode_speedup` times faster (predicted);
+    structure/budget.py."""
 
     size: float | None = option(None, optional(_fraction))
     decode_speedup: float | None = option(None, optional(_number))
@@ -303,6 +311,7 @@ class Budget:
                                                           key, GGUF_TYPES))
     levels: int = option(3, _count)
     max_mlp: float = option(0.75, _fraction)
+    max_kv: float = option(0.0, _share)  # KV groups a layer may lose (0: attention is not planned)
     samples: int = option(4, _count)  # each unit's loss is a forward from its layer on: 1 + layers·(1 + levels)
 
 

@@ -3,6 +3,7 @@ against a brute-force search, and a budget recipe run end to end on a tiny model
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import random
@@ -22,6 +23,7 @@ from llm_sparsify.pipeline import run_recipe
 from llm_sparsify.recipe import RecipeError, load_recipe
 from llm_sparsify.structure.budget import BLOCK, BudgetError, FileCost, LayerCost, plan_budget, width_levels
 from llm_sparsify.structure.depth import Bypass
+from llm_sparsify.structure.resize import cut_layer, remove_kv_groups
 from tests.conftest import TINY, tiny_model
 from tests.test_export_gguf import bpe_tokenizer, save_unequal
 
@@ -71,6 +73,43 @@ def test_plans_are_the_best_within_the_budget(measure):
         feasible = [loss_of(k, blocks, narrowed, widths) + output * small for k in every_plan(widths)
                     for small in (False, True)
                     if any(x is not None for x in k) and of(list(k), small) <= limit * (1 - 1e-3)]
+        assert plan.predicted_loss <= min(feasible) + 1e-9, trial
+
+
+def loss_with_groups(choice, blocks, narrowed, grouped, widths, counts) -> float:
+    """A plan's predicted loss, each layer's choice None (removed) or (MLP width, KV groups)."""
+    return sum(blocks[i] if c is None else narrowed[i][widths[i].index(c[0])] + grouped[i][counts[i].index(c[1])]
+               for i, c in enumerate(choice))
+
+
+@pytest.mark.parametrize("measure", ["size", "time"])
+def test_plans_with_kv_groups_are_the_best_within_the_budget(measure):
+    """As above with each layer also at 3, 2 or 1 of its KV groups (losses added to its width's): against every plan
+    of a 3-layer model."""
+    rng = random.Random(1)
+    widths = [width_levels(96, 2, 0.67)] * 3
+    counts = [[3, 2, 1]] * 3
+    base = costs(3, 2)
+    cost = FileCost([LayerCost(c.fixed, c.per_channel, c.channels, rng.uniform(5, 15), 3) for c in base.layers],
+                    base.other_bytes, base.other_read, base.layer_time, base.token_time, output_saving=40)
+    of = cost.size if measure == "size" else cost.time
+    dense = of([96] * 3)
+    options = [[None, *itertools.product(widths[i], counts[i])] for i in range(3)]
+    for trial in range(20):
+        blocks = [rng.uniform(0.2, 2) for _ in range(3)]
+        narrowed = [[0.0, *sorted(rng.uniform(0, b) for _ in widths[0][1:])] for b in blocks]
+        grouped = [[0.0, *sorted(rng.uniform(0, b) for _ in range(2))] for b in blocks]
+        limit = dense * rng.uniform(0.45, 0.95)
+        plan = plan_budget(blocks, narrowed, widths, cost, measure, limit, None, group_losses=grouped,
+                           group_counts=counts)
+        assert of(plan.kept, False, plan.groups) <= limit
+        assert [g is None for g in plan.groups] == [k is None for k in plan.kept]
+        losses = (blocks, narrowed, grouped, widths, counts)
+        chosen = [None if k is None else (k, g) for k, g in zip(plan.kept, plan.groups, strict=True)]
+        assert plan.predicted_loss == pytest.approx(loss_with_groups(chosen, *losses))
+        feasible = [loss_with_groups(choice, *losses) for choice in itertools.product(*options)
+                    if any(c is not None for c in choice)
+                    and of([c and c[0] for c in choice], False, [c and c[1] for c in choice]) <= limit * (1 - 1e-3)]
         assert plan.predicted_loss <= min(feasible) + 1e-9, trial
 
 
@@ -125,9 +164,45 @@ def test_a_budget_recipe_meets_its_budget_on_a_tiny_model(calibration, target):
     assert report["removed"] or min(kept) < TINY["intermediate_size"]
 
 
+def test_a_budget_recipe_with_kv_groups_cuts_what_it_planned(calibration, monkeypatch):
+    """max_kv lets the plan take KV groups: the model keeps the groups and widths the report says, and its cost
+    meets the budget. (This random model loses nothing without its blocks, so they are made costly here: the plan
+    must cut widths and groups.)"""
+    import llm_sparsify.budget_pass as budget_pass
+
+    measured = budget_pass.unit_losses
+
+    def costly_blocks(*args, **kwargs):
+        base, blocks, narrowed, output, grouped = measured(*args, **kwargs)
+        return base, [10.0] * len(blocks), narrowed, output, grouped
+
+    monkeypatch.setattr(budget_pass, "unit_losses", costly_blocks)
+    model = tiny_model("llama")
+    dense_cost = file_cost(model, "Q4_0")
+    dense = [c.channels for c in dense_cost.layers]
+    recipe = load_recipe({"budget": {"size": 0.6, "qtype": "Q4_0", "levels": 2, "max_kv": 0.5, "samples": 2}})
+    _, stages = run_recipe(model, recipe, calibration)
+    report = stages["budget"]
+    assert len(report["group_losses"]) == TINY["num_hidden_layers"] and all(len(r) == 2 for r in report["group_losses"])
+    after = file_cost(model, "Q4_0", report["small_output"])
+    assert [c.groups for c in after.layers] == [g for g in report["groups"] if g is not None]
+    assert [c.channels for c in after.layers] == [k for k in report["kept"] if k is not None]
+    assert after.size([c.channels for c in after.layers]) <= 0.6 * dense_cost.size(dense)
+    assert not report["removed"] and min(report["groups"]) == 1  # groups were cut
+    for layer, groups in zip(decoder_layers(model), [g for g in report["groups"] if g is not None], strict=True):
+        assert layer.self_attn.k_proj.out_features == groups * layer.self_attn.head_dim
+        assert layer.self_attn.q_proj.out_features == groups * 2 * layer.self_attn.head_dim
+    record = {"recipe": recipe.to_dict(), "stages": stages}
+    cut = sum(2 - g for g in report["groups"])
+    assert f"{cut} of the 6 KV groups of the layers kept" in " ".join(what_was_done(record))
+    assert "KV groups kept per layer: " + ", ".join(f"{g}/2" for g in report["groups"]) in structure_section(record)
+
+
 def test_budget_recipes_are_checked_before_any_work(calibration):
     for section, message in [({"size": 0.5, "decode_speedup": 2}, "exactly one"), ({"qtype": "Q4_0"}, "exactly one"),
-                             ({"decode_speedup": 0.9}, "above 1"), ({"size": 1.5}, "fraction")]:
+                             ({"decode_speedup": 0.9}, "above 1"), ({"size": 1.5}, "fraction"),
+                             ({"size": 0.5, "max_kv": 1}, "max_kv must be a share"),
+                             ({"size": 0.5, "max_kv": -0.1}, "max_kv must be a share")]:
         with pytest.raises(RecipeError, match=message):
             load_recipe({"budget": section})
     with pytest.raises(RecipeError, match="leave out the depth"):
@@ -148,8 +223,10 @@ def test_unit_losses_from_layer_i_on_equal_the_whole_model_s(kind, calibration):
     losses as a forward of the whole changed model; the output layer's rounding too."""
     model = tiny_model(kind)
     scores = [torch.rand(128, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    base, blocks, narrowed, output = unit_losses(model, calibration[:3], scores, [[128, 96, 64]] * 3,
-                                                 output_qtype="Q4_0")
+    group_scores = [torch.tensor([0.3, 0.7]), torch.tensor([0.9, 0.1]), torch.tensor([0.5, 0.6])]
+    base, blocks, narrowed, output, grouped = unit_losses(model, calibration[:3], scores, [[128, 96, 64]] * 3,
+                                                          output_qtype="Q4_0", group_scores=group_scores,
+                                                          group_counts=[[2, 1]] * 3)
 
     def loss() -> float:
         return math.log(perplexity(model, calibration[:3].reshape(1, -1), calibration.shape[1]))
@@ -176,6 +253,25 @@ def test_unit_losses_from_layer_i_on_equal_the_whole_model_s(kind, calibration):
     assert output == pytest.approx(loss() - base, abs=1e-5) and output != 0
     with torch.no_grad():
         weight.copy_(saved)
+    dense = copy.deepcopy(model)
+    for i in range(3):  # a KV group's o_proj columns zeroed: the same loss as the group cut out of the layer
+        cut_layer(decoder_layers(model)[i], "heads", group_scores[i] == group_scores[i].max())
+        assert grouped[i][0] == 0 and grouped[i][1] == pytest.approx(loss() - base, abs=1e-5) and grouped[i][1] != 0
+        model = copy.deepcopy(dense)
+
+
+def test_the_cost_of_kv_groups_is_the_cut_model_s():
+    """The dense model's cost with some layers' KV groups counted out equals the cost of the model they are cut from
+    (whose bytes the test above checks against written GGUF files)."""
+    model = tiny_model("llama")
+    cost = file_cost(model, "Q4_0")
+    assert [c.groups for c in cost.layers] == [2, 2, 2] and all(c.per_group > 0 for c in cost.layers)
+    kept, counts = [c.channels for c in cost.layers], [2, 1, 1]
+    remove_kv_groups(model, [torch.tensor([True, True]), torch.tensor([False, True]), torch.tensor([True, False])])
+    cut = file_cost(model, "Q4_0")
+    assert cost.size(kept, groups=counts) == pytest.approx(cut.size(kept), rel=1e-12)
+    assert cost.size(kept, groups=counts) < cost.size(kept)
+    assert cost.time(kept, True, counts) == pytest.approx(cut.time(kept, True), rel=1e-12)
 
 
 def test_the_card_says_what_the_plan_removed_and_predicted(calibration):

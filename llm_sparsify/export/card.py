@@ -87,9 +87,19 @@ def removed_in_words(stages: dict[str, Any]) -> dict[str, str]:
     if budget := stages.get("budget"):
         kept = sum(k for k in budget["kept"] if k is not None)
         blocks = ", ".join(map(str, budget["removed"])) or "none"
+        groups = _groups_cut(budget)
         words["budget"] = (f"decoder blocks {blocks} and {1 - kept / sum(budget['of']):.0%} of the MLP channels"
+                           + (f", {groups[0]} of the {groups[1]} KV groups of the layers kept" if groups else "")
                            + (f", the output layer at {budget['qtype']}" if budget["small_output"] else ""))
     return words
+
+
+def _groups_cut(budget: dict[str, Any]) -> tuple[int, int] | None:
+    """(KV groups removed, of how many) in the blocks a budget plan kept, or None if it cut none (or planned none)."""
+    kept = [(g, n) for g, n in zip(budget.get("groups") or [], budget.get("of_groups") or [], strict=True)
+            if g is not None]
+    removed = sum(n - g for g, n in kept)
+    return (removed, sum(n for _, n in kept)) if removed else None
 
 
 def what_was_done(record: dict[str, Any]) -> list[str]:
@@ -138,6 +148,10 @@ def structure_section(record: dict[str, Any]) -> str:
     if budget := stages.get("budget"):
         kept = ", ".join("removed" if k is None else f"{k}/{n}" for k, n in zip(budget["kept"], budget["of"],
                                                                                   strict=True))
+        if _groups_cut(budget):
+            kept += "; KV groups kept per layer: " + ", ".join(
+                "removed" if g is None else f"{g}/{n}" for g, n in zip(budget["groups"], budget["of_groups"],
+                                                                       strict=True))
         predicted = budget["predicted"]
         parts.append(f"Budget plan ({budget['qtype']} GGUF), MLP channels kept per layer: {kept}. Predicted: "
                      f"{predicted['size']:.1%} of the dense file's tensor bytes, {predicted['decode_speedup']:.2f}× "

@@ -1,10 +1,12 @@
-"""Plan which decoder blocks and MLP channels go to meet a size or decode-speed budget at the edge (issue 18).
+"""Plan which decoder blocks, MLP channels and KV groups go to meet a size or decode-speed budget at the edge
+(issue 18).
 
 Each unit's cost is measured once on calibration data, alone on the dense model: the loss with block i bypassed,
-with layer i's MLP narrowed to each width level (its lowest-scoring channels first), and with the output layer
-rounded to the file's type. The planner treats those increases as additive and picks, for every layer, one width
-or its removal (and the output layer's type) so that the total is least within the budget: a multiple-choice
-knapsack, solved exactly over a fine grid of the budget.
+with layer i's MLP narrowed to each width level (its lowest-scoring channels first), with its attention cut to each
+count of KV groups (where planned), and with the output layer rounded to the file's type. The planner treats those
+increases as additive and picks, for every layer, one MLP width and KV group count or its removal (and the output
+layer's type) so that the total is least within the budget: a multiple-choice knapsack, solved exactly over a fine
+grid of the budget.
 
 Size and time come from a linear model of the GGUF file (FileCost): tensor bytes at the file's types, and decode
 time as the weight bytes read per token plus a cost per layer and per token (llama.cpp on a CPU is bound by both:
@@ -30,11 +32,14 @@ class BudgetError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class LayerCost:
-    """One decoder layer's share of the file: bytes outside its MLP (attention, norms), and bytes per MLP channel."""
+    """One decoder layer's share of the file: bytes outside its MLP (attention with all its KV groups, norms), bytes
+    per MLP channel, and bytes per KV group (its q/k/v rows and o_proj columns)."""
 
     fixed: float
     per_channel: float
     channels: int
+    per_group: float = 0.0
+    groups: int = 0
 
 
 @dataclass(frozen=True)
@@ -53,20 +58,22 @@ class FileCost:
     output_weight: float = 1
     output_saving: float = 0  # bytes saved by writing the output layer at the file's type rather than its own
 
-    def size(self, kept: list[int | None], small_output: bool = False) -> float:
-        """Tensor bytes when layer i keeps kept[i] MLP channels (None: the block is removed), with the output layer
-        at the file's type (small_output) or at its own."""
-        return self.other_bytes + self.decoder(kept) - self.output_saving * small_output
+    def size(self, kept: list[int | None], small_output: bool = False, groups: list[int | None] | None = None) -> float:
+        """Tensor bytes when layer i keeps kept[i] MLP channels (None: the block is removed) and groups[i] KV groups
+        (default: all), with the output layer at the file's type (small_output) or at its own."""
+        return self.other_bytes + self.decoder(kept, groups) - self.output_saving * small_output
 
-    def decoder(self, kept: list[int | None]) -> float:
+    def decoder(self, kept: list[int | None], groups: list[int | None] | None = None) -> float:
         """Bytes of the decoder layers kept."""
-        return sum(c.fixed + c.per_channel * k for c, k in zip(self.layers, kept, strict=True) if k is not None)
+        groups = groups or [c.groups for c in self.layers]
+        return sum(c.fixed + c.per_channel * k + c.per_group * (g - c.groups)
+                   for c, k, g in zip(self.layers, kept, groups, strict=True) if k is not None)
 
-    def time(self, kept: list[int | None], small_output: bool = False) -> float:
+    def time(self, kept: list[int | None], small_output: bool = False, groups: list[int | None] | None = None) -> float:
         """Decode time per token, in decoder bytes' worth."""
         layers = sum(k is not None for k in kept)
         output = self.other_read - self.output_saving * small_output
-        return self.decoder(kept) + self.output_weight * output + self.layer_time * layers + self.token_time
+        return self.decoder(kept, groups) + self.output_weight * output + self.layer_time * layers + self.token_time
 
 
 def width_levels(channels: int, levels: int, most: float) -> list[int]:
@@ -84,11 +91,12 @@ def width_levels(channels: int, levels: int, most: float) -> list[int]:
 @dataclass
 class Plan:
     """kept[i]: MLP channels layer i keeps (None: the block goes); whether the output layer takes the file's type;
-    the loss increase predicted for it all."""
+    the loss increase predicted for it all; groups[i]: KV groups layer i keeps (None: the block goes)."""
 
     kept: list[int | None]
     small_output: bool
     predicted_loss: float
+    groups: list[int | None]
 
     @property
     def removed_blocks(self) -> list[int]:
@@ -102,16 +110,20 @@ def smallest(widths: list[list[int]]) -> list[int | None]:
 
 def plan_budget(block_losses: list[float], width_losses: list[list[float]], widths: list[list[int]],
                 cost: FileCost, measure: str, limit: float, output_loss: float | None = None,
-                resolution: int = RESOLUTION) -> Plan:
+                resolution: int = RESOLUTION, *, group_losses: list[list[float]] | None = None,
+                group_counts: list[list[int]] | None = None) -> Plan:
     """The plan of least predicted loss whose `measure` ("size" or "time", FileCost's) is at most `limit`.
 
     block_losses[i]: loss increase with block i bypassed; width_losses[i][k]: with layer i at widths[i][k]
-    (width_losses[i][0] = 0, the dense width); output_loss: with the output layer at the file's type (None: not an
-    option). Each layer takes one of its widths or goes, the output layer one of its types: a multiple-choice
-    knapsack, solved exactly by dynamic programming over the budget cut into `resolution` steps, each option's cost
-    rounded up to a whole step (so the plan meets the budget; it may leave up to one step per layer unused); at
-    least one block stays. Raises BudgetError if no such plan meets the budget.
+    (width_losses[i][0] = 0, the dense width); group_losses[i][k]: with layer i's attention cut to group_counts[i][k]
+    KV groups (default: all kept, no loss); output_loss: with the output layer at the file's type (None: not an
+    option). Each layer takes one of its widths and group counts (losses added) or goes, the output layer one of its
+    types: a multiple-choice knapsack, solved exactly by dynamic programming over the budget cut into `resolution`
+    steps, each option's cost rounded up to a whole step (so the plan meets the budget; it may leave up to one step
+    per layer unused); at least one block stays. Raises BudgetError if no such plan meets the budget.
     """
+    group_counts = group_counts or [[c.groups] for c in cost.layers]
+    group_losses = group_losses or [[0.0] * len(counts) for counts in group_counts]
     of = cost.size if measure == "size" else cost.time
     empty: list[int | None] = [None] * len(widths)
     floor = of(empty, output_loss is not None)  # what no plan goes below: no layers, the smaller output layer
@@ -123,16 +135,18 @@ def plan_budget(block_losses: list[float], width_losses: list[list[float]], widt
     def steps(value: float) -> int:
         return math.ceil(value / step - 1e-9)
 
-    def alone(i: int, width: int) -> float:
-        """What layer i costs at `width`."""
-        kept = empty.copy()
-        kept[i] = width
-        return of(kept) - of(empty)
+    def alone(i: int, width: int, count: int) -> float:
+        """What layer i costs at `width` MLP channels and `count` KV groups."""
+        kept, counts = empty.copy(), [c.groups for c in cost.layers]
+        kept[i], counts[i] = width, count
+        return of(kept, groups=counts) - of(empty)
 
     groups = []  # per layer, then the output layer: [(loss, cost in steps, choice)]
     for i, (row, losses) in enumerate(zip(widths, width_losses, strict=True)):
-        groups.append([*[(loss, steps(alone(i, w)), w) for w, loss in zip(row, losses, strict=True)],
-                       (block_losses[i], 0, None)])
+        options = [(loss + group_loss, steps(alone(i, w, g)), (w, g))
+                   for w, loss in zip(row, losses, strict=True)
+                   for g, group_loss in zip(group_counts[i], group_losses[i], strict=True)]
+        groups.append([*options, (block_losses[i], 0, None)])
     own = of(empty) - floor
     groups.append([(0.0, steps(own), False)] + ([(output_loss, 0, True)] if output_loss is not None else []))
 
@@ -164,6 +178,7 @@ def plan_budget(block_losses: list[float], width_losses: list[list[float]], widt
         option = options[option_of[state, c]]
         chosen.append(option[2])
         c, state = c - option[1], int(state_of[state, c])
-    *kept, small_output = reversed(chosen)
-    return Plan(kept, small_output, loss)
+    *layers, small_output = reversed(chosen)
+    return Plan([None if c is None else c[0] for c in layers], small_output, loss,
+                [None if c is None else c[1] for c in layers])
 
