@@ -107,6 +107,7 @@ budget, pruning.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -172,6 +173,17 @@ class RecipeError(UserError, ValueError):
     """A recipe that cannot be run, with the reason in words."""
 
 
+def _spelled_number(value: Any) -> Any:
+    """A string that spells a finite number as that number: YAML 1.1 (PyYAML) reads `5e-3`, with no dot, as a string."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    return value
+
+
 def _positive(value: Any, key: str, integer: bool) -> None:
     kinds = int if integer else int | float
     if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
@@ -184,6 +196,7 @@ def _count(value: Any, key: str) -> int:
 
 
 def _number(value: Any, key: str) -> float:
+    value = _spelled_number(value)
     _positive(value, key, integer=False)
     return float(value)
 
@@ -201,12 +214,14 @@ def _at_least_zero(value: Any, key: str) -> float:
 
 
 def _fraction(value: Any, key: str) -> float:
+    value = _spelled_number(value)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
         raise RecipeError(f"{key} must be a fraction strictly between 0 and 1, got {value!r}")
     return float(value)
 
 
 def _share(value: Any, key: str) -> float:
+    value = _spelled_number(value)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
         raise RecipeError(f"{key} must be a share from 0 up to (not including) 1, got {value!r}")
     return float(value)

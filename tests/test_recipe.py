@@ -483,3 +483,18 @@ def test_allocation_keys_are_refused_by_their_own_names(key, value):
     allocation = "owl" if key.startswith("owl") else "sensitivity"
     with pytest.raises(RecipeError, match=rf"^pruning\.{key} "):
         recipe_from_dict({"pruning": {"method": "wanda", "sparsity": 0.5, "allocation": allocation, key: value}})
+
+
+def test_numbers_yaml_reads_as_strings_are_taken_as_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads `5e-3`, with no dot, as a string; a recipe means the number."""
+    path = tmp_path / "r.yaml"
+    path.write_text('pruning: {method: sparsegpt, sparsity: 0.5}\nreconstruction: {lr: 5e-3}\n'
+                    'budget: {size: 5e-1, max_kv: 25e-2}\n')
+    recipe = load_recipe(path)
+    assert recipe.reconstruction.lr == 0.005 and recipe.budget.size == 0.5 and recipe.budget.max_kv == 0.25
+    for text, message in [("reconstruction: {lr: fast}", "lr must be a positive number, got 'fast'"),
+                          ("reconstruction: {lr: inf}", "lr must be a positive number, got 'inf'"),
+                          ("reconstruction: {lr: -1e-3}", "lr must be a positive number")]:
+        path.write_text("pruning: {method: sparsegpt, sparsity: 0.5}\n" + text + "\n")
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(path)
