@@ -70,7 +70,8 @@ def release_if_grown(baseline: int | None) -> int | None:
     """After a layer of a walk: give freed memory back to the OS if the allocator holds more than SLACK bytes free
     beyond what it held after the first layer (`baseline`, returned for the next layers): the next layer reuses
     what the first one freed, but over many big layers the free lists fragment and RSS creeps up. Where glibc
-    cannot say, after every layer."""
+    cannot say, after every layer. (mallinfo2 still counts trimmed chunks as free, so once this has trimmed it
+    trims after most later layers too: 22 of 30 in a SmolLM2 SparseGPT run, no slower than never trimming.)"""
     free = free_heap_bytes()
     if free is None or (baseline is not None and free > baseline + SLACK):
         release_host_memory()

@@ -236,16 +236,14 @@ def measure_budget_units(model: PreTrainedModel, layers: LayerSource, budget: Bu
     cost = file_cost(model, budget.qtype)
     widths = [width_levels(c.channels, budget.levels, budget.max_mlp) for c in cost.layers]
     budget_limit(cost, widths, budget)  # before any measurement
-    counts = group_counts(cost, budget)
+    counts = group_counts(cost, budget) if budget.max_kv else None
     scores = unit_scores(model, "mlp", "activation", calibration, device, batch_size, layers=layers, on_event=on_event)
-    planned = any(len(c) > 1 for c in counts)
     groups = unit_scores(model, "heads", "activation", calibration, device, batch_size, layers=layers,
-                         on_event=on_event) if planned else None
+                         on_event=on_event) if counts else None
     base, blocks, narrowed, output, grouped = unit_losses(
         model, calibration[: budget.samples], scores, widths, device, budget.qtype if cost.output_saving > 0 else None,
-        group_scores=groups, group_counts=counts if planned else None, on_event=on_event)
-    return BudgetUnits(cost, scores, widths, base, blocks, narrowed, output, groups, counts if planned else None,
-                       grouped)
+        group_scores=groups, group_counts=counts, on_event=on_event)
+    return BudgetUnits(cost, scores, widths, base, blocks, narrowed, output, groups, counts, grouped)
 
 
 def apply_budget_plan(layers: LayerSource, budget: Budget, units: BudgetUnits) -> dict[str, Any]:

@@ -141,20 +141,20 @@ def plan_budget(block_losses: list[float], width_losses: list[list[float]], widt
         kept[i], counts[i] = width, count
         return of(kept, groups=counts) - of(empty)
 
-    groups = []  # per layer, then the output layer: [(loss, cost in steps, choice)]
+    choices = []  # per layer, then the output layer: [(loss, cost in steps, choice)]
     for i, (row, losses) in enumerate(zip(widths, width_losses, strict=True)):
         options = [(loss + group_loss, steps(alone(i, w, g)), (w, g))
                    for w, loss in zip(row, losses, strict=True)
                    for g, group_loss in zip(group_counts[i], group_losses[i], strict=True)]
-        groups.append([*options, (block_losses[i], 0, None)])
+        choices.append([*options, (block_losses[i], 0, None)])
     own = of(empty) - floor
-    groups.append([(0.0, steps(own), False)] + ([(output_loss, 0, True)] if output_loss is not None else []))
+    choices.append([(0.0, steps(own), False)] + ([(output_loss, 0, True)] if output_loss is not None else []))
 
-    # best[s][c]: the least loss of the groups so far at cost c steps, s = whether a block is kept among them
+    # best[s][c]: the least loss of the choices so far at cost c steps, s = whether a block is kept among them
     best = np.full((2, resolution + 1), np.inf)
     best[0, 0] = 0.0
     picks = []  # per group: for each (s, c), the option taken and the state before it
-    for g, options in enumerate(groups):
+    for g, options in enumerate(choices):
         new = np.full_like(best, np.inf)
         option_of, state_of = np.full(best.shape, -1), np.zeros(best.shape, dtype=np.int8)
         for o, (loss, c, choice) in enumerate(options):
@@ -174,7 +174,7 @@ def plan_budget(block_losses: list[float], width_losses: list[list[float]], widt
     c, state = int(np.argmin(best[1])), 1
     loss = float(best[1, c])
     chosen = []
-    for options, (option_of, state_of) in zip(reversed(groups), reversed(picks), strict=True):
+    for options, (option_of, state_of) in zip(reversed(choices), reversed(picks), strict=True):
         option = options[option_of[state, c]]
         chosen.append(option[2])
         c, state = c - option[1], int(state_of[state, c])
