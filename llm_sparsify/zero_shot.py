@@ -16,7 +16,9 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 import yaml
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_sparsify.architecture import home_device
@@ -132,6 +134,96 @@ def _metrics(result: dict, counts: dict) -> dict[str, float]:
     return metrics
 
 
+def _packed_row(context: list[int], continuations: list[list[int]], dtype: torch.dtype, width: int):
+    """One sequence scoring every continuation x_i of `context` c in one forward: c[:-1], then for each i the
+    segment [c[-1]] + x_i[:-1], which sees c[:-1] and itself (causally) and sits at the positions it would have
+    after c. Returns (ids, positions, additive mask [width, width], start of each segment); padding sees itself."""
+    prefix = len(context) - 1
+    ids = torch.zeros(width, dtype=torch.long)
+    positions = torch.zeros(width, dtype=torch.long)
+    seen = torch.zeros(width, width, dtype=torch.bool)
+    ids[:prefix] = torch.tensor(context[:-1], dtype=torch.long)
+    positions[:prefix] = torch.arange(prefix)
+    seen[:prefix, :prefix] = torch.ones(prefix, prefix, dtype=torch.bool).tril()
+    starts, start = [], prefix
+    for x in continuations:
+        end = start + len(x)
+        ids[start:end] = torch.tensor(context[-1:] + x[:-1], dtype=torch.long)
+        positions[start:end] = torch.arange(prefix, prefix + len(x))
+        seen[start:end, :prefix] = True
+        seen[start:end, start:end] = torch.ones(len(x), len(x), dtype=torch.bool).tril()
+        starts.append(start)
+        start = end
+    seen[start:, start:] = torch.eye(width - start, dtype=torch.bool)
+    mask = torch.zeros(width, width, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
+    return ids, positions, mask, starts
+
+
+def _shared_context_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int):
+    """lm-eval's HFLM scoring each distinct context once: a multiple-choice item's choices share their context,
+    so one sequence holds the context and every choice after it (a block mask keeps the choices apart), and
+    logits are made only where a choice's tokens are predicted. HFLM's log-likelihoods to float rounding, with
+    about half the tokens and a third of the logits on piqa, arc_easy, winogrande and hellaswag."""
+    from lm_eval.models.huggingface import HFLM
+
+    class SharedContextLM(HFLM):
+        @torch.no_grad()
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            results: list = [None] * len(requests)
+            too_long = [i for i, (_, c, x) in enumerate(requests) if len(c) + len(x) > self.max_length + 1]
+            if too_long:  # HFLM truncates these from the left
+                answers = super()._loglikelihood_tokens([requests[i] for i in too_long], disable_tqdm, override_bs)
+                for i, answer in zip(too_long, answers, strict=True):
+                    results[i] = answer
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, (_, context, _) in enumerate(requests):
+                if results[i] is None:
+                    groups.setdefault(tuple(context), []).append(i)
+            rows = []  # (context, requests): one packed sequence each, at most batch_size requests and max_length
+            for context, members in groups.items():
+                row, length = [], len(context) - 1
+                for i in members:
+                    if row and (len(row) == self.batch_size or length + len(requests[i][2]) > self.max_length):
+                        rows.append((list(context), row))
+                        row, length = [], len(context) - 1
+                    row.append(i)
+                    length += len(requests[i][2])
+                rows.append((list(context), row))
+            rows.sort(key=lambda r: -(len(r[0]) + sum(len(requests[i][2]) for i in r[1])))
+            progress = tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests")
+            while rows:
+                batch = [rows.pop(0)]
+                while rows and sum(len(r[1]) for r in batch) + len(rows[0][1]) <= self.batch_size:
+                    batch.append(rows.pop(0))
+                answers = self._score_rows([(c, [requests[i][2] for i in members]) for c, members in batch])
+                for i, answer in zip([i for _, members in batch for i in members], answers, strict=True):
+                    results[i] = answer
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                progress.update(len(answers))
+            progress.close()
+            return results
+
+        def _score_rows(self, rows):
+            """(sum of log P(x_t | context, x_<t), every x_t the argmax) for each continuation x of each row."""
+            lengths = [len(c) - 1 + sum(len(x) for x in xs) for c, xs in rows]
+            width, dtype = max(lengths), self.model.dtype
+            packed = [_packed_row(c, xs, dtype, width) for c, xs in rows]
+            ids, positions, mask = (torch.stack([p[i] for p in packed]).to(self.device) for i in range(3))
+            keep = width - min(len(c) - 1 for c, _ in rows)  # logits from the first continuation token on
+            logits = self.model(ids, attention_mask=mask[:, None], position_ids=positions, logits_to_keep=keep,
+                                use_cache=False).logits
+            answers = []
+            for row, ((_, xs), (*_, starts)) in enumerate(zip(rows, packed, strict=True)):
+                for x, start in zip(xs, starts, strict=True):
+                    target = torch.tensor(x, device=logits.device)
+                    logprobs = logits[row, start - (width - keep):][:len(x)].log_softmax(-1, dtype=self.softmax_dtype)
+                    greedy = bool((logprobs.argmax(-1) == target).all())
+                    answers.append((float(logprobs.gather(-1, target[:, None]).sum()), greedy))
+            return answers
+
+    return SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
 def evaluate_tasks(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -148,14 +240,13 @@ def evaluate_tasks(
     is), then put back. `limit` scores the first N items of each task.
     """
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     loaded = load_tasks(tasks, data_dir)
     home = home_device(model)
     model.to(device or home)
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = _shared_context_lm(model, tokenizer, batch_size)
         output = simple_evaluate(  # seeds None: the global RNGs stay as they are (zero-shot draws nothing)
             lm, tasks=list(loaded.values()), task_manager=TaskManager(include_defaults=False), limit=limit,
             log_samples=False, random_seed=None, numpy_random_seed=None, torch_random_seed=None,

@@ -17,6 +17,7 @@ from llm_sparsify.cli import main
 from llm_sparsify.data import DataError
 from llm_sparsify.zero_shot import (
     DATA_ENV,
+    _shared_context_lm,
     check_tasks,
     evaluate_tasks,
     known_tasks,
@@ -203,6 +204,41 @@ def test_piqa_accuracy_equals_a_reference_from_choice_loglikelihoods(tiny_with_t
     assert piqa["acc"] == pytest.approx(hits / n, abs=1e-9)
     assert piqa["acc_norm"] == pytest.approx(hits_norm / n, abs=1e-9)
     assert 0 < piqa["acc_stderr"] < 1
+
+
+@torch.no_grad()
+def test_shared_context_scoring_equals_hflm_on_token_requests(tiny_with_tokenizer):
+    """Contexts shared by 1-9 continuations (more than a batch), one-token contexts and continuations, rows of
+    different lengths in one batch, and a request past max_length (HFLM's left truncation): the same
+    log-likelihoods and greedy flags as lm-eval's own HFLM."""
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = tiny_with_tokenizer
+    generator = torch.Generator().manual_seed(1)
+
+    def tokens(n):
+        return torch.randint(0, len(tokenizer), (n,), generator=generator).tolist()
+
+    requests = []
+    for choices, context_length in [(4, 30), (2, 7), (1, 1), (9, 12), (3, 1), (2, 45), (5, 3)]:
+        context = tokens(context_length)
+        requests += [(("c", "x"), context, tokens(1 + (3 * k) % 11)) for k in range(choices)]
+    requests.append((("c", "x"), tokens(60), tokens(8)))  # 68 tokens: past max_length 64
+    shared = _shared_context_lm(model, tokenizer, 4)
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=64)
+    shared._max_length = 64
+    got = shared._loglikelihood_tokens(requests, disable_tqdm=True)
+    want = reference._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert [greedy for _, greedy in got] == [greedy for _, greedy in want]
+    assert torch.allclose(torch.tensor([ll for ll, _ in got]), torch.tensor([ll for ll, _ in want]), atol=1e-4)
+    head = model.lm_head.weight.clone()
+    model.lm_head.weight.zero_()  # every logit 0: each token's log-probability is -log(vocab)
+    try:
+        flat = shared._loglikelihood_tokens(requests, disable_tqdm=True)
+    finally:
+        model.lm_head.weight.copy_(head)
+    for (_, _, continuation), (ll, _) in zip(requests, flat, strict=True):
+        assert ll == pytest.approx(-len(continuation) * torch.tensor(float(model.config.vocab_size)).log().item())
 
 
 # --- the table --------------------------------------------------------------------------------------------------
