@@ -54,9 +54,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--windows", type=int, default=16, help="WikiText-2 windows of 512 for perplexity")
+    parser.add_argument("--upgrade", default=None, help="budget.upgrade of every plan (e.g. Q8_0; default: none)")
     parser.add_argument("--workdir", type=Path, default=None,
-                        help="keep the files here (default: a temporary directory); its units.pt, the measured units, "
-                             "is reused by a later run")
+                        help="keep the files here (default: a temporary directory); its units*.pt, the measured "
+                             "units, is reused by a later run")
     args = parser.parse_args()
 
     dense, tokenizer = load_model(None, dtype=torch.float32)
@@ -70,13 +71,14 @@ def main() -> int:
 
 
 def table(args, dense, tokenizer, calibration, training, recovery, folder: Path) -> int:
-    cached = folder / "units.pt"
+    cached = folder / (f"units-{args.upgrade}.pt" if args.upgrade else "units.pt")
     if cached.exists():
         units = torch.load(cached, weights_only=False)
         print(f"units read from {cached}", file=sys.stderr)
     else:
         start = time.perf_counter()
-        units = measure_budget_units(dense, ResidentLayers(dense), Budget(size=0.99), calibration, "cpu", 8)
+        units = measure_budget_units(dense, ResidentLayers(dense), Budget(size=0.99, upgrade=args.upgrade),
+                                     calibration, "cpu", 8)
         print(f"units measured in {time.perf_counter() - start:.0f} s", file=sys.stderr)
         torch.save(units, cached)
     teacher = teacher_logits(dense, training, recovery.top_k, recovery.batch_size)
@@ -89,12 +91,12 @@ def table(args, dense, tokenizer, calibration, training, recovery, folder: Path)
     notes: dict[str, dict] = {label: {} for label in files}
     for spec in args.budgets.split(","):
         key, value = spec.split("=")
-        budget = Budget(**{key: float(value)})
+        budget = Budget(**{key: float(value)}, upgrade=args.upgrade)
         model = copy.deepcopy(dense)
         report = apply_budget_plan(ResidentLayers(model), budget, units)
         for distilled in (False, True):
             label = f"{spec}{' + distillation' if distilled else ''}"
-            note = {"plan": {k: report[k] for k in ("removed", "kept", "small_output", "predicted")}}
+            note = {"plan": {k: report[k] for k in ("removed", "kept", "small_output", "upgraded", "predicted")}}
             if distilled:
                 begin = time.perf_counter()
                 losses = finetune(model, training, recovery.steps, recovery.lr, recovery.batch_size, masks={},

@@ -21,7 +21,7 @@ from llm_sparsify.export.gguf import tensor_bytes, tensor_type
 from llm_sparsify.models import decoder_layers
 from llm_sparsify.structure.budget import FileCost, LayerCost
 from llm_sparsify.structure.depth import Bypass
-from llm_sparsify.structure.resize import ATTENTION, head_layout, linear, unit_slices
+from llm_sparsify.structure.resize import ATTENTION, MLP, head_layout, linear, unit_slices
 from llm_sparsify.structure.width import best_units
 
 log = logging.getLogger(__name__)
@@ -34,26 +34,33 @@ log = logging.getLogger(__name__)
 # so take it as rough. A prediction to plan by: `export --speed` measures.
 # Types not fitted count bytes alone.
 DECODE_OVERHEAD = {"Q4_0": (2.157e6, 0.0, 1.35), "Q8_0": (1.638e6, 1.363e7, 1.0)}
+# A byte of a decoder part written at the upgrade type, in the file's decoder bytes' worth of time: for Q8_0 parts in
+# a Q4_0 file, the weight fitted above for the Q8_0 output layer in a Q4_0 file (not fitted for decoder parts).
+UPGRADE_WEIGHT = {("Q4_0", "Q8_0"): 1.35}
 
 
-def file_cost(model: PreTrainedModel, qtype: str, small_output: bool = False) -> FileCost:
+def file_cost(model: PreTrainedModel, qtype: str, small_output: bool = False, upgrade: str | None = None) -> FileCost:
     """The GGUF file of `model` at `qtype` as a cost model: each layer's bytes outside its MLP, per MLP channel and
     per KV group (export/gguf.py's types), the rest of the file, what writing the output layer at `qtype` saves, and
-    the decode overheads of DECODE_OVERHEAD. `small_output`: the model's output layer is already planned at `qtype`."""
+    the decode overheads of DECODE_OVERHEAD. `small_output`: the model's output layer is already planned at `qtype`;
+    `upgrade`: a type a layer's attention or MLP may be written at instead (per channel and group bytes at it too)."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
 
-    def size(name: str, shape: list[int], small: bool = small_output) -> int:
-        return tensor_bytes(shape, tensor_type(name, shape, qtype, tied, small))
+    def size(name: str, shape: list[int], small: bool = small_output, kind: str = qtype) -> int:
+        return tensor_bytes(shape, tensor_type(name, shape, kind, tied, small))
 
     layers = []
     for layer in decoder_layers(model):
-        mlp = {name: list(linear(layer, f"mlp.{name}").weight.shape) for name in ("gate_proj", "up_proj", "down_proj")}
-        channels = mlp["gate_proj"][0]
-        in_mlp = sum(size("blk", shape) for shape in mlp.values())
-        groups = head_layout(layer)[2]
-        in_attention = sum(size("blk", list(linear(layer, name).weight.shape)) for name in ATTENTION)
+        mlp = [list(linear(layer, name).weight.shape) for name in MLP]
+        attention = [list(linear(layer, name).weight.shape) for name in ATTENTION]
+        channels, groups = mlp[0][0], head_layout(layer)[2]
+        in_mlp = sum(size("blk", shape) for shape in mlp)
         whole = sum(size("blk", list(p.shape)) for p in layer.parameters())
-        layers.append(LayerCost(whole - in_mlp, in_mlp / channels, channels, in_attention / groups, groups))
+        up = {} if upgrade is None else {
+            "per_channel_up": sum(size("blk", shape, kind=upgrade) for shape in mlp) / channels,
+            "per_group_up": sum(size("blk", shape, kind=upgrade) for shape in attention) / groups}
+        layers.append(LayerCost(whole - in_mlp, in_mlp / channels, channels,
+                                sum(size("blk", shape) for shape in attention) / groups, groups, **up))
     hidden = model.config.hidden_size
     output_name, output = (("token_embd.weight", model.get_input_embeddings()) if tied
                            else ("output.weight", model.get_output_embeddings()))
@@ -64,7 +71,8 @@ def file_cost(model: PreTrainedModel, qtype: str, small_output: bool = False) ->
         other += size("token_embd.weight", list(model.get_input_embeddings().weight.shape))
     layer_time, token_time, output_weight = DECODE_OVERHEAD.get(qtype, (0, 0, 1))
     return FileCost(layers, other, read, layer_time, token_time, output_weight,
-                    output_saving=read - size(output_name, shape, True))
+                    output_saving=read - size(output_name, shape, True),
+                    up_weight=UPGRADE_WEIGHT.get((qtype, upgrade), 1.0))
 
 
 class _LayerInputs:
@@ -117,20 +125,38 @@ class _LayerInputs:
 READERS = {"mlp": "mlp.down_proj", "heads": "self_attn.o_proj"}  # the Linear that reads a unit's output
 
 
+def rounded(weight: Tensor, kind: gguf.GGMLQuantizationType) -> Tensor:
+    """`weight` [out, in] as a GGUF tensor of `kind` stores it (quantized along its rows, read back)."""
+    data = gguf.quants.quantize(weight.detach().float().cpu().numpy(), kind)
+    return torch.from_numpy(gguf.quants.dequantize(data, kind)).to(weight.dtype)
+
+
+def _loss_rounded(run: _LayerInputs, start: int, weights: list[tuple[Tensor, gguf.GGMLQuantizationType]]) -> float:
+    """The loss from layer `start` on with each weight rounded to its GGUF type, then restored."""
+    saved = [w.detach().clone() for w, _ in weights]
+    try:
+        for w, kind in weights:
+            w.copy_(rounded(w, kind).to(w.device))
+        return run.loss(start)
+    finally:
+        for (w, _), s in zip(weights, saved, strict=True):
+            w.copy_(s)
+
+
 @torch.no_grad()
 def unit_losses(model: PreTrainedModel, calibration: Tensor, scores: list[Tensor], widths: list[list[int]],
                 device: str | torch.device = "cpu", output_qtype: str | None = None, *,
                 group_scores: list[Tensor] | None = None, group_counts: list[list[int]] | None = None,
-                on_event: Event | None = None,
-                ) -> tuple[float, list[float], list[list[float]], float | None, list[list[float]] | None]:
+                part_qtype: str | None = None, on_event: Event | None = None) -> dict:
     """Loss increases on the windows `calibration` [n, seqlen], one unit changed at a time in the dense model:
     block i bypassed; layer i's MLP cut to each of widths[i][1:] (its best-scoring channels by scores[i] kept, the
     others' down_proj columns zeroed, which is what removing them computes); with group scores, its attention cut to
     each of group_counts[i][1:] KV groups the same way (the o_proj columns of the removed groups' query heads zeroed);
-    with `output_qtype`, the output layer (tied: the embedding, which is that layer too) rounded to it as the GGUF
-    file would store it. Each is measured from the layer it changes on (the dense inputs of every layer kept from one
-    forward). Returns the dense loss, the block and width increases (width_losses[i][0] = 0), the output layer's
-    (None without output_qtype) and the KV group increases (None without group scores)."""
+    with `part_qtype`, its attention's and its MLP's weights rounded to that GGUF type; with `output_qtype`, the output
+    layer (tied: the embedding, which is that layer too) rounded to it as the GGUF file would store it. Each is
+    measured from the layer it changes on (the dense inputs of every layer kept from one forward). Returns {"base":
+    dense loss, "blocks", "narrowed" (narrowed[i][0] = 0), "output" (None without output_qtype), "grouped" (None
+    without group scores), "parts" ([(attention, MLP)] per layer; None without part_qtype)}."""
     home = home_device(model)
     model.to(device)
     try:
@@ -152,29 +178,30 @@ def unit_losses(model: PreTrainedModel, calibration: Tensor, scores: list[Tensor
                     reader[:, removed] = saved
             return row
 
-        blocks, narrowed, grouped = [], [], [] if group_scores is not None else None
+        def part(i: int, names: tuple[str, ...]) -> float:
+            """Layer i's loss increase with the Linears `names` rounded as a file of part_qtype writes them."""
+            weights = [linear(layers[i], name).weight for name in names]
+            return _loss_rounded(run, i, [(w, tensor_type("blk", list(w.shape), part_qtype, False)) for w in weights]) \
+                - run.base
+
+        result = {"blocks": [], "narrowed": [], "grouped": [] if group_scores is not None else None,
+                  "parts": [] if part_qtype is not None else None, "output": None}
         for i in progress(range(len(layers)), on_event, "budget: unit losses", "layer"):
             layer = layers[i]
             layers[i] = Bypass()
             try:
-                blocks.append(run.loss(i) - run.base)
+                result["blocks"].append(run.loss(i) - run.base)
             finally:
                 layers[i] = layer
-            narrowed.append(cut(i, "mlp", scores[i], widths[i]))
-            if grouped is not None:
-                grouped.append(cut(i, "heads", group_scores[i], group_counts[i]))
-        output = None
+            result["narrowed"].append(cut(i, "mlp", scores[i], widths[i]))
+            if group_scores is not None:
+                result["grouped"].append(cut(i, "heads", group_scores[i], group_counts[i]))
+            if part_qtype is not None:
+                result["parts"].append((part(i, ATTENTION), part(i, MLP)))
         if output_qtype is not None:
             weight = model.get_output_embeddings().weight
-            kind = gguf.GGMLQuantizationType[output_qtype]
-            saved = weight.detach().clone()
-            rounded = gguf.quants.dequantize(gguf.quants.quantize(saved.float().cpu().numpy(), kind), kind)
-            weight.copy_(torch.from_numpy(rounded).to(weight.dtype))
-            try:
-                output = run.loss(0) - run.base
-            finally:
-                weight.copy_(saved)
+            result["output"] = _loss_rounded(run, 0, [(weight, gguf.GGMLQuantizationType[output_qtype])]) - run.base
     finally:
         model.to(home)
-    log.info("budget: calibration loss %.4f; block losses %s", run.base, [round(b, 3) for b in blocks])
-    return run.base, blocks, narrowed, output, grouped
+    log.info("budget: calibration loss %.4f; block losses %s", run.base, [round(b, 3) for b in result["blocks"]])
+    return {"base": run.base, **result}

@@ -193,7 +193,8 @@ def prune_width(
 class BudgetUnits:
     """What the budget planner measured of a model (measure_budget_units): its file's cost model, each layer's MLP
     channel scores and widths, the dense calibration loss and each unit's loss increase; where KV groups are planned,
-    each layer's group scores, the group counts tried and their loss increases."""
+    each layer's group scores, the group counts tried and their loss increases; where parts may be upgraded, each
+    layer's (attention, MLP) loss increase at the file's type."""
 
     cost: FileCost
     scores: list[Tensor]
@@ -205,6 +206,7 @@ class BudgetUnits:
     group_scores: list[Tensor] | None = None
     group_counts: list[list[int]] | None = None
     grouped: list[list[float]] | None = None
+    parts: list[tuple[float, float]] | None = None
 
 
 def group_counts(cost: FileCost, budget: Budget) -> list[list[int]]:
@@ -233,37 +235,40 @@ def measure_budget_units(model: PreTrainedModel, layers: LayerSource, budget: Bu
     model). A budget no plan meets is refused first."""
     from llm_sparsify.budget_pass import file_cost, unit_losses  # gguf: not on every machine
 
-    cost = file_cost(model, budget.qtype)
+    cost = file_cost(model, budget.qtype, upgrade=budget.upgrade)
     widths = [width_levels(c.channels, budget.levels, budget.max_mlp) for c in cost.layers]
     budget_limit(cost, widths, budget)  # before any measurement
     counts = group_counts(cost, budget) if budget.max_kv else None
     scores = unit_scores(model, "mlp", "activation", calibration, device, batch_size, layers=layers, on_event=on_event)
     groups = unit_scores(model, "heads", "activation", calibration, device, batch_size, layers=layers,
                          on_event=on_event) if counts else None
-    base, blocks, narrowed, output, grouped = unit_losses(
+    losses = unit_losses(
         model, calibration[: budget.samples], scores, widths, device, budget.qtype if cost.output_saving > 0 else None,
-        group_scores=groups, group_counts=counts, on_event=on_event)
-    return BudgetUnits(cost, scores, widths, base, blocks, narrowed, output, groups, counts, grouped)
+        group_scores=groups, group_counts=counts, part_qtype=budget.qtype if budget.upgrade else None,
+        on_event=on_event)
+    return BudgetUnits(cost, scores, widths, losses["base"], losses["blocks"], losses["narrowed"], losses["output"],
+                       groups, counts, losses["grouped"], losses["parts"])
 
 
 def apply_budget_plan(layers: LayerSource, budget: Budget, units: BudgetUnits) -> dict[str, Any]:
     """Plan the cheapest removal that meets `budget` (structure/budget.py) and apply it through `layers`: channels and
-    KV groups first, then blocks. The output layer's type is recorded for the GGUF export
-    (export/gguf.planned_small_output).
+    KV groups first, then blocks. The output layer's type and the parts planned at the upgrade type (per layer kept,
+    [attention, MLP]) are recorded for the GGUF export (export/gguf.planned_types).
     Returns the plan with its predictions and the measurements it came from."""
     measure, limit = budget_limit(units.cost, units.widths, budget)
     cost, dense = units.cost, [w[0] for w in units.widths]
     plan = plan_budget(units.blocks, units.narrowed, units.widths, cost, measure, limit, units.output,
-                       group_losses=units.grouped, group_counts=units.group_counts)
+                       group_losses=units.grouped, group_counts=units.group_counts, part_losses=units.parts)
     for unit, scores, counts in (("mlp", units.scores, plan.kept), ("heads", units.group_scores, plan.groups)):
         if scores is not None:
             layers.remove_units(unit, [torch.ones(s.numel(), dtype=torch.bool) if kept is None else best_units(s, kept)
                                        for s, kept in zip(scores, counts, strict=True)])
     layers.remove_blocks(plan.removed_blocks)
-    chosen = (plan.kept, plan.small_output, plan.groups)
+    chosen = (plan.kept, plan.small_output, plan.groups, plan.up)
     report = {"measure": measure, "qtype": budget.qtype, "removed": plan.removed_blocks, "kept": plan.kept,
               "of": dense, "groups": plan.groups, "of_groups": [c.groups for c in cost.layers],
-              "small_output": plan.small_output, "predicted": {
+              "small_output": plan.small_output, "upgrade": budget.upgrade,
+              "upgraded": [list(up) for up in plan.up if up is not None] if budget.upgrade else None, "predicted": {
                   "size": round(cost.size(*chosen) / cost.size(dense), 4),
                   "decode_speedup": round(cost.time(dense) / cost.time(*chosen), 4),
                   "tensor_bytes": int(cost.size(*chosen)),
@@ -273,11 +278,12 @@ def apply_budget_plan(layers: LayerSource, budget: Budget, units: BudgetUnits) -
               "block_losses": [round(b, 5) for b in units.blocks],
               "width_losses": [[round(v, 5) for v in row] for row in units.narrowed],
               "group_losses": units.grouped and [[round(v, 5) for v in row] for row in units.grouped],
+              "part_losses": units.parts and [[round(v, 5) for v in row] for row in units.parts],
               "output_loss": None if units.output is None else round(units.output, 5)}
-    log.info("budget: removed blocks %s, MLP widths %s, KV groups %s, output layer at %s; predicted size %.3f, decode "
-             "speed-up %.3f, calibration perplexity %.3f", plan.removed_blocks, [k for k in plan.kept if k is not None],
-             [g for g in plan.groups if g is not None],
-             budget.qtype if plan.small_output else "its own type", report["predicted"]["size"],
+    log.info("budget: removed blocks %s, MLP widths %s, KV groups %s, parts at %s %s, output layer at %s; predicted "
+             "size %.3f, decode speed-up %.3f, calibration perplexity %.3f", plan.removed_blocks,
+             [k for k in plan.kept if k is not None], [g for g in plan.groups if g is not None], budget.upgrade,
+             report["upgraded"], budget.qtype if plan.small_output else "its own type", report["predicted"]["size"],
              report["predicted"]["decode_speedup"], report["predicted"]["calibration_perplexity"])
     return report
 

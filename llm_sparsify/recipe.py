@@ -65,6 +65,7 @@ budget, pruning.
       levels: 3                #   MLP widths tried per layer, down to `max_mlp` of its channels removed, each a
       max_mlp: 0.75            #   multiple of 32 (GGUF blocks)
       max_kv: 0.0              #   KV groups a layer may lose, in up to `levels` steps (0: attention kept whole)
+      upgrade: null            #   a GGUF type (Q8_0) a layer's attention or MLP may be written at instead of qtype
       samples: 4               #   calibration windows of the loss measurements
     pruning:
       allocation: owl          # per-layer sparsity from outlier ratios (prune/owl.py), wanda and sparsegpt only
@@ -245,6 +246,11 @@ def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _gguf_type(value: Any, key: str) -> str:
+    """A GGUF tensor type the exporter writes, in any case."""
+    return _choice(value.upper() if isinstance(value, str) else value, key, GGUF_TYPES)
+
+
 def _names(value: Any, key: str) -> tuple[str, ...]:
     if not value:
         return ()
@@ -322,11 +328,11 @@ class Budget:
 
     size: float | None = option(None, optional(_fraction))
     decode_speedup: float | None = option(None, optional(_number))
-    qtype: str = option("Q4_0", lambda value, key: _choice(value.upper() if isinstance(value, str) else value,
-                                                          key, GGUF_TYPES))
+    qtype: str = option("Q4_0", _gguf_type)
     levels: int = option(3, _count)
     max_mlp: float = option(0.75, _fraction)
     max_kv: float = option(0.0, _share)  # KV groups a layer may lose (0: attention is not planned)
+    upgrade: str | None = option(None, optional(_gguf_type))  # a type parts may take instead (None: all at qtype)
     samples: int = option(4, _count)  # each unit's loss is a forward from its layer on: 1 + layers·(1 + levels)
 
 
@@ -396,8 +402,7 @@ class Export:
     """Formats written beside the saved output."""
 
     formats: tuple[str, ...] = option((), names_of(*EXPORT_FORMATS))
-    qtype: str = option(GGUF_TYPE, lambda value, key: _choice(value.upper() if isinstance(value, str) else value,
-                                                              key, GGUF_TYPES))
+    qtype: str = option(GGUF_TYPE, _gguf_type)
     speed: bool = option(False, _flag)  # time the GGUF export against the dense model's in llama.cpp
 
 
@@ -615,6 +620,8 @@ def parse_budget(section: Any, data: dict) -> Budget:
         raise RecipeError("budget needs exactly one of `size` (a share of the dense GGUF's bytes) or `decode_speedup`")
     if budget.decode_speedup is not None and budget.decode_speedup <= 1:
         raise RecipeError(f"budget.decode_speedup must be above 1, got {budget.decode_speedup}")
+    if budget.upgrade is not None and budget.upgrade == budget.qtype:
+        raise RecipeError(f"budget.upgrade must be another type than qtype ({budget.qtype}), e.g. Q8_0 with Q4_0")
     if {"depth", "width"} & set(data):
         raise RecipeError("budget plans the depth and MLP widths itself: leave out the depth and width sections")
     export = data.get("export")

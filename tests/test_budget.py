@@ -113,6 +113,45 @@ def test_plans_with_kv_groups_are_the_best_within_the_budget(measure):
         assert plan.predicted_loss <= min(feasible) + 1e-9, trial
 
 
+def loss_with_parts(choice, blocks, narrowed, parts, widths) -> float:
+    """A plan's predicted loss, each layer's choice None (removed) or (MLP width, (attention, MLP) upgraded)."""
+    return sum(blocks[i] if c is None else narrowed[i][widths[i].index(c[0])]
+               + sum(loss for loss, up in zip(parts[i], c[1], strict=True) if not up) for i, c in enumerate(choice))
+
+
+@pytest.mark.parametrize("measure", ["size", "time"])
+def test_plans_with_upgraded_parts_are_the_best_within_the_budget(measure):
+    """As above with each layer's attention and MLP at the file's type (a loss each) or the upgrade type (no loss,
+    more bytes, each upgraded byte up_weight times the time): against every plan of a 3-layer model."""
+    rng = random.Random(2)
+    widths = [width_levels(96, 2, 0.67)] * 3
+    base = costs(3, 3)
+    layers = [LayerCost(c.fixed, c.per_channel, c.channels, 10.0, 3, c.per_channel * 1.9, 19.0) for c in base.layers]
+    cost = FileCost(layers, base.other_bytes, base.other_read, base.layer_time, base.token_time, output_saving=40,
+                    up_weight=1.35)
+    of = cost.size if measure == "size" else cost.time
+    dense = of([96] * 3)
+    ups = list(itertools.product((False, True), repeat=2))
+    options = [[None, *itertools.product(widths[i], ups)] for i in range(3)]
+    upgrades = 0
+    for trial in range(20):
+        blocks = [rng.uniform(0.2, 2) for _ in range(3)]
+        narrowed = [[0.0, *sorted(rng.uniform(0, b) for _ in widths[0][1:])] for b in blocks]
+        losses = (blocks, narrowed, [(rng.uniform(0, 0.3), rng.uniform(0, 0.3)) for _ in range(3)], widths)
+        limit = dense * rng.uniform(0.5, 1.3)
+        plan = plan_budget(blocks, narrowed, widths, cost, measure, limit, None, part_losses=losses[2])
+        assert of(plan.kept, False, None, plan.up) <= limit
+        chosen = [None if k is None else (k, u) for k, u in zip(plan.kept, plan.up, strict=True)]
+        assert plan.predicted_loss == pytest.approx(loss_with_parts(chosen, *losses))
+        feasible = [loss_with_parts(choice, *losses) for choice in itertools.product(*options)
+                    if any(c is not None for c in choice)
+                    and of([c and c[0] for c in choice], False, None, [c and c[1] for c in choice])
+                    <= limit * (1 - 1e-3)]
+        assert plan.predicted_loss <= min(feasible) + 1e-9, trial
+        upgrades += any(u and any(u) for u in plan.up)
+    assert 0 < upgrades < 20  # some plans upgrade parts, some do not
+
+
 def test_with_equal_costs_the_plan_is_the_best_one():
     """Blocks only, all of one size: dropping the k cheapest is optimal; a budget that no block fits is refused."""
     cost = FileCost([LayerCost(100, 0, 1)] * 6, other_bytes=0, other_read=0, layer_time=0, token_time=0)
@@ -173,8 +212,8 @@ def test_a_budget_recipe_with_kv_groups_cuts_what_it_planned(calibration, monkey
     measured = budget_pass.unit_losses
 
     def costly_blocks(*args, **kwargs):
-        base, blocks, narrowed, output, grouped = measured(*args, **kwargs)
-        return base, [10.0] * len(blocks), narrowed, output, grouped
+        losses = measured(*args, **kwargs)
+        return {**losses, "blocks": [10.0] * len(losses["blocks"])}
 
     monkeypatch.setattr(budget_pass, "unit_losses", costly_blocks)
     model = tiny_model("llama")
@@ -198,11 +237,57 @@ def test_a_budget_recipe_with_kv_groups_cuts_what_it_planned(calibration, monkey
     assert "KV groups kept per layer: " + ", ".join(f"{g}/2" for g in report["groups"]) in structure_section(record)
 
 
+def test_upgraded_parts_are_planned_written_and_counted_exactly(tmp_path, calibration, monkeypatch):
+    """`upgrade: Q8_0`: the plan may write a layer's attention or MLP at Q8_0 in a Q4_0 file. The file has each
+    planned part at Q8_0 and every other at Q4_0, its tensor bytes are the cost model's for the plan, and the budget
+    is met. (Parts are made costly at Q4_0 here and blocks costly to remove, so the plan must trade widths for
+    upgrades.)"""
+    import llm_sparsify.budget_pass as budget_pass
+
+    measured = budget_pass.unit_losses
+
+    def costly(*args, **kwargs):
+        losses = measured(*args, **kwargs)
+        assert losses["parts"] is not None and all(a != 0 and m != 0 for a, m in losses["parts"])
+        return {**losses, "blocks": [10.0] * len(losses["blocks"]), "narrowed": [[0.0, 0.02, 0.04]] * 3,
+                "parts": [(1.0, 0.01), (0.01, 2.0), (3.0, 0.01)]}
+
+    monkeypatch.setattr(budget_pass, "unit_losses", costly)
+    tokenizer = bpe_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**dict(TINY, vocab_size=len(tokenizer) + 4, bos_token_id=1, eos_token_id=2,
+                                                pad_token_id=0))).eval()
+    dense = file_cost(model, "Q4_0")
+    recipe = load_recipe({"budget": {"size": 0.95, "qtype": "Q4_0", "levels": 2, "samples": 2, "upgrade": "q8_0"}})
+    _, stages = run_recipe(model, recipe, calibration)
+    report = stages["budget"]
+    upgraded = report["upgraded"]
+    assert report["upgrade"] == "Q8_0" and len(upgraded) == TINY["num_hidden_layers"] - len(report["removed"])
+    assert upgraded[0][0] and upgraded[1][1] and upgraded[2][0]  # the costly parts; not all: the bytes are short
+    assert not all(all(up) for up in upgraded)
+    save_checkpoint(model, tokenizer, tmp_path / "planned", {"recipe": recipe.to_dict(), "stages": stages})
+    path = export_gguf(tmp_path / "planned", tmp_path / "planned.gguf", qtype="Q4_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if len(t.shape) == 2}
+    for i, (attention, mlp) in enumerate(upgraded):
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+            up = attention if name.startswith("attn") else mlp
+            assert types[f"blk.{i}.{name}.weight"] == ("Q8_0" if up else "Q4_0"), (i, name)
+    after = file_cost(model, "Q4_0", report["small_output"], upgrade="Q8_0")
+    kept = [c.channels for c in after.layers]
+    assert after.size(kept, up=[tuple(u) for u in upgraded]) == gguf_tensor_bytes(path)
+    assert gguf_tensor_bytes(path) <= 0.95 * dense.size([c.channels for c in dense.layers])
+    n = [sum(up[k] for up in upgraded) for k in (0, 1)]
+    words = f"at Q8_0 rather than Q4_0: the attention of {n[0]} layers and the MLP of {n[1]} layer{'s' * (n[1] != 1)}"
+    assert words in " ".join(what_was_done({"recipe": recipe.to_dict(), "stages": stages}))
+
+
 def test_budget_recipes_are_checked_before_any_work(calibration):
     for section, message in [({"size": 0.5, "decode_speedup": 2}, "exactly one"), ({"qtype": "Q4_0"}, "exactly one"),
                              ({"decode_speedup": 0.9}, "above 1"), ({"size": 1.5}, "fraction"),
                              ({"size": 0.5, "max_kv": 1}, "max_kv must be a share"),
-                             ({"size": 0.5, "max_kv": -0.1}, "max_kv must be a share")]:
+                             ({"size": 0.5, "max_kv": -0.1}, "max_kv must be a share"),
+                             ({"size": 0.5, "upgrade": "Q4_0"}, "another type than qtype"),
+                             ({"size": 0.5, "upgrade": "Q5_K"}, "upgrade must be one of")]:
         with pytest.raises(RecipeError, match=message):
             load_recipe({"budget": section})
     with pytest.raises(RecipeError, match="leave out the depth"):
@@ -224,9 +309,9 @@ def test_unit_losses_from_layer_i_on_equal_the_whole_model_s(kind, calibration):
     model = tiny_model(kind)
     scores = [torch.rand(128, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     group_scores = [torch.tensor([0.3, 0.7]), torch.tensor([0.9, 0.1]), torch.tensor([0.5, 0.6])]
-    base, blocks, narrowed, output, grouped = unit_losses(model, calibration[:3], scores, [[128, 96, 64]] * 3,
-                                                          output_qtype="Q4_0", group_scores=group_scores,
-                                                          group_counts=[[2, 1]] * 3)
+    losses = unit_losses(model, calibration[:3], scores, [[128, 96, 64]] * 3, output_qtype="Q4_0",
+                         group_scores=group_scores, group_counts=[[2, 1]] * 3, part_qtype="Q4_0")
+    base, blocks, narrowed, output, grouped = (losses[k] for k in ("base", "blocks", "narrowed", "output", "grouped"))
 
     def loss() -> float:
         return math.log(perplexity(model, calibration[:3].reshape(1, -1), calibration.shape[1]))
@@ -253,6 +338,18 @@ def test_unit_losses_from_layer_i_on_equal_the_whole_model_s(kind, calibration):
     assert output == pytest.approx(loss() - base, abs=1e-5) and output != 0
     with torch.no_grad():
         weight.copy_(saved)
+    for i in range(3):  # a part's Linears rounded as the Q4_0 file stores them
+        for k, names in enumerate((("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj"))):
+            linears = [getattr(getattr(layers[i], "self_attn" if k == 0 else "mlp"), name) for name in names]
+            saved = [m.weight.detach().clone() for m in linears]
+            with torch.no_grad():
+                for m in linears:
+                    q = gguf.quants.quantize(m.weight.numpy(), kind_q4)
+                    m.weight.copy_(torch.from_numpy(gguf.quants.dequantize(q, kind_q4)))
+            assert losses["parts"][i][k] == pytest.approx(loss() - base, abs=1e-5) and losses["parts"][i][k] != 0
+            with torch.no_grad():
+                for m, w in zip(linears, saved, strict=True):
+                    m.weight.copy_(w)
     dense = copy.deepcopy(model)
     for i in range(3):  # a KV group's o_proj columns zeroed: the same loss as the group cut out of the layer
         cut_layer(decoder_layers(model)[i], "heads", group_scores[i] == group_scores[i].max())

@@ -90,8 +90,17 @@ def removed_in_words(stages: dict[str, Any]) -> dict[str, str]:
         groups = _groups_cut(budget)
         words["budget"] = (f"decoder blocks {blocks} and {1 - kept / sum(budget['of']):.0%} of the MLP channels"
                            + (f", {groups[0]} of the {groups[1]} KV groups of the layers kept" if groups else "")
-                           + (f", the output layer at {budget['qtype']}" if budget["small_output"] else ""))
+                           + (f", the output layer at {budget['qtype']}" if budget["small_output"] else "")
+                           + _upgraded(budget))
     return words
+
+
+def _upgraded(budget: dict[str, Any]) -> str:
+    """Which parts a budget plan writes at its upgrade type, in words ("" if none)."""
+    upgraded = budget.get("upgraded") or []
+    counts = [(name, sum(up[k] for up in upgraded)) for k, name in enumerate(("attention", "MLP"))]
+    parts = [f"the {name} of {n} layer{'s' * (n != 1)}" for name, n in counts if n]
+    return f"; at {budget['upgrade']} rather than {budget['qtype']}: " + " and ".join(parts) if parts else ""
 
 
 def _groups_cut(budget: dict[str, Any]) -> tuple[int, int] | None:

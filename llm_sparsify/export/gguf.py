@@ -38,6 +38,7 @@ _FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOST
                "BF16": gguf.LlamaFileType.MOSTLY_BF16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
 _BLOCKED = ("Q8_0", "Q4_0")
+_PARTS = {"attn_q": 0, "attn_k": 0, "attn_v": 0, "attn_output": 0, "ffn_gate": 1, "ffn_up": 1, "ffn_down": 1}
 _ROPE_AS_FACTORS = ("linear", "llama3")  # scalings that only divide each rotary frequency: llama.cpp's rope_freqs
 # The split pattern of Llama 3's pre-tokenizer as its tokenizer.json spells it (llama.cpp calls it "llama-bpe").
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # a SentencePiece byte-fallback token
@@ -52,7 +53,8 @@ def export_gguf(checkpoint: str | Path, output: str | Path, *, qtype: str = GGUF
     `qtype` is the type of the 2-D weights (F32, F16, BF16, Q8_0, Q4_0); norms stay F32. With Q4_0 the token
     embedding (which is also the output layer when they are tied) and a separate output layer are Q8_0, as
     llama.cpp's own quantizer keeps that layer at a higher precision, unless the checkpoint's budget plan chose
-    Q4_0 for it (planned_small_output). A row length that is not a multiple of
+    Q4_0 for it; a layer's attention or MLP that the plan upgraded is written at the plan's upgrade type (both:
+    planned_types). A row length that is not a multiple of
     32 falls back to F16. The file appears only once complete; its metadata key `llm_sparsify.version` lets a
     later export with `overwrite` replace it (and nothing else).
     """
@@ -186,7 +188,10 @@ def _tensor_plan(checkpoint: Path, files: dict[str, str], config: PretrainedConf
     """(checkpoint name, GGUF name, shape, GGML type) of every tensor to write, from the shards' headers."""
     names = gguf.get_tensor_name_map(_arch(config), config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    small_output = planned_small_output(checkpoint, qtype)
+    small_output, upgrade, upgraded = planned_types(checkpoint, qtype)
+    if upgraded is not None and len(upgraded) != config.num_hidden_layers:
+        raise ExportError(f"{checkpoint}: its budget plan upgrades parts of {len(upgraded)} layers, but it has "
+                          f"{config.num_hidden_layers}")
     plan = []
     for name in sorted(files):
         if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
@@ -196,7 +201,10 @@ def _tensor_plan(checkpoint: Path, files: dict[str, str], config: PretrainedConf
             raise ExportError(f"{checkpoint}: tensor {name} has no llama.cpp counterpart")
         with safe_open(checkpoint / files[name], "pt") as f:
             shape = list(f.get_slice(name).get_shape())
-        plan.append((name, gguf_name, shape, tensor_type(gguf_name, shape, qtype, tied, small_output)))
+        part = _PARTS.get(gguf_name.split(".")[2]) if gguf_name.startswith("blk.") else None
+        up = upgraded is not None and part is not None and upgraded[int(gguf_name.split(".")[1])][part]
+        kind = tensor_type(gguf_name, shape, upgrade if up else qtype, tied, small_output)
+        plan.append((name, gguf_name, shape, kind))
     if not tied and "output.weight" not in {p[1] for p in plan}:
         raise ExportError(f"{checkpoint} has untied embeddings but no lm_head.weight")
     return plan
@@ -205,7 +213,7 @@ def _tensor_plan(checkpoint: Path, files: dict[str, str], config: PretrainedConf
 def tensor_type(gguf_name: str, shape: list[int], qtype: str, tied: bool,
                 small_output: bool = False) -> gguf.GGMLQuantizationType:
     """The type a tensor is written as in a file of `qtype` (see export_gguf); `small_output`: the output layer at
-    `qtype` too (a budget plan's choice, planned_small_output)."""
+    `qtype` too (a budget plan's choice, planned_types)."""
     types = gguf.GGMLQuantizationType
     if len(shape) == 1:
         return types.F32
@@ -218,11 +226,15 @@ def tensor_type(gguf_name: str, shape: list[int], qtype: str, tied: bool,
     return types[qtype]
 
 
-def planned_small_output(checkpoint: Path, qtype: str) -> bool:
-    """Whether the checkpoint's budget plan (its record's stages.budget) chose the output layer at `qtype`, for a file
-    of the type it was planned in."""
+def planned_types(checkpoint: Path, qtype: str) -> tuple[bool, str | None, list[list[bool]] | None]:
+    """What the checkpoint's budget plan (its record's stages.budget) chose for a file of the type it was planned in:
+    whether the output layer takes `qtype`, and the upgrade type with each layer's [attention, MLP] upgraded or not
+    (None, None: no upgrades planned)."""
     budget = ((read_record(checkpoint) or {}).get("stages") or {}).get("budget") or {}
-    return bool(budget.get("small_output")) and budget.get("qtype") == qtype
+    if budget.get("qtype") != qtype:
+        return False, None, None
+    upgraded = budget.get("upgraded")
+    return bool(budget.get("small_output")), budget.get("upgrade") if upgraded else None, upgraded
 
 
 def tensor_bytes(shape: list[int], kind: gguf.GGMLQuantizationType) -> int:

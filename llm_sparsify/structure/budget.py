@@ -15,6 +15,7 @@ eval/decode_cost.py fits them).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -33,13 +34,24 @@ class BudgetError(UserError, ValueError):
 @dataclass(frozen=True)
 class LayerCost:
     """One decoder layer's share of the file: bytes outside its MLP (attention with all its KV groups, norms), bytes
-    per MLP channel, and bytes per KV group (its q/k/v rows and o_proj columns)."""
+    per MLP channel, and bytes per KV group (its q/k/v rows and o_proj columns); what a channel and a group cost with
+    their part (MLP, attention) written at the upgrade type instead (None: no upgrade planned)."""
 
     fixed: float
     per_channel: float
     channels: int
     per_group: float = 0.0
     groups: int = 0
+    per_channel_up: float | None = None
+    per_group_up: float | None = None
+
+    def upgraded(self, kept: int, groups: int, up: tuple[bool, bool]) -> tuple[float, float]:
+        """Bytes of the parts written at the upgrade type, its attention (up[0]) and MLP (up[1]) at `kept` channels
+        and `groups` KV groups: (at the file's type, at the upgrade type)."""
+        attention, mlp = up
+        low = (self.per_group * groups if attention else 0.0) + (self.per_channel * kept if mlp else 0.0)
+        high = (self.per_group_up * groups if attention else 0.0) + (self.per_channel_up * kept if mlp else 0.0)
+        return low, high
 
 
 @dataclass(frozen=True)
@@ -47,7 +59,8 @@ class FileCost:
     """The GGUF file's bytes and its decode time per token, as a linear model of what a plan keeps.
 
     time = decoder bytes read per token + output_weight × the output layer's bytes + layer_time × layers kept
-           + token_time, all in decoder bytes' worth of time (an untied token embedding is only looked up, not read).
+           + token_time, all in decoder bytes' worth of time (an untied token embedding is only looked up, not read);
+    a byte of a part at the upgrade type (a plan's choice) counts up_weight times.
     """
 
     layers: list[LayerCost]
@@ -57,23 +70,38 @@ class FileCost:
     token_time: float = 0
     output_weight: float = 1
     output_saving: float = 0  # bytes saved by writing the output layer at the file's type rather than its own
+    up_weight: float = 1
 
-    def size(self, kept: list[int | None], small_output: bool = False, groups: list[int | None] | None = None) -> float:
+    def size(self, kept: list[int | None], small_output: bool = False, groups: list[int | None] | None = None,
+             up: list[tuple[bool, bool] | None] | None = None) -> float:
         """Tensor bytes when layer i keeps kept[i] MLP channels (None: the block is removed) and groups[i] KV groups
-        (default: all), with the output layer at the file's type (small_output) or at its own."""
-        return self.other_bytes + self.decoder(kept, groups) - self.output_saving * small_output
+        (default: all), its attention and MLP at the upgrade type where up[i] says so (default: neither), with the
+        output layer at the file's type (small_output) or at its own."""
+        low, high = self.upgraded(kept, groups, up)
+        return self.other_bytes + self.decoder(kept, groups) - low + high - self.output_saving * small_output
 
     def decoder(self, kept: list[int | None], groups: list[int | None] | None = None) -> float:
-        """Bytes of the decoder layers kept."""
+        """Bytes of the decoder layers kept, all at the file's type."""
         groups = groups or [c.groups for c in self.layers]
         return sum(c.fixed + c.per_channel * k + c.per_group * (g - c.groups)
                    for c, k, g in zip(self.layers, kept, groups, strict=True) if k is not None)
 
-    def time(self, kept: list[int | None], small_output: bool = False, groups: list[int | None] | None = None) -> float:
+    def upgraded(self, kept: list[int | None], groups: list[int | None] | None = None,
+                 up: list[tuple[bool, bool] | None] | None = None) -> tuple[float, float]:
+        """Bytes of the parts planned at the upgrade type: (at the file's type, at the upgrade type)."""
+        groups = groups or [c.groups for c in self.layers]
+        parts = [c.upgraded(k, g, u) for c, k, g, u in zip(self.layers, kept, groups, up or [None] * len(kept),
+                                                              strict=True) if k is not None and u]
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+    def time(self, kept: list[int | None], small_output: bool = False, groups: list[int | None] | None = None,
+             up: list[tuple[bool, bool] | None] | None = None) -> float:
         """Decode time per token, in decoder bytes' worth."""
         layers = sum(k is not None for k in kept)
         output = self.other_read - self.output_saving * small_output
-        return self.decoder(kept, groups) + self.output_weight * output + self.layer_time * layers + self.token_time
+        low, high = self.upgraded(kept, groups, up)
+        return (self.decoder(kept, groups) - low + self.up_weight * high + self.output_weight * output
+                + self.layer_time * layers + self.token_time)
 
 
 def width_levels(channels: int, levels: int, most: float) -> list[int]:
@@ -91,12 +119,14 @@ def width_levels(channels: int, levels: int, most: float) -> list[int]:
 @dataclass
 class Plan:
     """kept[i]: MLP channels layer i keeps (None: the block goes); whether the output layer takes the file's type;
-    the loss increase predicted for it all; groups[i]: KV groups layer i keeps (None: the block goes)."""
+    the loss increase predicted for it all; groups[i]: KV groups layer i keeps (None: the block goes); up[i]: whether
+    its attention and MLP are written at the upgrade type (None: the block goes)."""
 
     kept: list[int | None]
     small_output: bool
     predicted_loss: float
     groups: list[int | None]
+    up: list[tuple[bool, bool] | None]
 
     @property
     def removed_blocks(self) -> list[int]:
@@ -111,19 +141,23 @@ def smallest(widths: list[list[int]]) -> list[int | None]:
 def plan_budget(block_losses: list[float], width_losses: list[list[float]], widths: list[list[int]],
                 cost: FileCost, measure: str, limit: float, output_loss: float | None = None,
                 resolution: int = RESOLUTION, *, group_losses: list[list[float]] | None = None,
-                group_counts: list[list[int]] | None = None) -> Plan:
+                group_counts: list[list[int]] | None = None,
+                part_losses: list[tuple[float, float]] | None = None) -> Plan:
     """The plan of least predicted loss whose `measure` ("size" or "time", FileCost's) is at most `limit`.
 
     block_losses[i]: loss increase with block i bypassed; width_losses[i][k]: with layer i at widths[i][k]
     (width_losses[i][0] = 0, the dense width); group_losses[i][k]: with layer i's attention cut to group_counts[i][k]
-    KV groups (default: all kept, no loss); output_loss: with the output layer at the file's type (None: not an
-    option). Each layer takes one of its widths and group counts (losses added) or goes, the output layer one of its
-    types: a multiple-choice knapsack, solved exactly by dynamic programming over the budget cut into `resolution`
-    steps, each option's cost rounded up to a whole step (so the plan meets the budget; it may leave up to one step
-    per layer unused); at least one block stays. Raises BudgetError if no such plan meets the budget.
+    KV groups (default: all kept, no loss); part_losses[i]: with layer i's attention, MLP at the file's type rather
+    than the upgrade type (default: no upgrade); output_loss: with the output layer at the file's type (None: not an
+    option). Each layer takes one of its widths, group counts and types per part (losses added) or goes, the output
+    layer one of its types: a multiple-choice knapsack, solved exactly by dynamic programming over the budget cut into
+    `resolution` steps, each option's cost rounded up to a whole step (so the plan meets the budget; it may leave up
+    to one step per layer unused); at least one block stays. Raises BudgetError if no such plan meets the budget.
     """
     group_counts = group_counts or [[c.groups] for c in cost.layers]
     group_losses = group_losses or [[0.0] * len(counts) for counts in group_counts]
+    ups = list(itertools.product((False, True), repeat=2)) if part_losses else [(False, False)]
+    part_losses = part_losses or [(0.0, 0.0)] * len(widths)
     of = cost.size if measure == "size" else cost.time
     empty: list[int | None] = [None] * len(widths)
     floor = of(empty, output_loss is not None)  # what no plan goes below: no layers, the smaller output layer
@@ -135,17 +169,20 @@ def plan_budget(block_losses: list[float], width_losses: list[list[float]], widt
     def steps(value: float) -> int:
         return math.ceil(value / step - 1e-9)
 
-    def alone(i: int, width: int, count: int) -> float:
-        """What layer i costs at `width` MLP channels and `count` KV groups."""
-        kept, counts = empty.copy(), [c.groups for c in cost.layers]
-        kept[i], counts[i] = width, count
-        return of(kept, groups=counts) - of(empty)
+    def alone(i: int, width: int, count: int, up: tuple[bool, bool]) -> float:
+        """What layer i costs at `width` MLP channels, `count` KV groups and its parts' types `up`."""
+        kept, counts, types = empty.copy(), [c.groups for c in cost.layers], [None] * len(widths)
+        kept[i], counts[i], types[i] = width, count, up
+        return of(kept, groups=counts, up=types) - of(empty)
+
+    def type_loss(i: int, up: tuple[bool, bool]) -> float:
+        return sum(loss for loss, upgraded in zip(part_losses[i], up, strict=True) if not upgraded)
 
     choices = []  # per layer, then the output layer: [(loss, cost in steps, choice)]
     for i, (row, losses) in enumerate(zip(widths, width_losses, strict=True)):
-        options = [(loss + group_loss, steps(alone(i, w, g)), (w, g))
+        options = [(loss + group_loss + type_loss(i, up), steps(alone(i, w, g, up)), (w, g, up))
                    for w, loss in zip(row, losses, strict=True)
-                   for g, group_loss in zip(group_counts[i], group_losses[i], strict=True)]
+                   for g, group_loss in zip(group_counts[i], group_losses[i], strict=True) for up in ups]
         choices.append([*options, (block_losses[i], 0, None)])
     own = of(empty) - floor
     choices.append([(0.0, steps(own), False)] + ([(output_loss, 0, True)] if output_loss is not None else []))
@@ -180,5 +217,5 @@ def plan_budget(block_losses: list[float], width_losses: list[list[float]], widt
         c, state = c - option[1], int(state_of[state, c])
     *layers, small_output = reversed(chosen)
     return Plan([None if c is None else c[0] for c in layers], small_output, loss,
-                [None if c is None else c[1] for c in layers])
+                [None if c is None else c[1] for c in layers], [None if c is None else c[2] for c in layers])
 
