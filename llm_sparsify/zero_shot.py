@@ -163,8 +163,12 @@ def _shared_context_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     """lm-eval's HFLM scoring each distinct context once: a multiple-choice item's choices share their context,
     so one sequence holds the context and every choice after it (a block mask keeps the choices apart), and
     logits are made only where a choice's tokens are predicted. HFLM's log-likelihoods to float rounding, with
-    about half the tokens and a third of the logits on piqa, arc_easy, winogrande and hellaswag."""
+    about half the tokens and a third of the logits on piqa, arc_easy, winogrande and hellaswag. Attention that
+    takes no custom mask (flash-attention kernels) gets HFLM as it is."""
     from lm_eval.models.huggingface import HFLM
+
+    if getattr(model.config, "_attn_implementation", "eager") not in ("eager", "sdpa"):
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
     class SharedContextLM(HFLM):
         @torch.no_grad()

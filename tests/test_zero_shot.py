@@ -241,6 +241,18 @@ def test_shared_context_scoring_equals_hflm_on_token_requests(tiny_with_tokenize
         assert ll == pytest.approx(-len(continuation) * torch.tensor(float(model.config.vocab_size)).log().item())
 
 
+def test_attention_without_custom_masks_gets_hflm_as_it_is(tiny_with_tokenizer):
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = tiny_with_tokenizer
+    assert type(_shared_context_lm(model, tokenizer, 4)) is not HFLM  # sdpa takes the block mask
+    model.config._attn_implementation = "flash_attention_2"
+    try:
+        assert type(_shared_context_lm(model, tokenizer, 4)) is HFLM
+    finally:
+        model.config._attn_implementation = "sdpa"
+
+
 # --- the table --------------------------------------------------------------------------------------------------
 
 

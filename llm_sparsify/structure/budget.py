@@ -3,10 +3,11 @@
 
 Each unit's cost is measured once on calibration data, alone on the dense model: the loss with block i bypassed,
 with layer i's MLP narrowed to each width level (its lowest-scoring channels first), with its attention cut to each
-count of KV groups (where planned), and with the output layer rounded to the file's type. The planner treats those
-increases as additive and picks, for every layer, one MLP width and KV group count or its removal (and the output
-layer's type) so that the total is least within the budget: a multiple-choice knapsack, solved exactly over a fine
-grid of the budget.
+count of KV groups (where planned), with its attention or its MLP rounded to the file's type (where an upgrade type
+is planned: the part may be written at it instead, its rounding counted as lossless), and with the output layer
+rounded to the file's type. The planner treats those increases as additive and picks, for every layer, one MLP width,
+KV group count and type per part, or its removal (and the output layer's type), so that the total is least within
+the budget: a multiple-choice knapsack, solved exactly over a fine grid of the budget.
 
 Size and time come from a linear model of the GGUF file (FileCost): tensor bytes at the file's types, and decode
 time as the weight bytes read per token plus a cost per layer and per token (llama.cpp on a CPU is bound by both:
