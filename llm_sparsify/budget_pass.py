@@ -125,7 +125,7 @@ class _LayerInputs:
 READERS = {"mlp": "mlp.down_proj", "heads": "self_attn.o_proj"}  # the Linear that reads a unit's output
 
 
-def rounded(weight: Tensor, kind: gguf.GGMLQuantizationType) -> Tensor:
+def _rounded(weight: Tensor, kind: gguf.GGMLQuantizationType) -> Tensor:
     """`weight` [out, in] as a GGUF tensor of `kind` stores it (quantized along its rows, read back)."""
     data = gguf.quants.quantize(weight.detach().float().cpu().numpy(), kind)
     return torch.from_numpy(gguf.quants.dequantize(data, kind)).to(weight.dtype)
@@ -136,7 +136,7 @@ def _loss_rounded(run: _LayerInputs, start: int, weights: list[tuple[Tensor, ggu
     saved = [w.detach().clone() for w, _ in weights]
     try:
         for w, kind in weights:
-            w.copy_(rounded(w, kind).to(w.device))
+            w.copy_(_rounded(w, kind).to(w.device))
         return run.loss(start)
     finally:
         for (w, _), s in zip(weights, saved, strict=True):

@@ -193,12 +193,12 @@ def _shared_context_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
                     row.append(i)
                     length += len(requests[i][2])
                 rows.append((list(context), row))
-            rows.sort(key=lambda r: -(len(r[0]) + sum(len(requests[i][2]) for i in r[1])))
+            rows.sort(key=lambda r: len(r[0]) + sum(len(requests[i][2]) for i in r[1]))  # longest last: popped first
             progress = tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests")
             while rows:
-                batch = [rows.pop(0)]
-                while rows and sum(len(r[1]) for r in batch) + len(rows[0][1]) <= self.batch_size:
-                    batch.append(rows.pop(0))
+                batch = [rows.pop()]
+                while rows and sum(len(r[1]) for r in batch) + len(rows[-1][1]) <= self.batch_size:
+                    batch.append(rows.pop())
                 answers = self._score_rows([(c, [requests[i][2] for i in members]) for c, members in batch])
                 for i, answer in zip([i for _, members in batch for i in members], answers, strict=True):
                     results[i] = answer
